@@ -1,0 +1,21 @@
+"""Where things live inside a store (the same for S3 prefixes and local folders)."""
+
+from __future__ import annotations
+
+from adapters_manifest.record import AdapterRecord
+
+MANIFEST_DIR = "manifest"
+ADAPTERS_DIR = "adapters"
+
+
+def record_key(owner: str, name: str) -> str:
+    return f"{MANIFEST_DIR}/{owner}/{name}.json"
+
+
+def version_prefix(record: AdapterRecord) -> str:
+    """Immutable folder of one version's files."""
+    return f"{ADAPTERS_DIR}/{record.owner}/{record.name}/{record.version}"
+
+
+def file_key(record: AdapterRecord, file_name: str) -> str:
+    return f"{version_prefix(record)}/{file_name}"

@@ -1,0 +1,18 @@
+"""Turn a store URL (or a plain path) into a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from adapters_manifest.local_store import LocalFolderStore
+from adapters_manifest.store import AdapterStore
+
+
+def open_store(url: str) -> AdapterStore:
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        return LocalFolderStore.from_url(url)
+    if scheme == "":
+        return LocalFolderStore(Path(url))
+    raise ValueError(f"unsupported store {url!r}: use file:///path or a local path")

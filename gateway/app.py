@@ -1,0 +1,91 @@
+"""The application factory: routes, middleware and the resources that live as long as the app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from adapters_manifest.open_store import open_store
+from gateway.api.completions import create_chat_completion, create_completion
+from gateway.api.health import healthz, readyz
+from gateway.api.models import list_models
+from gateway.app_keys import CATALOG, SERVING, SETTINGS, STORE, Serving
+from gateway.catalog import AdapterCatalog
+from gateway.engine.interface import Engine
+from gateway.engine.zero_adapter import write_zero_adapter
+from gateway.errors import error_middleware
+from gateway.pool import AdapterPool
+from gateway.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+# (settings, extra LoRA slots the gateway needs for itself) -> a started engine. Blocking.
+EngineFactory = Callable[[ServeSettings, int], Engine]
+
+
+def _start_vllm(settings: ServeSettings, extra_lora_slots: int) -> Engine:
+    from gateway.engine.vllm_engine import VllmEngine
+
+    return VllmEngine.start(settings, extra_lora_slots)
+
+
+def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> web.Application:
+    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[STORE] = open_store(settings.store)
+    app[CATALOG] = AdapterCatalog(app[STORE], settings.base_model_name)
+    app[SERVING] = Serving()
+    app.cleanup_ctx.append(_first_sync)
+    app.cleanup_ctx.append(_engine_lifetime(engine_factory))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/completions", create_completion)
+    app.router.add_post("/v1/chat/completions", create_chat_completion)
+    return app
+
+
+async def _first_sync(app: web.Application) -> AsyncIterator[None]:
+    await app[CATALOG].refresh()
+    yield
+
+
+def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        # The engine takes from seconds to minutes to start: the server answers /healthz meanwhile.
+        with tempfile.TemporaryDirectory(prefix="lora-gateway-") as work_dir:
+            starting = asyncio.create_task(_start_engine(app, engine_factory, Path(work_dir)))
+            yield
+            starting.cancel()
+            engine = app[SERVING].engine
+            if engine is not None:
+                engine.shutdown()
+
+    return lifetime
+
+
+async def _start_engine(app: web.Application, engine_factory: EngineFactory, work_dir: Path) -> None:
+    settings, serving = app[SETTINGS], app[SERVING]
+    extra_slots = 1 if settings.base_via_zero_adapter else 0
+    try:
+        engine = await asyncio.to_thread(engine_factory, settings, extra_slots)
+        pool = AdapterPool(
+            engine,
+            app[STORE].local_dir,
+            capacity=settings.max_cpu_loras,
+            wait_timeout_s=settings.adapter_wait_timeout_s,
+            failure_ttl_s=settings.adapter_failure_ttl_s,
+        )
+        if settings.base_via_zero_adapter:
+            await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))
+    except Exception as exc:
+        log.exception("engine failed to start")
+        serving.startup_error = f"{type(exc).__name__}: {exc}"
+        return
+    serving.engine, serving.pool = engine, pool
+    log.info("engine ready: serving %s", settings.base_model_name)

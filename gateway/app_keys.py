@@ -1,0 +1,55 @@
+"""Typed keys for what the application holds, and the serving state they point to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from adapters_manifest.store import AdapterStore
+from gateway.catalog import AdapterCatalog
+from gateway.engine.interface import Engine
+from gateway.errors import ServiceUnavailableError
+from gateway.pool import AdapterPool
+from gateway.settings import ServeSettings
+
+
+@dataclass
+class Serving:
+    """The engine and its adapter pool once the engine has started; readiness derives from it."""
+
+    engine: Engine | None = None
+    pool: AdapterPool | None = None
+    startup_error: str | None = None
+    draining: bool = False
+
+    def not_ready_reason(self, catalog: AdapterCatalog) -> str | None:
+        if self.draining:
+            return "shutting down"
+        if self.startup_error is not None:
+            return f"engine failed to start: {self.startup_error}"
+        if self.engine is None or self.pool is None:
+            return "engine starting"
+        if not self.engine.is_alive():
+            return "engine dead"
+        if not catalog.synced:
+            return "first adapter sync pending"
+        return None
+
+    def engine_or_raise(self) -> Engine:
+        if self.draining:
+            raise ServiceUnavailableError("The server is shutting down.", retry_after_s=1)
+        if self.engine is None:
+            raise ServiceUnavailableError("The engine is starting.", retry_after_s=5)
+        return self.engine
+
+    def pool_or_raise(self) -> AdapterPool:
+        self.engine_or_raise()
+        assert self.pool is not None  # set together with the engine
+        return self.pool
+
+
+SETTINGS = web.AppKey("settings", ServeSettings)
+STORE = web.AppKey("store", AdapterStore)
+CATALOG = web.AppKey("catalog", AdapterCatalog)
+SERVING = web.AppKey("serving", Serving)

@@ -1,0 +1,72 @@
+"""`lora-gateway`: serve, dev make-model, bench serve, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args: list[str]) -> int:
+    from pydantic_settings import CliApp
+
+    from gateway.server import serve
+    from gateway.settings import ServeSettings
+
+    settings = CliApp.run(ServeSettings, cli_args=args)
+    return asyncio.run(serve(settings))
+
+
+def _make_model(args: list[str]) -> int:
+    from gateway.dev.tiny_model import make_model
+
+    parser = argparse.ArgumentParser(prog="lora-gateway dev make-model", description="Build a tiny model and adapters offline.")
+    parser.add_argument("out", type=Path, help="folder to write base/ and store/ into")
+    parser.add_argument("--adapters", default="alice/chat,bob/chat", help="comma-separated owner/name list")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
+    opts = parser.parse_args(args)
+    refs = [ref.strip() for ref in opts.adapters.split(",") if ref.strip()]
+    made = make_model(opts.out, refs, rank=opts.rank)
+    print(f"base model: {made.base}")
+    print(f"store:      {made.store}")
+    for record in made.adapters:
+        print(f"adapter:    {record.ref} version {record.version} rank {record.rank}")
+    return 0
+
+
+def _bench(args: list[str]) -> int:
+    from gateway.bench.serve import main as bench_serve
+
+    if not args or args[0] != "serve":
+        print("usage: lora-gateway bench serve [options]", file=sys.stderr)
+        return 2
+    return bench_serve(args[1:])
+
+
+def _demo(args: list[str]) -> int:
+    from gateway.demo import main as demo
+
+    return demo(args)
+
+
+COMMANDS = {
+    "serve": _serve,
+    "dev": lambda args: _make_model(args[1:]) if args[:1] == ["make-model"] else _usage(),
+    "bench": _bench,
+    "demo": _demo,
+}
+
+
+def _usage() -> int:
+    print("usage: lora-gateway {serve,dev make-model,bench serve,demo} ...", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] not in COMMANDS:
+        return _usage()
+    return COMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,179 @@
+"""The Engine interface on vLLM's in-process AsyncLLM (engine core in a child process)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from gateway.engine.interface import (
+    AdapterLoadError,
+    ChoiceDelta,
+    EngineAdapter,
+    EngineDeadError,
+    GenerationDelta,
+    SamplingOptions,
+    TokenLogprob,
+)
+from gateway.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+CPU_MEMORY_FRACTION = 0.15  # of host memory; vLLM's default asks for more than a small host has
+
+
+def build_engine_args(settings: ServeSettings, extra_lora_slots: int) -> Any:
+    """vLLM engine arguments; `extra_lora_slots` are taken by the gateway's own zero adapter."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    memory_fraction = settings.gpu_memory_utilization
+    if memory_fraction is None and current_platform.is_cpu():
+        memory_fraction = CPU_MEMORY_FRACTION
+    optional: dict[str, Any] = {}
+    if memory_fraction is not None:
+        optional["gpu_memory_utilization"] = memory_fraction
+    if settings.max_num_seqs is not None:
+        optional["max_num_seqs"] = settings.max_num_seqs
+    return AsyncEngineArgs(
+        model=str(settings.model),
+        served_model_name=[settings.base_model_name],
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        kv_cache_memory_bytes=int(settings.kv_cache_gib * (1 << 30)),
+        enable_lora=True,
+        max_loras=settings.max_loras + extra_lora_slots,
+        max_cpu_loras=settings.max_cpu_loras + extra_lora_slots,
+        max_lora_rank=settings.max_lora_rank,
+        enable_log_requests=False,
+        **optional,
+    )
+
+
+class VllmEngine:
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()
+        self.max_model_len: int = llm.model_config.max_model_len
+
+    @classmethod
+    def start(cls, settings: ServeSettings, extra_lora_slots: int) -> VllmEngine:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return cls(AsyncLLM.from_engine_args(build_engine_args(settings, extra_lora_slots)))
+
+    # -- prompts ---------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        rendered = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        # The template writes the special tokens itself.
+        return list(self._tokenizer.encode(rendered, add_special_tokens=False))
+
+    # -- generation ------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: EngineAdapter | None,
+        trace_headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[GenerationDelta]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        params = SamplingParams(
+            n=options.n,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            logprobs=options.logprobs,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        stream = self._llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_token_ids),
+            params,
+            request_id,
+            lora_request=_lora_request(adapter),
+            trace_headers=trace_headers,
+        )
+        try:
+            async for output in stream:
+                yield GenerationDelta(
+                    prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
+                    choices=[self._choice_delta(c, options.logprobs) for c in output.outputs],
+                )
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+        finally:
+            # Closing vLLM's generator aborts the request in the engine (client gone).
+            await stream.aclose()
+
+    def _choice_delta(self, output: Any, top_k: int | None) -> ChoiceDelta:
+        logprobs = None
+        if top_k is not None and output.logprobs is not None:
+            logprobs = [
+                _token_logprob(token_id, alternatives, top_k)
+                for token_id, alternatives in zip(output.token_ids, output.logprobs)
+            ]
+        return ChoiceDelta(
+            index=output.index,
+            text=output.text,
+            token_count=len(output.token_ids),
+            logprobs=logprobs,
+            finish_reason=output.finish_reason,
+        )
+
+    # -- adapters --------------------------------------------------------------
+
+    async def add_adapter(self, adapter: EngineAdapter) -> None:
+        try:
+            await self._llm.add_lora(_lora_request(adapter))
+        except Exception as exc:  # vLLM raises whatever the loader raised
+            if self._llm.errored:
+                raise EngineDeadError(str(exc)) from exc
+            raise AdapterLoadError(_first_line(exc)) from exc
+
+    async def remove_adapter(self, adapter: EngineAdapter) -> None:
+        await self._llm.remove_lora(adapter.engine_id)
+
+    # -- lifetime --------------------------------------------------------------
+
+    def is_alive(self) -> bool:
+        return not self._llm.errored
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _lora_request(adapter: EngineAdapter | None) -> Any:
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(
+        lora_name=adapter.engine_name, lora_int_id=adapter.engine_id, lora_path=str(adapter.path)
+    )
+
+
+def _token_logprob(token_id: int, alternatives: Mapping[int, Any], top_k: int) -> TokenLogprob:
+    chosen = alternatives[token_id]
+    ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:top_k]
+    return TokenLogprob(
+        token=chosen.decoded_token or "",
+        logprob=chosen.logprob,
+        top={lp.decoded_token or "": lp.logprob for lp in ranked},
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]

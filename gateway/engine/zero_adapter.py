@@ -1,0 +1,64 @@
+"""An all-zero LoRA adapter for base-model requests.
+
+vLLM's CPU LoRA kernels index the stacked adapter weights with each token's slot, and "no
+adapter" is -1, which Python reads as the *last* slot: a base request batched next to adapter
+requests silently gets someone's adapter (see FINDINGS.md). A request that carries an adapter
+whose weights are all zero computes exactly the base model, whatever shares its batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+# Modules vLLM can attach LoRA to, in order of preference; one is enough for a zero adapter.
+_CANDIDATE_MODULES = ("q_proj", "o_proj", "qkv_proj", "down_proj", "dense", "c_attn")
+
+
+def base_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the base model, read from the headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    if not shapes:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return shapes
+
+
+def write_zero_adapter(model_dir: Path, out: Path) -> Path:
+    """Write a rank-1 adapter of zeros on one attention module of every layer."""
+    shapes = base_weight_shapes(model_dir)
+    for module in _CANDIDATE_MODULES:
+        targets = {
+            name.removesuffix(".weight"): shape
+            for name, shape in shapes.items()
+            if name.endswith(f".{module}.weight") and len(shape) == 2
+        }
+        if targets:
+            break
+    else:
+        raise ValueError(f"no LoRA-capable module ({', '.join(_CANDIDATE_MODULES)}) in {model_dir}")
+
+    tensors = {}
+    for path, (out_features, in_features) in targets.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = np.zeros((1, in_features), np.float32)
+        tensors[f"base_model.model.{path}.lora_B.weight"] = np.zeros((out_features, 1), np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 1,
+        "lora_alpha": 1,
+        "target_modules": [module],
+        "bias": "none",
+        "base_model_name_or_path": str(model_dir),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -1,0 +1,129 @@
+"""The gateway's errors, and the one place that maps them to HTTP status and OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    code = "unsupported_parameter"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        # The same words whether the adapter is missing or merely not the caller's.
+        super().__init__(f"The model '{model}' does not exist or you do not have access to it.", param="model")
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTooLargeError(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class AdapterLoadFailedError(GatewayError):
+    """The adapter exists but the engine cannot load it; other adapters are unaffected."""
+
+    status = 422
+    error_type = "invalid_request_error"
+    code = "adapter_load_failed"
+
+
+class AdapterCapacityError(GatewayError):
+    """Every engine slot holds an adapter that is in use: try again shortly."""
+
+    status = 503
+    code = "adapter_capacity_exhausted"
+
+
+class ServiceUnavailableError(GatewayError):
+    status = 503
+    code = "service_unavailable"
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(error: GatewayError) -> web.Response:
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return web.Response(
+        status=error.status,
+        text=json.dumps(error_body(error.message, error.error_type, error.param, error.code)),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    """aiohttp raises these for routing and body-size problems; give them our shape."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLargeError(f"Request body too large: the limit is {exc.max_size} bytes.")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFoundError("No such endpoint.")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowedError(f"Method {exc.method} is not allowed here.")
+    error = InvalidRequestError(exc.reason) if exc.status < 500 else GatewayError(exc.reason)
+    error.status = exc.status
+    return error
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(exc))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(GatewayError("The server had an error while processing your request."))

@@ -1,0 +1,74 @@
+"""Settings for `lora-gateway serve`: CLI flags > LORA_GATEWAY_* env vars > .env > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LORA_GATEWAY_",
+        env_file=".env",
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="lora-gateway serve",
+        protected_namespaces=(),
+    )
+
+    model: Path = Field(description="Folder of the base model (Hugging Face layout).")
+    store: str = Field(
+        default="adapter-store",
+        description="Adapter store: file:///path (or a plain path).",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Name of the base model in the API (default: the model folder's name)."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # Engine
+    max_loras: int = Field(default=4, ge=1, description="Distinct user adapters in one batch.")
+    max_cpu_loras: int = Field(default=8, ge=1, description="User adapters resident in the engine.")
+    max_lora_rank: int = Field(default=16, description=f"Largest adapter rank, one of {MAX_LORA_RANKS}.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length (default: the model's).")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="Sequences per engine step.")
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV-cache memory in GiB.")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="vLLM's memory fraction (default: 0.15 on CPU, vLLM's own on GPU)."
+    )
+    base_via_zero_adapter: bool = Field(
+        default=True,
+        description="Serve base-model requests through an all-zero adapter (works around vLLM "
+        "applying the last LoRA slot to LoRA-less requests in mixed batches on CPU).",
+    )
+
+    # Adapter pool
+    adapter_wait_timeout_s: float = Field(
+        default=30.0, ge=0, description="How long a request waits for a free adapter slot before 503."
+    )
+    adapter_failure_ttl_s: float = Field(
+        default=60.0, ge=0, description="How long a failed adapter load is remembered before a retry."
+    )
+
+    # HTTP
+    max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted.")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _supported_rank(cls, value: int) -> int:
+        if value not in MAX_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {MAX_LORA_RANKS}")
+        return value
+
+    @property
+    def base_model_name(self) -> str:
+        return self.served_model_name or self.model.resolve().name
