@@ -35,7 +35,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         body.model,
         prompt_ids,
         body.sampling_options(max_tokens),
-        CompletionFormat(body.model, want_logprobs=body.logprobs is not None),
+        CompletionFormat(body.model, body.logprobs is not None, body.return_tokens_as_token_ids),
         stream=body.stream,
         include_usage=body.include_usage_chunk,
     )
@@ -54,7 +54,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         body.model,
         prompt_ids,
         body.sampling_options(max_tokens),
-        ChatFormat(body.model, want_logprobs=body.logprobs),
+        ChatFormat(body.model, body.logprobs, body.return_tokens_as_token_ids),
         stream=body.stream,
         include_usage=body.include_usage_chunk,
     )

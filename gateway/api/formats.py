@@ -46,11 +46,16 @@ class ResponseFormat:
     object_name: str
     chunk_object_name: str
 
-    def __init__(self, model: str, want_logprobs: bool) -> None:
+    def __init__(self, model: str, want_logprobs: bool, tokens_as_ids: bool = False) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.want_logprobs = want_logprobs
+        self.tokens_as_ids = tokens_as_ids
+
+    def label(self, token_id: int, token: str) -> str:
+        """A token as logprobs show it: its text, or `token_id:N` (vLLM's extension, exact)."""
+        return f"token_id:{token_id}" if self.tokens_as_ids else token
 
     def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
@@ -88,9 +93,9 @@ class CompletionFormat(ResponseFormat):
             offsets.append(offset)
             offset += len(entry.token)
         return {
-            "tokens": [e.token for e in entries],
+            "tokens": [self.label(e.token_id, e.token) for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [e.top for e in entries],
+            "top_logprobs": [{self.label(a.token_id, a.token): a.logprob for a in e.top} for e in entries],
             "text_offset": offsets,
         }
 
@@ -122,12 +127,15 @@ class ChatFormat(ResponseFormat):
         if not self.want_logprobs:
             return None
 
-        def token_entry(token: str, logprob: float) -> dict[str, Any]:
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        def token_entry(token_id: int, token: str, logprob: float) -> dict[str, Any]:
+            return {"token": self.label(token_id, token), "logprob": logprob, "bytes": list(token.encode())}
 
         return {
             "content": [
-                {**token_entry(e.token, e.logprob), "top_logprobs": [token_entry(t, lp) for t, lp in e.top.items()]}
+                {
+                    **token_entry(e.token_id, e.token, e.logprob),
+                    "top_logprobs": [token_entry(a.token_id, a.token, a.logprob) for a in e.top],
+                }
                 for e in entries
             ]
         }

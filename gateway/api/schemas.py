@@ -3,9 +3,10 @@ unsupported field is a 400 that names the field (no silent coercion, no silent i
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from gateway.engine.interface import SamplingOptions
 from gateway.errors import InvalidRequestError, UnsupportedParameterError
@@ -35,6 +36,8 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)  # accepted for compatibility, unused
+    # vLLM's extension: logprobs name tokens as `token_id:N`, exact even for partial UTF-8.
+    return_tokens_as_token_ids: bool = False
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingRequest:
@@ -136,8 +139,16 @@ def parse_body(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        path, in_union = _field_path(model, first)
+        if in_union:
+            # A union reports one error per member ('str', 'list[int]'); explain with the most
+            # specific one (`stop: [""]` is an empty string, not "not a string").
+            alternatives = [e for e in errors if _field_path(model, e)[0][: len(path)] == path]
+            first = max(alternatives, key=lambda e: (len(_field_path(model, e)[0]), not e["type"].endswith("_type")))
+            path, _ = _field_path(model, first)
+        param = ".".join(str(p) for p in path) or None
         if first["type"] == "extra_forbidden":
             raise UnsupportedParameterError(f"Unsupported parameter: '{param}'.", param=param) from None
         if first["type"] == "missing":
@@ -145,3 +156,34 @@ def parse_body(model: type[BaseModel], body: Any) -> Any:
         message = first["msg"].removeprefix("Value error, ")
         where = f"'{param}': " if param else ""
         raise InvalidRequestError(f"Invalid value for {where}{message}.", param=param) from None
+
+
+def _field_path(model: type[BaseModel], error: ErrorDetails) -> tuple[list[int | str], bool]:
+    """An error's location as the client wrote it: field names and list indexes, without the
+    tags pydantic adds for union members (`prompt.str` -> `prompt`); and whether it had any."""
+    path: list[int | str] = []
+    in_union = False
+    current: type[BaseModel] | None = model
+    loc = error["loc"]
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path.append(part)
+        elif current is not None and part in current.model_fields:
+            path.append(part)
+            current = _model_in(current.model_fields[part].annotation)
+        elif error["type"] == "extra_forbidden" and i == len(loc) - 1:
+            path.append(part)  # the unknown field itself
+        else:
+            in_union = True
+    return path, in_union
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, directly or inside list/union/Annotated (None: plain values)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -32,10 +32,20 @@ class EngineAdapter:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
+class Alternative:
+    token_id: int
     token: str
     logprob: float
-    top: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability, and the most likely tokens at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[Alternative]
 
 
 @dataclass(frozen=True)

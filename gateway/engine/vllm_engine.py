@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from gateway.engine.interface import (
     AdapterLoadError,
+    Alternative,
     ChoiceDelta,
     EngineAdapter,
     EngineDeadError,
@@ -165,15 +167,24 @@ def _lora_request(adapter: EngineAdapter | None) -> Any:
 
 
 def _token_logprob(token_id: int, alternatives: Mapping[int, Any], top_k: int) -> TokenLogprob:
+    # vLLM adds the sampled token to the top-k when it is not among them: keep the k best.
+    ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)[:top_k]
     chosen = alternatives[token_id]
-    ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:top_k]
     return TokenLogprob(
+        token_id=token_id,
         token=chosen.decoded_token or "",
         logprob=chosen.logprob,
-        top={lp.decoded_token or "": lp.logprob for lp in ranked},
+        top=[Alternative(i, lp.decoded_token or "", lp.logprob) for i, lp in ranked],
     )
 
 
+# vLLM wraps a worker's error as: Call to add_lora method failed: Worker failed with error '<why>', ...
+_WORKER_ERROR = re.compile(r"failed with error '(?P<why>.*)', please check", re.DOTALL)
+
+
 def _first_line(exc: BaseException) -> str:
+    """The reason in one line, without vLLM's wrapping: this text reaches the API caller."""
     text = str(exc).strip() or type(exc).__name__
+    if match := _WORKER_ERROR.search(text):
+        text = match["why"]
     return text.splitlines()[0][:500]

@@ -1,0 +1,78 @@
+"""The real thing: a tiny model made offline, the gateway as a child process on real vLLM (CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from adapters_manifest import layout
+from adapters_manifest.record import AdapterRecord
+from gateway.dev.oracle import ReferenceModel
+from gateway.dev.process import ServerProcess, free_port, gateway_command
+from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel, make_model
+
+ADAPTERS = ["alice/chat", "bob/chat", "carol/chat", "dave/notes", "erin/notes", "frank/notes"]
+ENGINE = {"served_model_name": BASE_MODEL_NAME, "dtype": "float32", "max_lora_rank": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return make_model(tmp_path_factory.mktemp("tiny"), ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny: TinyModel) -> ReferenceModel:
+    return ReferenceModel(tiny.base)
+
+
+def adapter_dir(tiny: TinyModel, ref: str) -> Path | None:
+    """The files of an adapter as the store holds them; None for the base model."""
+    if ref == BASE_MODEL_NAME:
+        return None
+    record = next(r for r in tiny.adapters if r.ref == ref)
+    return tiny.store / layout.version_prefix(record)
+
+
+def start_gateway(tiny: TinyModel, logs: Path, **flags: object) -> ServerProcess:
+    port = free_port()
+    return ServerProcess(gateway_command(tiny.base, tiny.store, port, **ENGINE, **flags), port, logs / f"gateway-{port}.log").start()
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One shared gateway: room for every test adapter in the engine at once."""
+    server = start_gateway(tiny, tmp_path_factory.mktemp("logs"), max_loras=4, max_cpu_loras=8)
+    yield server
+    assert server.stop() == 0, server.log_tail()
+
+
+@pytest.fixture
+def client(gateway: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def record_of(tiny: TinyModel, ref: str) -> AdapterRecord:
+    return next(r for r in tiny.adapters if r.ref == ref)
+
+
+def token_ids(labels: list[str]) -> list[int]:
+    """Token ids from logprobs labels `token_id:N` (return_tokens_as_token_ids)."""
+    return [int(label.removeprefix("token_id:")) for label in labels]
+
+
+def complete_ids(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> list[int]:
+    """Greedy completion as exact token ids (text alone hides a partial UTF-8 character at the end)."""
+    result = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=0,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    ids = token_ids(result.choices[0].logprobs.tokens)
+    assert result.usage.completion_tokens == len(ids)
+    return ids

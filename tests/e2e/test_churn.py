@@ -1,0 +1,46 @@
+"""More adapters than the engine holds: LRU eviction and reloading never change an output."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from gateway.dev.oracle import ReferenceModel
+from gateway.dev.process import ServerProcess
+from gateway.dev.tiny_model import TinyModel
+from tests.e2e.conftest import ADAPTERS, adapter_dir, complete_ids, start_gateway
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["def parse(value):", "class Config:"]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def small_gateway(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_gateway(tiny, tmp_path_factory.mktemp("churn-logs"), max_loras=2, max_cpu_loras=2)
+    yield server
+    assert server.stop() == 0, server.log_tail()
+
+
+def test_six_adapters_through_two_engine_slots_stay_correct(
+    small_gateway: ServerProcess, tiny: TinyModel, oracle: ReferenceModel
+) -> None:
+    assert len(ADAPTERS) == 6
+    client = openai.OpenAI(base_url=small_gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    jobs = [(model, prompt) for model in ADAPTERS for prompt in PROMPTS] * 3
+    random.Random(1).shuffle(jobs)
+
+    def ask(job: tuple[str, str]) -> list[int]:
+        return complete_ids(client, *job, MAX_TOKENS)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (model, prompt), answer in zip(jobs, answers):
+        expected = oracle.greedy_ids(adapter_dir(tiny, model), oracle.prompt_ids(prompt), MAX_TOKENS)
+        assert answer == expected, (model, prompt)
+    assert "evicted" in small_gateway.log_tail(2000), "six adapters through two slots must evict"
