@@ -66,7 +66,9 @@ def _usage() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] not in COMMANDS:
         return _usage()
+    # The server logs its work; the other commands print their results and log only trouble.
+    level = logging.INFO if argv[0] == "serve" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return COMMANDS[argv[0]](argv[1:])

@@ -104,7 +104,8 @@ def error_response(error: GatewayError) -> web.Response:
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     """aiohttp raises these for routing and body-size problems; give them our shape."""
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return RequestTooLargeError(f"Request body too large: the limit is {exc.max_size} bytes.")
+        # aiohttp keeps the limit only in its text: "Maximum request body size N exceeded."
+        return RequestTooLargeError(f"Request body too large. {exc.text}")
     if isinstance(exc, web.HTTPNotFound):
         return NotFoundError("No such endpoint.")
     if isinstance(exc, web.HTTPMethodNotAllowed):
@@ -123,7 +124,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc))
+        response = error_response(_from_http_exception(exc))
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(GatewayError("The server had an error while processing your request."))

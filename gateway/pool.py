@@ -115,6 +115,11 @@ class AdapterPool:
         entry.holders -= 1
         entry.last_used = time.monotonic()
         if entry.holders == 0:
+            # Recency counts from the end of use: an adapter busy with a long request is not
+            # less recently used than one whose short request ended meanwhile.
+            name = entry.adapter.engine_name
+            if self._entries.get(name) is entry:
+                self._entries.move_to_end(name)
             self._wake_waiters()
 
     async def _wait_for_free_slot(self, record: AdapterRecord, deadline: float) -> None:
@@ -176,6 +181,9 @@ class AdapterPool:
         else:
             log.info("adapter %s registered as engine id %d", name, entry.adapter.engine_id)
             entry.loaded.set_result(None)
+            if entry.holders == 0:
+                # Every request for it left while it loaded: it is evictable only now.
+                self._wake_waiters()
 
     async def _evict(self, victim: _Entry) -> None:
         try:

@@ -1,0 +1,771 @@
+"""The HTTP API as a client sees it, on the real app with a fake engine: OpenAI shapes, SSE,
+adapter routing, and a 4xx in OpenAI's error shape, naming the field, for every bad request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+
+from adapters_manifest.local_store import LocalFolderStore
+from adapters_manifest.record import AdapterRecord
+from gateway.app import create_app
+from gateway.app_keys import SERVING
+from gateway.engine.interface import Engine
+from gateway.settings import ServeSettings
+from tests.fakes import (
+    FAKE_TOKEN_ID_BASE,
+    FakeEngine,
+    expected_text,
+    publish_adapter,
+    render_chat,
+    token_text,
+    tokenize,
+    write_base_model,
+)
+
+BASE = "fake-base"
+MAX_MODEL_LEN = 256
+ADAPTERS = ("alice/coding", "bob/poems")
+
+
+@dataclass
+class Gateway:
+    client: TestClient
+    app: web.Application
+    engine: FakeEngine
+    store: LocalFolderStore
+    records: dict[str, AdapterRecord]
+    scratch: Path
+    extra_slots: list[int]  # what the app asked the engine factory for
+
+    def label(self, model: str) -> str:
+        """The engine name the fake engine puts in the text it generates for `model`."""
+        return "__base__" if model == BASE else self.records[model].versioned_ref
+
+    async def post(self, path: str, body: Any) -> ClientResponse:
+        return await self.client.post(path, json=body)
+
+    async def wait_ready(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            resp = await self.client.get("/readyz")
+            if resp.status == 200:
+                return
+            assert time.monotonic() < deadline, await resp.text()
+            await asyncio.sleep(0.005)
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("LORA_GATEWAY_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
+    engines: list[FakeEngine] = []
+
+    async def start(
+        engine: FakeEngine | None = None,
+        *,
+        factory: Callable[[ServeSettings, int], Engine] | None = None,
+        ready: bool = True,
+        **settings: Any,
+    ) -> Gateway:
+        engine = engine or FakeEngine(max_model_len=MAX_MODEL_LEN)
+        engines.append(engine)
+        store = LocalFolderStore(tmp_path / "store")
+        records = {}
+        for ref in ADAPTERS:
+            owner, name = ref.split("/")
+            records[ref] = publish_adapter(store, tmp_path, owner, name, base_model=BASE)
+        extra_slots: list[int] = []
+
+        def fake_factory(serve_settings: ServeSettings, extra: int) -> Engine:
+            extra_slots.append(extra)
+            assert engine is not None
+            engine.capacity, engine.extra = serve_settings.max_cpu_loras, extra  # vLLM's max_cpu_loras
+            return engine
+
+        serve_settings = ServeSettings(
+            _env_file=None,
+            model=write_base_model(tmp_path / "base"),
+            store=str(store.root),
+            served_model_name=BASE,
+            **settings,
+        )
+        app = create_app(serve_settings, engine_factory=factory or fake_factory)
+        client = await aiohttp_client(app)
+        gateway = Gateway(client, app, engine, store, records, tmp_path, extra_slots)
+        if ready:
+            await gateway.wait_ready()
+        return gateway
+
+    yield start
+    for engine in engines:
+        engine.check()
+
+
+@pytest.fixture
+async def gw(start_gateway: StartGateway) -> Gateway:
+    return await start_gateway()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def assert_error(resp: ClientResponse, status: int, *, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape, as JSON, with the given status; returns the `error` object."""
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+async def sse_events(resp: ClientResponse) -> list[dict[str, Any]]:
+    """The JSON events of an SSE body; asserts the framing and the closing `data: [DONE]`."""
+    assert resp.status == 200, await resp.text()
+    assert resp.content_type == "text/event-stream"
+    text = await resp.text()
+    assert text.endswith("\n\n")
+    blocks = text.split("\n\n")[:-1]
+    assert blocks[-1] == "data: [DONE]"
+    events = []
+    for block in blocks[:-1]:
+        assert block.startswith("data: "), block
+        assert "\n" not in block, block
+        events.append(json.loads(block.removeprefix("data: ")))
+    return events
+
+
+def completion(model: str = BASE, prompt: str = "Hello", **fields: Any) -> dict[str, Any]:
+    return {"model": model, "prompt": prompt, "max_tokens": 3, **fields}
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+def chat(model: str = BASE, messages: list[dict[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": MESSAGES if messages is None else messages, "max_tokens": 3, **fields}
+
+
+# -- health and readiness --------------------------------------------------------------
+
+
+async def test_healthz_and_readyz_once_started(gw: Gateway) -> None:
+    resp = await gw.client.get("/healthz")
+    assert resp.status == 200 and await resp.json() == {"status": "ok"}
+    resp = await gw.client.get("/readyz")
+    assert resp.status == 200 and await resp.json() == {"status": "ready"}
+    assert gw.extra_slots == [1]  # one slot for the base zero adapter
+    assert gw.engine.resident_names() == {"__base__"}
+
+
+async def test_not_ready_while_the_engine_starts(start_gateway: StartGateway) -> None:
+    release = threading.Event()
+    engine = FakeEngine(max_model_len=MAX_MODEL_LEN)
+
+    def slow_factory(settings: ServeSettings, extra: int) -> Engine:
+        release.wait(10)
+        engine.capacity, engine.extra = settings.max_cpu_loras, extra
+        return engine
+
+    try:
+        gw = await start_gateway(engine, factory=slow_factory, ready=False)
+        resp = await gw.client.get("/healthz")
+        assert resp.status == 200
+        resp = await gw.client.get("/readyz")
+        assert resp.status == 503
+        assert await resp.json() == {"status": "unavailable", "reason": "engine starting"}
+        resp = await gw.post("/v1/completions", completion())
+        await assert_error(resp, 503, code="service_unavailable")
+        assert int(resp.headers["Retry-After"]) >= 1
+    finally:
+        release.set()
+    await gw.wait_ready()
+    resp = await gw.post("/v1/completions", completion())
+    assert resp.status == 200
+
+
+async def test_not_ready_when_the_engine_failed_to_start(start_gateway: StartGateway) -> None:
+    def broken_factory(settings: ServeSettings, extra: int) -> Engine:
+        raise RuntimeError("no memory for the KV cache")
+
+    gw = await start_gateway(factory=broken_factory, ready=False)
+    await until(lambda: gw.app[SERVING].startup_error is not None)
+    resp = await gw.client.get("/readyz")
+    assert resp.status == 503
+    assert "no memory for the KV cache" in (await resp.json())["reason"]
+
+
+async def test_not_ready_when_the_engine_died(gw: Gateway) -> None:
+    gw.engine.alive = False
+    resp = await gw.client.get("/readyz")
+    assert resp.status == 503 and (await resp.json())["reason"] == "engine dead"
+    resp = await gw.post("/v1/completions", completion())
+    await assert_error(resp, 503, code="service_unavailable")
+    resp = await gw.post("/v1/completions", completion("alice/coding"))
+    await assert_error(resp, 503, code="service_unavailable")
+
+
+async def test_engine_is_shut_down_with_the_app(start_gateway: StartGateway) -> None:
+    gw = await start_gateway()
+    await gw.client.close()
+    assert gw.engine.shut_down
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+async def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(gw: Gateway) -> None:
+    resp = await gw.client.get("/v1/models")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["object"] == "list"
+    by_id = {m["id"]: m for m in body["data"]}
+    assert list(by_id) == [BASE, *ADAPTERS]
+    assert by_id[BASE]["parent"] is None
+    for ref in ADAPTERS:
+        model = by_id[ref]
+        assert model["object"] == "model"
+        assert model["parent"] == BASE
+        assert model["owned_by"] == ref.split("/")[0]
+        assert model["created"] == int(gw.records[ref].created_at.timestamp())
+
+
+# -- completions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [BASE, *ADAPTERS])
+async def test_completion(gw: Gateway, model: str) -> None:
+    resp = await gw.post("/v1/completions", completion(model, "Hello", max_tokens=4))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["object"] == "text_completion"
+    assert body["model"] == model
+    assert body["id"].startswith("cmpl-")
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "text": expected_text(gw.label(model), tokenize("Hello"), 0, 4),
+            "logprobs": None,
+            "finish_reason": "length",
+        }
+    ]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+
+
+async def test_concurrent_requests_each_get_their_own_adapter(gw: Gateway) -> None:
+    gw.engine.token_delay_s = 0.002  # interleave the generations
+    models = [BASE, *ADAPTERS] * 4
+    prompts = [f"prompt number {i}" for i in range(len(models))]
+    resps = await asyncio.gather(
+        *(gw.post("/v1/completions", completion(m, p, max_tokens=5)) for m, p in zip(models, prompts))
+    )
+    for model, prompt, resp in zip(models, prompts, resps):
+        body = await resp.json()
+        assert body["choices"][0]["text"] == expected_text(gw.label(model), tokenize(prompt), 0, 5)
+    assert all(r.holders == 0 for r in gw.app[SERVING].pool.resident())  # type: ignore[union-attr]
+    assert gw.engine.adds_of("alice/coding") == 1 and gw.engine.adds_of("bob/poems") == 1
+
+
+async def test_completion_with_token_ids_as_prompt(gw: Gateway) -> None:
+    resp = await gw.post("/v1/completions", completion("alice/coding", [5, 6, 7], max_tokens=2))
+    body = await resp.json()
+    assert body["choices"][0]["text"] == expected_text(gw.label("alice/coding"), [5, 6, 7], 0, 2)
+    assert body["usage"]["prompt_tokens"] == 3
+
+
+async def test_completion_with_n_choices(gw: Gateway) -> None:
+    resp = await gw.post("/v1/completions", completion("bob/poems", "Hi", n=3, max_tokens=2))
+    body = await resp.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == [
+        expected_text(gw.label("bob/poems"), tokenize("Hi"), i, 2) for i in range(3)
+    ]
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+    assert gw.engine.generate_calls[-1].options.n == 3
+
+
+async def test_sampling_options_reach_the_engine(gw: Gateway) -> None:
+    body = completion(temperature=0.5, top_p=0.9, seed=7, stop=["zz"], max_tokens=2)
+    resp = await gw.post("/v1/completions", body)
+    assert resp.status == 200
+    options = gw.engine.generate_calls[-1].options
+    assert (options.temperature, options.top_p, options.seed, options.stop, options.max_tokens) == (
+        0.5,
+        0.9,
+        7,
+        ("zz",),
+        2,
+    )
+
+
+async def test_completion_stops_at_a_stop_sequence(gw: Gateway) -> None:
+    resp = await gw.post("/v1/completions", completion("alice/coding", "Hi", max_tokens=5, stop=".2>"))
+    choice = (await resp.json())["choices"][0]
+    whole = expected_text(gw.label("alice/coding"), tokenize("Hi"), 0, 5)
+    assert choice["text"] == whole[: whole.index(".2>")]
+    assert choice["finish_reason"] == "stop"
+
+
+async def test_completion_logprobs(gw: Gateway) -> None:
+    resp = await gw.post("/v1/completions", completion(prompt="Hi", max_tokens=2, logprobs=2))
+    logprobs = (await resp.json())["choices"][0]["logprobs"]
+    first, second = (token_text(gw.label(BASE), tokenize("Hi"), 0, step) for step in range(2))
+    assert logprobs["tokens"] == [first, second]
+    assert logprobs["token_logprobs"] == [-0.25, -0.25]
+    assert logprobs["text_offset"] == [0, len(first)]
+    assert logprobs["top_logprobs"] == [{first: -0.25, "alt1": -2.0}, {second: -0.25, "alt1": -2.0}]
+
+
+async def test_completion_logprobs_as_token_ids(gw: Gateway) -> None:
+    body = completion(prompt="Hi", max_tokens=2, logprobs=1, return_tokens_as_token_ids=True)
+    logprobs = (await (await gw.post("/v1/completions", body)).json())["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [f"token_id:{FAKE_TOKEN_ID_BASE}", f"token_id:{FAKE_TOKEN_ID_BASE + 1}"]
+    assert logprobs["top_logprobs"] == [
+        {f"token_id:{FAKE_TOKEN_ID_BASE}": -0.25},
+        {f"token_id:{FAKE_TOKEN_ID_BASE + 1}": -0.25},
+    ]
+
+
+async def test_trace_context_is_passed_to_the_engine(gw: Gateway) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    resp = await gw.client.post("/v1/completions", json=completion(), headers={"traceparent": traceparent})
+    assert resp.status == 200
+    assert gw.engine.generate_calls[-1].trace_headers == {"traceparent": traceparent}
+
+
+async def test_completion_stream(gw: Gateway) -> None:
+    body = completion("alice/coding", "Hey", max_tokens=3, n=2, stream=True, stream_options={"include_usage": True})
+    events = await sse_events(await gw.post("/v1/completions", body))
+    *chunks, usage = events
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        assert chunk["object"] == "text_completion" and chunk["model"] == "alice/coding"
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+    for i in (0, 1):
+        assert texts[i] == expected_text(gw.label("alice/coding"), tokenize("Hey"), i, 3)
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["index"] == i] == [
+            None,
+            None,
+            "length",
+        ]
+    assert len({e["id"] for e in events}) == 1
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+
+
+async def test_completion_stream_without_usage(gw: Gateway) -> None:
+    events = await sse_events(await gw.post("/v1/completions", completion(stream=True)))
+    assert all("usage" not in e for e in events)
+    assert "".join(e["choices"][0]["text"] for e in events) == expected_text(gw.label(BASE), tokenize("Hello"), 0, 3)
+
+
+async def test_client_disconnect_mid_stream_aborts_generation_and_releases_the_adapter(gw: Gateway) -> None:
+    gw.engine.token_delay_s = 0.01
+    resp = await gw.post("/v1/completions", completion("alice/coding", max_tokens=200, stream=True))
+    assert resp.status == 200
+    first = await resp.content.readline()
+    assert first.startswith(b"data: {")
+    resp.close()
+    await until(lambda: gw.engine.active_generations == 0)
+    assert len(gw.engine.aborted) == 1
+    pool = gw.app[SERVING].pool
+    assert pool is not None
+    await until(lambda: all(r.holders == 0 for r in pool.resident()))
+
+
+# -- chat completions -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [BASE, "bob/poems"])
+async def test_chat_completion(gw: Gateway, model: str) -> None:
+    resp = await gw.post("/v1/chat/completions", chat(model, max_tokens=4))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["object"] == "chat.completion" and body["model"] == model and body["id"].startswith("chatcmpl-")
+    prompt = render_chat(MESSAGES)
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": expected_text(gw.label(model), prompt, 0, 4)},
+            "logprobs": None,
+            "finish_reason": "length",
+        }
+    ]
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 4, "total_tokens": len(prompt) + 4}
+
+
+async def test_chat_content_parts_and_developer_role(gw: Gateway) -> None:
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+    ]
+    resp = await gw.post("/v1/chat/completions", chat(messages=messages, max_tokens=1))
+    assert resp.status == 200
+    assert gw.engine.generate_calls[-1].prompt_token_ids == render_chat(MESSAGES)
+
+
+async def test_chat_max_completion_tokens_wins_and_default_fills_the_context(gw: Gateway) -> None:
+    resp = await gw.post("/v1/chat/completions", chat(max_tokens=9, max_completion_tokens=2))
+    assert (await resp.json())["usage"]["completion_tokens"] == 2
+    body = chat()
+    del body["max_tokens"]
+    resp = await gw.post("/v1/chat/completions", body)
+    assert resp.status == 200
+    assert gw.engine.generate_calls[-1].options.max_tokens == MAX_MODEL_LEN - len(render_chat(MESSAGES))
+
+
+async def test_chat_logprobs(gw: Gateway) -> None:
+    resp = await gw.post("/v1/chat/completions", chat(max_tokens=2, logprobs=True, top_logprobs=3))
+    content = (await resp.json())["choices"][0]["logprobs"]["content"]
+    assert len(content) == 2
+    for entry in content:
+        assert entry["logprob"] == -0.25
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert len(entry["top_logprobs"]) == 3
+
+
+async def test_chat_stream(gw: Gateway) -> None:
+    body = chat("bob/poems", n=2, stream=True, stream_options={"include_usage": True})
+    events = await sse_events(await gw.post("/v1/chat/completions", body))
+    *chunks, usage = events
+    prompt = render_chat(MESSAGES)
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        assert text == expected_text(gw.label("bob/poems"), prompt, i, 3)
+        assert mine[-1] == {"index": i, "delta": {}, "finish_reason": "length"}
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+    assert all(c["object"] == "chat.completion.chunk" for c in events)
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": 6,
+        "total_tokens": len(prompt) + 6,
+    }
+
+
+async def test_chat_template_rejection_is_a_400(gw: Gateway) -> None:
+    gw.engine.chat_template_error = "Conversation roles must alternate"
+    resp = await gw.post("/v1/chat/completions", chat())
+    error = await assert_error(resp, 400, param="messages")
+    assert "Conversation roles must alternate" in error["message"]
+
+
+# -- adapters: resolution, capacity, failures ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "carol/nothing",
+        "alice/missing",
+        "alice",
+        "alice/",
+        "/coding",
+        "Alice/coding",
+        "alice/Coding",
+        "alice/..",
+        "../alice/coding",
+        "alice/../bob/poems",
+        "alice/coding/extra",
+        "alice/cöding",
+        "ålice/coding",
+        "alice/coding\u0000",
+        "alice/coding ",
+        "fake-base/",
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_unknown_model_is_404(gw: Gateway, model: str, path: str) -> None:
+    body = completion(model) if path == "/v1/completions" else chat(model)
+    error = await assert_error(await gw.post(path, body), 404, param="model", code="model_not_found")
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] == f"The model '{model}' does not exist or you do not have access to it."
+    assert gw.engine.generate_calls == []
+
+
+async def test_adapter_published_after_start_is_served(gw: Gateway) -> None:
+    record = publish_adapter(gw.store, gw.scratch, "carol", "late", base_model=BASE)
+    gw.records[record.ref] = record
+    resp = await gw.post("/v1/completions", completion("carol/late"))
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["text"] == expected_text(record.versioned_ref, tokenize("Hello"), 0, 3)
+
+
+async def test_all_adapter_slots_busy_is_503_with_retry_after(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(max_cpu_loras=1, adapter_wait_timeout_s=0.1)
+    gw.engine.token_delay_s = 0.01
+    busy = await gw.post("/v1/completions", completion("alice/coding", max_tokens=40, stream=True))
+    assert busy.status == 200
+    await busy.content.readline()  # the adapter is held while this streams
+    resp = await gw.post("/v1/completions", completion("bob/poems"))
+    error = await assert_error(resp, 503, code="adapter_capacity_exhausted")
+    assert "bob/poems" in error["message"]
+    assert int(resp.headers["Retry-After"]) >= 1
+    resp = await gw.post("/v1/completions", completion(BASE))  # the base model does not need a slot
+    assert resp.status == 200
+    assert (await busy.text()).endswith("data: [DONE]\n\n")  # the rest of its stream
+    resp = await gw.post("/v1/completions", completion("bob/poems"))
+    assert resp.status == 200
+
+
+async def test_adapter_that_fails_to_load_is_422_and_others_serve_on(gw: Gateway) -> None:
+    gw.engine.fail_loads["alice/coding"] = "target module 'gate_proj' is not in the base model"
+    resp = await gw.post("/v1/completions", completion("alice/coding"))
+    error = await assert_error(resp, 422, param="model", code="adapter_load_failed")
+    assert "gate_proj" in error["message"]
+    resp = await gw.post("/v1/chat/completions", chat("alice/coding"))
+    await assert_error(resp, 422, param="model", code="adapter_load_failed")
+    assert gw.engine.adds_of("alice/coding") == 1  # remembered, not retried
+    for model in (BASE, "bob/poems"):
+        resp = await gw.post("/v1/completions", completion(model))
+        assert resp.status == 200
+
+
+# -- malformed requests ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b'{"model": "x",}', b"\xff\xfe{}"])
+async def test_invalid_json_is_400(gw: Gateway, raw: bytes) -> None:
+    resp = await gw.client.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+    error = await assert_error(resp, 400)
+    assert "JSON" in error["message"]
+
+
+@pytest.mark.parametrize("body", [[], "text", 3, None])
+async def test_body_that_is_not_an_object_is_400(gw: Gateway, body: Any) -> None:
+    resp = await gw.client.post("/v1/chat/completions", data=json.dumps(body))
+    await assert_error(resp, 400)
+
+
+async def test_body_over_the_size_limit_is_413(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(max_request_bytes=2048)
+    resp = await gw.post("/v1/completions", completion(prompt="x" * 4000))
+    error = await assert_error(resp, 413, code="request_too_large")
+    assert "2048" in error["message"]
+    resp = await gw.post("/v1/completions", completion(prompt="x" * 100))  # the server is fine
+    assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", completion(frequency_penalty=0.5), "frequency_penalty"),
+        ("/v1/completions", completion(best_of=2), "best_of"),
+        ("/v1/chat/completions", chat(tools=[]), "tools"),
+        (
+            "/v1/completions",
+            completion(stream=True, stream_options={"include_usage": True, "x": 1}),
+            "stream_options.x",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(messages=[{"role": "user", "content": "hi", "tool_call_id": "1"}]),
+            "messages.0.tool_call_id",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi", "cache": True}]}]),
+            "messages.0.content.0.cache",
+        ),
+    ],
+)
+async def test_unknown_field_is_400_naming_it(gw: Gateway, path: str, body: dict, param: str) -> None:
+    error = await assert_error(await gw.post(path, body), 400, param=param, code="unsupported_parameter")
+    assert param in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": 5.0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": "2"}, "n"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"seed": 1.5}, "seed"),
+        ({"stream": "true"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"model": 5}, "model"),
+        ({"model": ""}, "model"),
+        ({"model": None}, "model"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt.0"),
+        ({"prompt": [1, 1.5]}, "prompt.1"),
+        ({"prompt": [[1, 2]]}, "prompt.0"),
+        ({"prompt": {"text": "hi"}}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"stop": 5}, "stop"),
+        ({"stop": [1]}, "stop.0"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ["a", ""]}, "stop.1"),
+        ({"user": 5}, "user"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"stream": True, "stream_options": []}, "stream_options"),
+    ],
+)
+async def test_completion_field_errors_are_400_naming_the_field(gw: Gateway, fields: dict, param: str) -> None:
+    resp = await gw.post("/v1/completions", completion(**fields))
+    error = await assert_error(resp, 400, param=param)
+    assert error["type"] == "invalid_request_error"
+    assert f"'{param}'" in error["message"]
+    assert gw.engine.generate_calls == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+        (
+            {"messages": [MESSAGES[0], {"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.1.content.0.type",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "messages.0.content.0.text"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 9}, "top_logprobs"),
+    ],
+)
+async def test_chat_field_errors_are_400_naming_the_field(gw: Gateway, fields: dict, param: str) -> None:
+    resp = await gw.post("/v1/chat/completions", chat(**fields))
+    error = await assert_error(resp, 400, param=param)
+    assert f"'{param}'" in error["message"]
+
+
+async def test_missing_required_field_is_400(gw: Gateway) -> None:
+    body = completion()
+    del body["prompt"]
+    error = await assert_error(await gw.post("/v1/completions", body), 400, param="prompt")
+    assert "Missing required parameter" in error["message"]
+    body = chat()
+    del body["model"]
+    await assert_error(await gw.post("/v1/chat/completions", body), 400, param="model")
+
+
+async def test_infinite_temperature_is_400(gw: Gateway) -> None:
+    raw = b'{"model": "fake-base", "prompt": "Hi", "temperature": 1e999}'  # valid JSON, parses to inf
+    resp = await gw.client.post("/v1/completions", data=raw)
+    await assert_error(resp, 400, param="temperature")
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_number_literals_are_400(gw: Gateway, literal: str) -> None:
+    # Not JSON, but Python's parser (and some clients) accept them: still never a temperature.
+    raw = f'{{"model": "fake-base", "prompt": "Hi", "temperature": {literal}}}'.encode()
+    resp = await gw.client.post("/v1/completions", data=raw)
+    await assert_error(resp, 400, param="temperature")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_stream_options_without_stream_is_400(gw: Gateway, path: str) -> None:
+    body = (completion if path == "/v1/completions" else chat)(stream_options={"include_usage": True})
+    error = await assert_error(await gw.post(path, body), 400)
+    assert "stream_options" in error["message"]
+
+
+async def test_top_logprobs_without_logprobs_is_400(gw: Gateway) -> None:
+    error = await assert_error(await gw.post("/v1/chat/completions", chat(top_logprobs=2)), 400)
+    assert "top_logprobs" in error["message"]
+
+
+async def test_token_ids_outside_the_vocabulary_are_400(gw: Gateway) -> None:
+    resp = await gw.post("/v1/completions", completion(prompt=[1, -1]))
+    error = await assert_error(resp, 400)
+    assert "vocabulary" in error["message"]
+
+
+# -- the context window ----------------------------------------------------------------------
+
+
+async def test_prompt_plus_max_tokens_beyond_the_context_is_400(gw: Gateway) -> None:
+    prompt = "x" * 250
+    resp = await gw.post("/v1/completions", completion(prompt=prompt, max_tokens=7))
+    error = await assert_error(resp, 400, param="max_tokens", code="context_length_exceeded")
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in error["message"]
+    assert "257" in error["message"]  # what was asked for
+    resp = await gw.post("/v1/completions", completion(prompt=prompt, max_tokens=6))  # exactly fits
+    assert resp.status == 200
+    assert (await resp.json())["usage"]["total_tokens"] == MAX_MODEL_LEN
+
+
+async def test_default_max_tokens_counts_against_the_context(gw: Gateway) -> None:
+    body = completion(prompt="x" * 250)
+    del body["max_tokens"]  # OpenAI's default for completions: 16
+    await assert_error(await gw.post("/v1/completions", body), 400, param="max_tokens", code="context_length_exceeded")
+
+
+async def test_chat_prompt_filling_the_context_is_400(gw: Gateway) -> None:
+    messages = [{"role": "user", "content": "x" * MAX_MODEL_LEN}]
+    body = chat(messages=messages)
+    del body["max_tokens"]
+    resp = await gw.post("/v1/chat/completions", body)
+    error = await assert_error(resp, 400, param="max_tokens", code="context_length_exceeded")
+    assert str(MAX_MODEL_LEN) in error["message"]
+
+
+# -- routing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/v1", "/v1/engines", "/v1/completions/x", "/v2/completions"])
+async def test_unknown_route_is_404_json(gw: Gateway, path: str) -> None:
+    await assert_error(await gw.client.get(path), 404, code="not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/completions"), ("PUT", "/v1/chat/completions"), ("POST", "/v1/models"), ("DELETE", "/healthz")],
+)
+async def test_wrong_method_is_405_json(gw: Gateway, method: str, path: str) -> None:
+    resp = await gw.client.request(method, path)
+    await assert_error(resp, 405, code="method_not_allowed")
+    assert "Allow" in resp.headers
