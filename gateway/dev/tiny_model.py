@@ -77,7 +77,7 @@ def build_base_model(out: Path) -> None:
         num_hidden_layers=2,
         num_attention_heads=2,  # head_dim 64: the CPU attention kernels reject 16
         num_key_value_heads=1,
-        max_position_embeddings=1024,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

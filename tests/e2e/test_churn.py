@@ -22,7 +22,9 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def small_gateway(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_gateway(tiny, tmp_path_factory.mktemp("churn-logs"), max_loras=2, max_cpu_loras=2)
+    server = start_gateway(
+        tiny, tmp_path_factory.mktemp("churn-logs"), max_loras=2, max_cpu_loras=2, adapter_wait_timeout_s=3
+    )
     yield server
     assert server.stop() == 0, server.log_tail()
 
@@ -44,3 +46,16 @@ def test_six_adapters_through_two_engine_slots_stay_correct(
         expected = oracle.greedy_ids(adapter_dir(tiny, model), oracle.prompt_ids(prompt), MAX_TOKENS)
         assert answer == expected, (model, prompt)
     assert "evicted" in small_gateway.log_tail(2000), "six adapters through two slots must evict"
+
+
+def test_clients_that_hang_up_mid_stream_release_their_adapters(small_gateway: ServerProcess) -> None:
+    """Both slots held by streams whose clients leave: a third adapter must still get in."""
+    client = openai.OpenAI(base_url=small_gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    for model in ("alice/chat", "bob/chat"):
+        stream = client.completions.create(model=model, prompt="x", max_tokens=2000, temperature=0, stream=True)
+        next(iter(stream))  # generation has started: the adapter is held
+        stream.close()  # the client hangs up
+    # Had the streams run on (2000 tokens: about 10 s here) or their holds leaked, this request
+    # would wait adapter_wait_timeout_s (3 s) for a slot and get a 503.
+    result = client.completions.create(model="carol/chat", prompt="x", max_tokens=4, temperature=0)
+    assert result.usage.completion_tokens == 4

@@ -123,7 +123,7 @@ def test_unsupported_parameter_is_a_400_naming_it(client: openai.OpenAI) -> None
 def test_prompt_beyond_the_context_is_a_400_naming_the_limit(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="alice/chat", prompt=PROMPT, max_tokens=5000)
-    assert "maximum context length is 1024 tokens" in caught.value.body["message"]
+    assert "maximum context length is 2048 tokens" in caught.value.body["message"]
 
 
 def test_health_and_readiness(gateway: ServerProcess) -> None:
