@@ -10,21 +10,30 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from adapters_manifest import layout
-from adapters_manifest.adapter_dir import describe_files, read_config
-from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, content_version
+from adapters_manifest.record import AdapterRecord
+from adapters_manifest.store import ProgressCallback
 
 
-class AdapterNotStoredError(Exception):
-    """The record names files the store does not hold."""
+def _atomic_copy(source: Path, dest: Path) -> None:
+    """Readers see the whole file or none of it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _atomic_write(dest: Path, data: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(tmp, dest)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -42,73 +51,62 @@ class LocalFolderStore:
             raise ValueError(f"not a local store URL: {url!r} (expected file:///path)")
         return cls(Path(parsed.path))
 
+    def _record_path(self, owner: str, name: str) -> Path:
+        return self.root / layout.record_key(owner, name)
+
     # -- reading -------------------------------------------------------------------
 
-    async def list_records(self) -> list[AdapterRecord]:
-        return await asyncio.to_thread(self._list_records)
+    async def list_stamps(self) -> dict[str, str]:
+        return await asyncio.to_thread(self._list_stamps)
 
-    def _list_records(self) -> list[AdapterRecord]:
-        manifest = self.root / layout.MANIFEST_DIR
-        return [
-            AdapterRecord.model_validate_json(path.read_bytes())
-            for path in sorted(manifest.glob("*/*.json"))
-        ]
+    def _list_stamps(self) -> dict[str, str]:
+        stamps = {}
+        for path in (self.root / layout.MANIFEST_DIR).glob("*/*.json"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # deleted while listing
+                continue
+            stamps[f"{path.parent.name}/{path.stem}"] = f"{stat.st_mtime_ns}-{stat.st_size}"
+        return stamps
 
     async def get_record(self, owner: str, name: str) -> AdapterRecord | None:
-        path = self.root / layout.record_key(owner, name)
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = await asyncio.to_thread(self._record_path(owner, name).read_bytes)
         except FileNotFoundError:
             return None
         return AdapterRecord.model_validate_json(data)
 
-    async def local_dir(self, record: AdapterRecord) -> Path:
-        folder = self.root / layout.version_prefix(record)
-        missing = [f.name for f in record.files if not (folder / f.name).is_file()]
-        if missing:
-            raise AdapterNotStoredError(f"{record.ref}@{record.version}: missing {', '.join(missing)}")
-        return folder
+    async def list_records(self) -> list[AdapterRecord]:
+        records = []
+        for ref in sorted(await self.list_stamps()):
+            record = await self.get_record(*ref.split("/"))
+            if record is not None:
+                records.append(record)
+        return records
+
+    async def fetch_file(self, record: AdapterRecord, file_name: str, dest: Path) -> None:
+        await asyncio.to_thread(shutil.copyfile, self.root / layout.file_key(record, file_name), dest)
+
+    async def has_version(self, record: AdapterRecord) -> bool:
+        return all((self.root / layout.file_key(record, f.name)).is_file() for f in record.files)
 
     # -- writing -------------------------------------------------------------------
 
-    def publish(
-        self,
-        source: Path,
-        owner: str,
-        name: str,
-        *,
-        base_model: str,
-        description: str = "",
-        visibility: str = "private",
-        warm: bool = False,
-    ) -> AdapterRecord:
-        """Copy an adapter folder in as a new immutable version, then commit its record."""
-        files = describe_files(source)
-        config = read_config(source)
-        record = AdapterRecord(
-            owner=owner,
-            name=name,
-            version=content_version(files),
-            base_model=base_model,
-            rank=int(config["r"]),
-            alpha=float(config["lora_alpha"]),
-            target_modules=sorted(config["target_modules"]),
-            files=files,
-            description=description,
-            visibility=visibility,
-            warm=warm,
-        )
-        version_dir = self.root / layout.version_prefix(record)
-        if not version_dir.is_dir():
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
-            for file_name in ADAPTER_FILES:
-                shutil.copyfile(source / file_name, staging / file_name)
-            version_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, version_dir)
-        # The record is written last: readers never see a record whose files are absent.
-        _atomic_write(
-            self.root / layout.record_key(owner, name),
-            record.model_dump_json(indent=2).encode(),
-        )
-        return record
+    async def put_file(
+        self, record: AdapterRecord, file_name: str, source: Path, progress: ProgressCallback | None = None
+    ) -> None:
+        await asyncio.to_thread(_atomic_copy, source, self.root / layout.file_key(record, file_name))
+        if progress is not None:
+            progress(source.stat().st_size)
+
+    async def put_record(self, record: AdapterRecord) -> None:
+        data = record.model_dump_json(indent=2).encode()
+        await asyncio.to_thread(_atomic_write, self._record_path(record.owner, record.name), data)
+
+    async def delete_adapter(self, owner: str, name: str) -> bool:
+        try:
+            await asyncio.to_thread(self._record_path(owner, name).unlink)
+        except FileNotFoundError:
+            return False
+        await asyncio.to_thread(shutil.rmtree, self.root / layout.ADAPTERS_DIR / owner / name, True)
+        return True

@@ -1,21 +1,59 @@
-"""The interface every adapter store offers (local folder now, S3 next)."""
+"""The interface every adapter store offers: a local folder (`file:///path`) or S3 (`s3://bucket/prefix`).
+
+Both use the layout of `layout.py`. Version files are immutable; a record is written after its
+files and is the commit point. Readers fetch files into their own disk cache and verify them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from adapters_manifest.record import AdapterRecord
 
+# Called with the number of bytes transferred since the last call (progress bars).
+ProgressCallback = Callable[[int], None]
+
+
+class StoreUnavailableError(Exception):
+    """The store could not be reached or answered with a server error: try again later."""
+
+
+class StoreAccessError(StoreUnavailableError):
+    """The store answered but refuses us: no such bucket, access denied, no credentials.
+
+    A configuration problem rather than an outage, but a subclass so that a running gateway
+    keeps serving what it has cached; at start-up a caller may treat it as fatal.
+    """
+
 
 class AdapterStore(Protocol):
-    url: str
+    url: str  # for logs and messages: never holds credentials
 
-    async def list_records(self) -> list[AdapterRecord]:
-        """Every adapter record in the store."""
+    async def list_stamps(self) -> dict[str, str]:
+        """`owner/name` -> a stamp (ETag) of its record, for every record: one cheap listing."""
 
     async def get_record(self, owner: str, name: str) -> AdapterRecord | None:
         """One record, or None when there is none."""
 
-    async def local_dir(self, record: AdapterRecord) -> Path:
-        """A local folder holding exactly this version's files, ready for the engine."""
+    async def list_records(self) -> list[AdapterRecord]:
+        """Every record (a listing plus one read each)."""
+
+    async def fetch_file(self, record: AdapterRecord, file_name: str, dest: Path) -> None:
+        """Copy one file of a version to `dest` as it is stored (the caller verifies it)."""
+
+    async def has_version(self, record: AdapterRecord) -> bool:
+        """Whether every file of this version is already stored."""
+
+    async def put_file(
+        self, record: AdapterRecord, file_name: str, source: Path, progress: ProgressCallback | None = None
+    ) -> None:
+        """Store one file of a version (before its record)."""
+
+    async def put_record(self, record: AdapterRecord) -> None:
+        """Commit a record: from now on readers see this version."""
+
+    async def delete_adapter(self, owner: str, name: str) -> bool:
+        """Remove the record (the commit point: serving stops), then every version's files.
+        False when there was no record."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -11,11 +12,13 @@ from pathlib import Path
 from aiohttp import web
 
 from adapters_manifest.open_store import open_store
+from adapters_manifest.record import AdapterRecord
 from gateway.api.completions import create_chat_completion, create_completion
 from gateway.api.health import healthz, readyz
 from gateway.api.models import list_models
-from gateway.app_keys import CATALOG, SERVING, SETTINGS, STORE, Serving
+from gateway.app_keys import CATALOG, DISK_CACHE, SERVING, SETTINGS, STORE, Serving
 from gateway.catalog import AdapterCatalog
+from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
 from gateway.errors import error_middleware
@@ -38,9 +41,18 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[STORE] = open_store(settings.store)
-    app[CATALOG] = AdapterCatalog(app[STORE], settings.base_model_name)
     app[SERVING] = Serving()
-    app.cleanup_ctx.append(_first_sync)
+
+    def retire(record: AdapterRecord) -> None:
+        """A version left the store: out of the engine, then off the disk, once unused."""
+        if app[SERVING].pool is not None:
+            app[SERVING].pool.retire(record)
+        if DISK_CACHE in app:
+            app[DISK_CACHE].retire(record)
+
+    app[CATALOG] = AdapterCatalog(app[STORE], settings.base_model_name, on_retired=retire)
+    app.cleanup_ctx.append(_disk_cache)
+    app.cleanup_ctx.append(_adapter_sync)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -50,9 +62,22 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
     return app
 
 
-async def _first_sync(app: web.Application) -> AsyncIterator[None]:
-    await app[CATALOG].refresh()
+async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    with contextlib.ExitStack() as stack:
+        root = settings.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-gateway-cache-")))
+        root.mkdir(parents=True, exist_ok=True)
+        app[DISK_CACHE] = DiskCache(
+            app[STORE], root, settings.cache_max_bytes, max_parallel=settings.download_parallelism
+        )
+        yield
+
+
+async def _adapter_sync(app: web.Application) -> AsyncIterator[None]:
+    # Readiness waits for the first good sync; a store that is down at start is retried.
+    polling = asyncio.create_task(app[CATALOG].poll_forever(app[SETTINGS].sync_interval_s))
     yield
+    polling.cancel()
 
 
 def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -76,7 +101,7 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
         engine = await asyncio.to_thread(engine_factory, settings, extra_slots)
         pool = AdapterPool(
             engine,
-            app[STORE].local_dir,
+            app[DISK_CACHE],
             capacity=settings.max_cpu_loras,
             wait_timeout_s=settings.adapter_wait_timeout_s,
             failure_ttl_s=settings.adapter_failure_ttl_s,

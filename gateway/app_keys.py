@@ -8,6 +8,7 @@ from aiohttp import web
 
 from adapters_manifest.store import AdapterStore
 from gateway.catalog import AdapterCatalog
+from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
 from gateway.errors import ServiceUnavailableError
 from gateway.pool import AdapterPool
@@ -51,5 +52,6 @@ class Serving:
 
 SETTINGS = web.AppKey("settings", ServeSettings)
 STORE = web.AppKey("store", AdapterStore)
+DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)

@@ -1,32 +1,94 @@
-"""AdapterCatalog: which adapters exist, and what a request's `model` names."""
+"""AdapterCatalog: which adapters exist (synced from the store), and what a request's `model` names.
+
+Sync: a full listing at start, then polling. Each poll is one cheap listing of record stamps
+(ETags); only records whose stamp changed are read. A version that changed or a record that
+disappeared is handed to `on_retired`, which takes it out of the engine and off the disk once
+its last request ends. A failed poll changes nothing: what is known keeps being served.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from adapters_manifest.record import AdapterRecord, check_name
-from adapters_manifest.store import AdapterStore
-from gateway.errors import ModelNotFoundError
+from adapters_manifest.store import AdapterStore, StoreUnavailableError
+from gateway.errors import ModelNotFoundError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
+MAX_PARALLEL_READS = 16
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    listed: int
+    changed: int
+    removed: int
+
 
 class AdapterCatalog:
-    def __init__(self, store: AdapterStore, base_model_name: str) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        base_model_name: str,
+        on_retired: Callable[[AdapterRecord], None] = lambda record: None,
+    ) -> None:
         self._store = store
         self.base_model_name = base_model_name
+        self._on_retired = on_retired
         self._records: dict[str, AdapterRecord] = {}
-        self.synced = False
+        self._stamps: dict[str, str] = {}
+        self.last_success: float | None = None  # time.monotonic() of the last good sync
+        self.last_error: str | None = None
 
-    async def refresh(self) -> None:
-        """Replace the known set with a full listing of the store."""
-        records = await self._store.list_records()
-        self._records = {r.ref: r for r in records}
-        self.synced = True
-        log.info("catalog: %d adapters in %s", len(self._records), self._store.url)
+    @property
+    def synced(self) -> bool:
+        return self.last_success is not None
+
+    def seconds_since_sync(self) -> float | None:
+        return None if self.last_success is None else time.monotonic() - self.last_success
 
     def records(self) -> list[AdapterRecord]:
         return sorted(self._records.values(), key=lambda r: r.ref)
+
+    async def sync(self) -> SyncResult:
+        """One poll; raises (and remembers the error) when the store fails, changing nothing."""
+        try:
+            stamps = await self._store.list_stamps()
+            changed = [ref for ref, stamp in stamps.items() if self._stamps.get(ref) != stamp]
+            reads = asyncio.Semaphore(MAX_PARALLEL_READS)
+
+            async def read(ref: str) -> AdapterRecord | None:
+                async with reads:
+                    return await self._store.get_record(*ref.split("/", 1))
+
+            fresh = await asyncio.gather(*(read(ref) for ref in changed))
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        for ref, record in zip(changed, fresh):
+            if record is None:  # deleted between the listing and the read
+                stamps.pop(ref)
+            else:
+                self._replace(ref, record)
+        removed = [ref for ref in self._records if ref not in stamps]
+        for ref in removed:
+            self._replace(ref, None)
+        self._stamps = stamps
+        self.last_success, self.last_error = time.monotonic(), None
+        return SyncResult(listed=len(stamps), changed=len(changed), removed=len(removed))
+
+    def _replace(self, ref: str, record: AdapterRecord | None) -> None:
+        old = self._records.pop(ref, None)
+        if record is not None:
+            self._records[ref] = record
+        if old is not None and (record is None or record.version != old.version):
+            log.info("catalog: %s version %s retired (%s)", ref, old.version, "deleted" if record is None else f"now {record.version}")
+            self._on_retired(old)
 
     async def resolve(self, model: str) -> AdapterRecord | None:
         """None for the base model, the record for `owner/name`; ModelNotFoundError otherwise."""
@@ -41,9 +103,29 @@ class AdapterCatalog:
             raise ModelNotFoundError(model) from None
         record = self._records.get(model)
         if record is None:
-            # Not seen yet: it may have been published since the last listing.
-            record = await self._store.get_record(owner, name)
+            # Not seen yet: it may have been published since the last poll.
+            try:
+                record = await self._store.get_record(owner, name)
+            except StoreUnavailableError as exc:
+                raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
             if record is None:
                 raise ModelNotFoundError(model)
-            self._records[model] = record
+            self._replace(model, record)
         return record
+
+    def forget(self, ref: str) -> None:
+        """This replica deleted the adapter itself: stop serving it without waiting for a poll."""
+        self._stamps.pop(ref, None)
+        self._replace(ref, None)
+
+    async def poll_forever(self, interval_s: float) -> None:
+        """Sync every `interval_s`; the first attempt at once, failures retried at the same pace."""
+        while True:
+            started = time.monotonic()
+            try:
+                result = await self.sync()
+                if result.changed or result.removed:
+                    log.info("sync: %d listed, %d changed, %d removed", result.listed, result.changed, result.removed)
+            except Exception:
+                log.warning("sync of %s failed; serving what is known: %s", self._store.url, self.last_error)
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))

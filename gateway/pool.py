@@ -7,7 +7,9 @@ The gateway mirrors the engine's CPU adapter cache exactly (it never asks for mo
 - only idle adapters (no request holding them) are evicted, least recently used first;
 - a request holds its adapter until its response ends, however it ends;
 - when every slot is busy a request waits up to `wait_timeout_s`, then AdapterCapacityError;
-- a version that fails to load fails fast for `failure_ttl_s`, and the engine serves on.
+- a version that fails to load fails fast for `failure_ttl_s`, and the engine serves on;
+- a retired version (superseded or deleted) leaves the engine when its last request ends.
+The files come from the disk tier (`AdapterFiles`), pinned while the engine holds them.
 """
 
 from __future__ import annotations
@@ -17,26 +19,35 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from adapters_manifest.record import AdapterRecord
+from adapters_manifest.store import StoreUnavailableError
 from gateway.engine.interface import AdapterLoadError, Engine, EngineAdapter, EngineDeadError
 from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
-# Where a version's files are on local disk (the store, or the disk cache in front of it).
-LocalDirSource = Callable[[AdapterRecord], Awaitable[Path]]
+
+class AdapterFiles(Protocol):
+    """The tier below: a version's files on local disk, kept while pinned."""
+
+    async def pin(self, record: AdapterRecord) -> Path: ...
+
+    def unpin(self, record: AdapterRecord) -> None: ...
 
 
 @dataclass
 class _Entry:
+    record: AdapterRecord
     adapter: EngineAdapter
     loaded: asyncio.Future[None]
     holders: int = 0
+    retired: bool = False
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -51,7 +62,7 @@ class AdapterPool:
     def __init__(
         self,
         engine: Engine,
-        local_dir: LocalDirSource,
+        files: AdapterFiles,
         capacity: int,
         wait_timeout_s: float = 30.0,
         failure_ttl_s: float = 60.0,
@@ -59,7 +70,7 @@ class AdapterPool:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._engine = engine
-        self._local_dir = local_dir
+        self._files = files
         self._capacity = capacity
         self._wait_timeout_s = wait_timeout_s
         self._failure_ttl_s = failure_ttl_s
@@ -68,7 +79,7 @@ class AdapterPool:
         self._slot_freed = asyncio.Event()
         self._engine_ids = itertools.count(1)
         self._base_adapter: EngineAdapter | None = None
-        self._loading: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- base model ------------------------------------------------------------
 
@@ -114,12 +125,15 @@ class AdapterPool:
     def _release(self, entry: _Entry) -> None:
         entry.holders -= 1
         entry.last_used = time.monotonic()
-        if entry.holders == 0:
+        name = entry.record.versioned_ref
+        if entry.holders > 0 or self._entries.get(name) is not entry:
+            return  # still in use, or already gone (a failed load wakes waiters itself)
+        if entry.retired and entry.loaded.done():
+            self._evict_now(entry)
+        else:
             # Recency counts from the end of use: an adapter busy with a long request is not
             # less recently used than one whose short request ended meanwhile.
-            name = entry.adapter.engine_name
-            if self._entries.get(name) is entry:
-                self._entries.move_to_end(name)
+            self._entries.move_to_end(name)
             self._wake_waiters()
 
     async def _wait_for_free_slot(self, record: AdapterRecord, deadline: float) -> None:
@@ -152,51 +166,83 @@ class AdapterPool:
             victim_name = next(n for n, e in self._entries.items() if e.holders == 0 and e.loaded.done())
             victim = self._entries.pop(victim_name)
         adapter = EngineAdapter(next(self._engine_ids), record.versioned_ref, Path())
-        entry = _Entry(adapter=adapter, loaded=asyncio.get_running_loop().create_future())
+        entry = _Entry(record=record, adapter=adapter, loaded=asyncio.get_running_loop().create_future())
         self._entries[record.versioned_ref] = entry
-        task = asyncio.get_running_loop().create_task(self._load(entry, record, victim))
-        self._loading.add(task)
-        task.add_done_callback(self._loading.discard)
+        self._spawn(self._load(entry, victim))
         # A load that fails after every waiter left must not warn "exception never retrieved".
         entry.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())
         return entry
 
-    async def _load(self, entry: _Entry, record: AdapterRecord, victim: _Entry | None) -> None:
-        name = record.versioned_ref
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, entry: _Entry, victim: _Entry | None) -> None:
+        record, name = entry.record, entry.record.versioned_ref
+        pinned = False
         try:
             if victim is not None:
                 await self._evict(victim)
-            path = await self._local_dir(record)
+            path = await self._files.pin(record)
+            pinned = True
             entry.adapter = EngineAdapter(entry.adapter.engine_id, name, path)
             await self._engine.add_adapter(entry.adapter)
-        except EngineDeadError as exc:
-            self._forget(name)
-            entry.loaded.set_exception(ServiceUnavailableError(f"The engine is not serving: {exc}"))
+        except (EngineDeadError, StoreUnavailableError) as exc:
+            # Not the adapter's fault: nothing to remember, the client may retry.
+            self._forget(name, record if pinned else None)
+            reason = "The engine is not serving" if isinstance(exc, EngineDeadError) else "The adapter store is unreachable"
+            entry.loaded.set_exception(ServiceUnavailableError(f"{reason}: {exc}", retry_after_s=5))
         except Exception as exc:
             reason = str(exc) if isinstance(exc, AdapterLoadError) else f"{type(exc).__name__}: {exc}"
             log.warning("adapter %s failed to load: %s", name, reason)
             self._failures[name] = (reason, time.monotonic() + self._failure_ttl_s)
-            self._forget(name)
+            self._forget(name, record if pinned else None)
             entry.loaded.set_exception(_failure_error(name, reason))
         else:
             log.info("adapter %s registered as engine id %d", name, entry.adapter.engine_id)
             entry.loaded.set_result(None)
-            if entry.holders == 0:
+            if entry.holders == 0 and entry.retired:
+                self._evict_now(entry)
+            elif entry.holders == 0:
                 # Every request for it left while it loaded: it is evictable only now.
                 self._wake_waiters()
 
     async def _evict(self, victim: _Entry) -> None:
+        why = "retired: a new version or deleted" if victim.retired else "least recently used, idle"
         try:
             await self._engine.remove_adapter(victim.adapter)
-            log.info("adapter %s evicted (least recently used, idle)", victim.adapter.engine_name)
+            log.info("adapter %s evicted (%s)", victim.adapter.engine_name, why)
         except EngineDeadError:
             raise
         except Exception:
             log.exception("removing adapter %s from the engine failed", victim.adapter.engine_name)
+        finally:
+            self._files.unpin(victim.record)
 
-    def _forget(self, name: str) -> None:
-        self._entries.pop(name, None)
+    def _evict_now(self, entry: _Entry) -> None:
+        """Take an idle entry out of the pool at once and remove it from the engine in the background."""
+        self._entries.pop(entry.record.versioned_ref, None)
+        self._spawn(self._evict(entry))
         self._wake_waiters()
+
+    def _forget(self, name: str, pinned: AdapterRecord | None) -> None:
+        self._entries.pop(name, None)
+        if pinned is not None:
+            self._files.unpin(pinned)
+        self._wake_waiters()
+
+    # -- versions leaving ------------------------------------------------------
+
+    def retire(self, record: AdapterRecord) -> None:
+        """This version is superseded or deleted: new requests no longer reach it (the catalog
+        sees to that); it leaves the engine now if idle, else when its last request ends."""
+        entry = self._entries.get(record.versioned_ref)
+        if entry is None:
+            return
+        entry.retired = True
+        if entry.holders == 0 and entry.loaded.done():
+            self._evict_now(entry)
 
     def _raise_if_recently_failed(self, name: str) -> None:
         failure = self._failures.get(name)

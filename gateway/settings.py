@@ -25,7 +25,7 @@ class ServeSettings(BaseSettings):
     model: Path = Field(description="Folder of the base model (Hugging Face layout).")
     store: str = Field(
         default="adapter-store",
-        description="Adapter store: file:///path (or a plain path).",
+        description="Adapter store: s3://bucket/prefix, file:///path, or a plain path.",
     )
     served_model_name: str | None = Field(
         default=None, description="Name of the base model in the API (default: the model folder's name)."
@@ -49,6 +49,14 @@ class ServeSettings(BaseSettings):
         description="Serve base-model requests through an all-zero adapter (works around vLLM "
         "applying the last LoRA slot to LoRA-less requests in mixed batches on CPU).",
     )
+
+    # Adapter store, sync and disk cache
+    sync_interval_s: float = Field(default=10.0, gt=0, description="Seconds between polls of the adapter store.")
+    cache_dir: Path | None = Field(
+        default=None, description="Local disk cache of adapter files (default: a temporary folder)."
+    )
+    cache_max_bytes: int = Field(default=10 << 30, ge=0, description="Disk cache budget (idle versions beyond it go).")
+    download_parallelism: int = Field(default=4, ge=1, description="Adapter downloads at once.")
 
     # Adapter pool
     adapter_wait_timeout_s: float = Field(

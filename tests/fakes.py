@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from adapters_manifest.local_store import LocalFolderStore
+from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import ADAPTER_FILES, AdapterFile, AdapterRecord, content_version
 from gateway.engine.interface import (
     AdapterLoadError,
@@ -308,7 +309,7 @@ def write_adapter_dir(
     return folder
 
 
-def publish_adapter(
+async def publish_adapter(
     store: LocalFolderStore,
     scratch: Path,
     owner: str,
@@ -320,7 +321,7 @@ def publish_adapter(
 ) -> AdapterRecord:
     """Write a tiny adapter folder under `scratch` and publish it into `store`."""
     folder = write_adapter_dir(scratch / f"src-{owner}-{name}", payload=payload or f"{owner}/{name}".encode())
-    return store.publish(folder, owner, name, base_model=base_model, **publish_options)
+    return await publish(store, folder, record_for(folder, owner, name, base_model=base_model, **publish_options))
 
 
 def write_base_model(folder: Path, layers: int = 2, hidden: int = 8) -> Path:

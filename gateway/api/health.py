@@ -12,7 +12,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    reason = request.app[SERVING].not_ready_reason(request.app[CATALOG])
+    catalog = request.app[CATALOG]
+    since = catalog.seconds_since_sync()
+    # A store outage does not make the replica unready: it serves what it has, and says how stale.
+    sync = {
+        "seconds_since_success": None if since is None else round(since, 1),
+        "last_error": catalog.last_error,
+        "adapters": len(catalog.records()),
+    }
+    reason = request.app[SERVING].not_ready_reason(catalog)
     if reason is not None:
-        return web.json_response({"status": "unavailable", "reason": reason}, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response({"status": "unavailable", "reason": reason, "adapter_sync": sync}, status=503)
+    return web.json_response({"status": "ready", "adapter_sync": sync})

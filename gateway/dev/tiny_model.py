@@ -5,6 +5,7 @@ Used by the demo, the tests and the benchmarks: no download, a few seconds on a 
 
 from __future__ import annotations
 
+import asyncio
 import sysconfig
 import tempfile
 import zlib
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_manifest.local_store import LocalFolderStore
+from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import AdapterRecord
 
 BASE_MODEL_NAME = "tiny-llama"
@@ -122,5 +124,6 @@ def make_model(out: Path, adapters: list[str], rank: int = 8) -> TinyModel:
             raise ValueError(f"adapter {ref!r} must be named owner/name")
         with tempfile.TemporaryDirectory() as tmp:
             build_adapter(base, Path(tmp), seed=zlib.crc32(f"{ref}:{rank}".encode()), rank=rank)
-            records.append(store.publish(Path(tmp), owner, name, base_model=BASE_MODEL_NAME))
+            record = record_for(Path(tmp), owner, name, base_model=BASE_MODEL_NAME)
+            records.append(asyncio.run(publish(store, Path(tmp), record)))
     return TinyModel(base=base, store=store_root, adapters=records)

@@ -12,23 +12,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from adapters_manifest.safetensors_header import base_weight_shapes
 
 # Modules vLLM can attach LoRA to, in order of preference; one is enough for a zero adapter.
 _CANDIDATE_MODULES = ("q_proj", "o_proj", "qkv_proj", "down_proj", "dense", "c_attn")
-
-
-def base_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of the base model, read from the headers only."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="np") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    if not shapes:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-    return shapes
 
 
 def write_zero_adapter(model_dir: Path, out: Path) -> Path:

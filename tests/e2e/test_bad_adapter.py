@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from adapters_manifest import layout
 from adapters_manifest.local_store import LocalFolderStore
+from adapters_manifest.publish import publish, record_for
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
 from tests.e2e.conftest import adapter_dir, complete_ids, record_of
@@ -58,7 +60,8 @@ def test_broken_adapter_gets_an_error_and_others_keep_serving(
     folder = tmp_path / breakage
     shutil.copytree(tiny.store / layout.version_prefix(record_of(tiny, "alice/chat")), folder)
     break_it(folder)
-    LocalFolderStore(tiny.store).publish(folder, "mallory", breakage, base_model=BASE_MODEL_NAME)
+    record = record_for(folder, "mallory", breakage, base_model=BASE_MODEL_NAME)
+    asyncio.run(publish(LocalFolderStore(tiny.store), folder, record))
 
     for _ in range(2):  # the second answer comes from the remembered failure, without a reload
         with pytest.raises(openai.UnprocessableEntityError) as caught:

@@ -93,7 +93,7 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
         records = {}
         for ref in ADAPTERS:
             owner, name = ref.split("/")
-            records[ref] = publish_adapter(store, tmp_path, owner, name, base_model=BASE)
+            records[ref] = await publish_adapter(store, tmp_path, owner, name, base_model=BASE)
         extra_slots: list[int] = []
 
         def fake_factory(serve_settings: ServeSettings, extra: int) -> Engine:
@@ -183,7 +183,9 @@ async def test_healthz_and_readyz_once_started(gw: Gateway) -> None:
     resp = await gw.client.get("/healthz")
     assert resp.status == 200 and await resp.json() == {"status": "ok"}
     resp = await gw.client.get("/readyz")
-    assert resp.status == 200 and await resp.json() == {"status": "ready"}
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "ready"
+    assert body["adapter_sync"]["adapters"] == len(ADAPTERS) and body["adapter_sync"]["last_error"] is None
     assert gw.extra_slots == [1]  # one slot for the base zero adapter
     assert gw.engine.resident_names() == {"__base__"}
 
@@ -203,7 +205,8 @@ async def test_not_ready_while_the_engine_starts(start_gateway: StartGateway) ->
         assert resp.status == 200
         resp = await gw.client.get("/readyz")
         assert resp.status == 503
-        assert await resp.json() == {"status": "unavailable", "reason": "engine starting"}
+        body = await resp.json()
+        assert (body["status"], body["reason"]) == ("unavailable", "engine starting")
         resp = await gw.post("/v1/completions", completion())
         await assert_error(resp, 503, code="service_unavailable")
         assert int(resp.headers["Retry-After"]) >= 1
@@ -516,7 +519,7 @@ async def test_unknown_model_is_404(gw: Gateway, model: str, path: str) -> None:
 
 
 async def test_adapter_published_after_start_is_served(gw: Gateway) -> None:
-    record = publish_adapter(gw.store, gw.scratch, "carol", "late", base_model=BASE)
+    record = await publish_adapter(gw.store, gw.scratch, "carol", "late", base_model=BASE)
     gw.records[record.ref] = record
     resp = await gw.post("/v1/completions", completion("carol/late"))
     assert resp.status == 200

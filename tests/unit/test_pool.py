@@ -20,8 +20,19 @@ from tests.fakes import FakeEngine, make_record
 A, B, C, D = (make_record("alice", name) for name in ("a", "b", "c", "d"))
 
 
-async def local_dir(record: AdapterRecord) -> Path:
-    return Path("/adapters") / record.versioned_ref
+class FakeFiles:
+    """The disk tier: a folder per version, with pins counted."""
+
+    def __init__(self) -> None:
+        self.pins: dict[str, int] = {}
+
+    async def pin(self, record: AdapterRecord) -> Path:
+        self.pins[record.versioned_ref] = self.pins.get(record.versioned_ref, 0) + 1
+        return Path("/adapters") / record.versioned_ref
+
+    def unpin(self, record: AdapterRecord) -> None:
+        assert self.pins.get(record.versioned_ref, 0) > 0, f"unpin without pin: {record.versioned_ref}"
+        self.pins[record.versioned_ref] -= 1
 
 
 @pytest.fixture
@@ -32,17 +43,23 @@ def make_pool() -> Iterator[Callable[..., tuple[AdapterPool, FakeEngine]]]:
         capacity: int = 2,
         wait_timeout_s: float = 5.0,
         failure_ttl_s: float = 60.0,
-        local: Callable[[AdapterRecord], object] = local_dir,
+        files: FakeFiles | None = None,
         **engine_options: object,
     ) -> tuple[AdapterPool, FakeEngine]:
         engine = FakeEngine(capacity=capacity, extra=1, **engine_options)  # +1: the base zero adapter
-        engines.append(engine)
-        pool = AdapterPool(engine, local, capacity, wait_timeout_s=wait_timeout_s, failure_ttl_s=failure_ttl_s)
+        files = files or FakeFiles()
+        pool = AdapterPool(engine, files, capacity, wait_timeout_s=wait_timeout_s, failure_ttl_s=failure_ttl_s)
+        made.append((pool, engine, files))
         return pool, engine
 
+    made: list[tuple[AdapterPool, FakeEngine, FakeFiles]] = []
     yield make
-    for engine in engines:
+    for pool, engine, files in made:
         engine.check()  # no guarantee the gateway owes the engine was broken, in any test
+        # Files stay pinned exactly while the engine holds the version.
+        resident = {r.name for r in pool.resident() if r.loaded}
+        assert {name for name, n in files.pins.items() if n} <= resident | {r.name for r in pool.resident()}
+        assert all(n in (0, 1) for n in files.pins.values()), files.pins
 
 
 async def use(pool: AdapterPool, record: AdapterRecord | None) -> EngineAdapter | None:
@@ -394,10 +411,11 @@ async def test_failure_is_remembered_per_version(make_pool) -> None:
 
 
 async def test_missing_local_files_are_a_load_failure(make_pool) -> None:
-    async def missing(record: AdapterRecord) -> Path:
-        raise FileNotFoundError(f"no files for {record.ref}")
+    class MissingFiles(FakeFiles):
+        async def pin(self, record: AdapterRecord) -> Path:
+            raise FileNotFoundError(f"no files for {record.ref}")
 
-    pool, engine = make_pool(local=missing)
+    pool, engine = make_pool(files=MissingFiles())
     with pytest.raises(AdapterLoadFailedError, match="FileNotFoundError"):
         await use(pool, A)
     assert engine.add_calls == []
@@ -436,4 +454,4 @@ async def test_base_requests_use_the_base_zero_adapter(make_pool, tmp_path: Path
 
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        AdapterPool(FakeEngine(), local_dir, 0)
+        AdapterPool(FakeEngine(), FakeFiles(), 0)

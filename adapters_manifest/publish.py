@@ -1,0 +1,48 @@
+"""Publishing an adapter folder to a store: files first, the record last (the commit point)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapters_manifest.adapter_dir import describe_files, read_config
+from adapters_manifest.record import AdapterRecord, content_version
+from adapters_manifest.store import AdapterStore, ProgressCallback
+
+
+def record_for(
+    folder: Path,
+    owner: str,
+    name: str,
+    *,
+    base_model: str,
+    description: str = "",
+    visibility: str = "private",
+    warm: bool = False,
+) -> AdapterRecord:
+    """The record an adapter folder would get; its version is the hash of its files."""
+    files = describe_files(folder)
+    config = read_config(folder)
+    return AdapterRecord(
+        owner=owner,
+        name=name,
+        version=content_version(files),
+        base_model=base_model,
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        target_modules=sorted(config["target_modules"]),
+        files=files,
+        description=description,
+        visibility=visibility,
+        warm=warm,
+    )
+
+
+async def publish(
+    store: AdapterStore, folder: Path, record: AdapterRecord, progress: ProgressCallback | None = None
+) -> AdapterRecord:
+    """Upload the version's files unless the store has them (versions are immutable), then the record."""
+    if not await store.has_version(record):
+        for f in record.files:
+            await store.put_file(record, f.name, folder / f.name, progress)
+    await store.put_record(record)
+    return record

@@ -1,0 +1,186 @@
+"""DiskCache: adapter versions on local disk, fetched from the store (the tier before the engine).
+
+Guarantees:
+- a version's folder appears whole or not at all (download into a temporary folder, verify
+  every file's sha256 against the record, then one rename); a partial download is never used;
+- concurrent requests for one version share one download (single flight); downloads run in
+  parallel up to `max_parallel`; a checksum mismatch is retried, then refused, never served;
+- a version the engine holds (pinned) is never deleted: vLLM may re-read its files;
+- unpinned versions are kept, least recently used first out, within `max_bytes`;
+- a retired version (superseded or deleted in the store) is deleted once unpinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters_manifest.adapter_dir import sha256_file
+from adapters_manifest.record import AdapterRecord
+from adapters_manifest.store import AdapterStore, StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class ChecksumMismatchError(Exception):
+    """The store's bytes do not match the record's sha256 (corrupt or tampered)."""
+
+
+@dataclass
+class _CachedVersion:
+    path: Path
+    ready: asyncio.Future[None]
+    size: int = 0
+    pins: int = 0
+    retired: bool = False
+
+
+class DiskCache:
+    def __init__(
+        self,
+        store: AdapterStore,
+        root: Path,
+        max_bytes: int,
+        max_parallel: int = 4,
+        attempts: int = 3,
+    ) -> None:
+        self._store = store
+        self._root = root
+        self._max_bytes = max_bytes
+        self._attempts = attempts
+        self._downloads = asyncio.Semaphore(max_parallel)
+        self._versions: OrderedDict[str, _CachedVersion] = OrderedDict()  # LRU first
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Folders of an earlier process may be incomplete: only verified downloads are trusted.
+        for stale in root.glob(".download-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(v.size for v in self._versions.values() if v.ready.done() and not v.ready.exception())
+
+    def is_cached(self, record: AdapterRecord) -> bool:
+        version = self._versions.get(record.versioned_ref)
+        return version is not None and version.ready.done() and version.ready.exception() is None
+
+    async def pin(self, record: AdapterRecord) -> Path:
+        """The local folder of this version, kept until `unpin`; downloads it when needed."""
+        key = record.versioned_ref
+        version = self._versions.get(key)
+        if version is None:
+            loop = asyncio.get_running_loop()
+            version = _CachedVersion(path=self._version_dir(record), ready=loop.create_future())
+            version.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._versions[key] = version
+            task = loop.create_task(self._download(key, version, record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        version.pins += 1
+        self._versions.move_to_end(key)
+        try:
+            await asyncio.shield(version.ready)
+        except BaseException:
+            self.unpin(record)
+            raise
+        return version.path
+
+    def unpin(self, record: AdapterRecord) -> None:
+        key = record.versioned_ref
+        version = self._versions.get(key)
+        if version is None:
+            return
+        version.pins -= 1
+        if version.pins == 0:
+            if version.retired:
+                self._delete(key)
+            else:
+                self._versions.move_to_end(key)
+                self._shrink()
+
+    def retire(self, record: AdapterRecord) -> None:
+        """This version is no longer served: delete it now, or when its last pin goes."""
+        key = record.versioned_ref
+        version = self._versions.get(key)
+        if version is None:
+            shutil.rmtree(self._version_dir(record), ignore_errors=True)
+            return
+        version.retired = True
+        if version.pins == 0 and version.ready.done():
+            self._delete(key)
+
+    # -- internals -------------------------------------------------------------
+
+    def _version_dir(self, record: AdapterRecord) -> Path:
+        return self._root / record.owner / record.name / record.version
+
+    async def _download(self, key: str, version: _CachedVersion, record: AdapterRecord) -> None:
+        try:
+            if not await asyncio.to_thread(_matches, version.path, record):
+                async with self._downloads:
+                    await self._fetch_verified(version.path, record)
+        except asyncio.CancelledError:  # the app is shutting down
+            self._versions.pop(key, None)
+            version.ready.cancel()
+            raise
+        except Exception as exc:
+            self._versions.pop(key, None)
+            version.ready.set_exception(exc)
+            return
+        version.size = sum(f.size for f in record.files)
+        version.ready.set_result(None)
+        self._shrink()
+
+    async def _fetch_verified(self, dest: Path, record: AdapterRecord) -> None:
+        for attempt in range(1, self._attempts + 1):
+            staging = self._root / f".download-{uuid.uuid4().hex}"
+            staging.mkdir(parents=True)
+            try:
+                for f in record.files:
+                    await self._store.fetch_file(record, f.name, staging / f.name)
+                    actual = await asyncio.to_thread(sha256_file, staging / f.name)
+                    if actual != f.sha256:
+                        raise ChecksumMismatchError(
+                            f"{f.name} of {record.versioned_ref}: sha256 {actual[:12]}... does not match "
+                            f"the record's {f.sha256[:12]}..."
+                        )
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(dest, ignore_errors=True)
+                staging.rename(dest)  # the folder appears complete, at once
+                log.info("fetched %s from %s", record.versioned_ref, self._store.url)
+                return
+            except (ChecksumMismatchError, StoreUnavailableError) as exc:
+                if attempt == self._attempts:
+                    raise
+                log.warning("fetching %s failed (attempt %d): %s", record.versioned_ref, attempt, exc)
+                await asyncio.sleep(0.2 * 2**attempt)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _shrink(self) -> None:
+        """Drop least recently used unpinned versions until the cache fits its budget."""
+        for key in list(self._versions):
+            if self.used_bytes <= self._max_bytes:
+                return
+            version = self._versions[key]
+            if version.pins == 0 and version.ready.done():
+                log.info("disk cache: dropping %s (least recently used, %d bytes)", key, version.size)
+                self._delete(key)
+
+    def _delete(self, key: str) -> None:
+        version = self._versions.pop(key)
+        shutil.rmtree(version.path, ignore_errors=True)
+
+
+def _matches(folder: Path, record: AdapterRecord) -> bool:
+    """A folder left by an earlier run is reused only if every file matches the record."""
+    return all(
+        (folder / f.name).is_file()
+        and (folder / f.name).stat().st_size == f.size
+        and sha256_file(folder / f.name) == f.sha256
+        for f in record.files
+    )
