@@ -7,6 +7,7 @@ from pathlib import Path
 from adapters_manifest.adapter_dir import describe_files, read_config
 from adapters_manifest.record import AdapterRecord, content_version
 from adapters_manifest.store import AdapterStore, ProgressCallback
+from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
 
 
 def record_for(
@@ -19,7 +20,8 @@ def record_for(
     visibility: str = "private",
     warm: bool = False,
 ) -> AdapterRecord:
-    """The record an adapter folder would get; its version is the hash of its files."""
+    """The record an adapter folder would get; its version is the hash of its files.
+    It does not validate: uploads use `validated_record`."""
     files = describe_files(folder)
     config = read_config(folder)
     return AdapterRecord(
@@ -35,6 +37,22 @@ def record_for(
         visibility=visibility,
         warm=warm,
     )
+
+
+def validated_record(
+    folder: Path,
+    owner: str,
+    name: str,
+    *,
+    base: BaseModelSpec | None,
+    limits: ValidationLimits = ValidationLimits(),
+    base_model: str,
+    description: str = "",
+    visibility: str = "private",
+) -> AdapterRecord:
+    """Every upload path: refuse a bad adapter (AdapterValidationError), else describe it."""
+    validate_adapter_dir(folder, base, limits)
+    return record_for(folder, owner, name, base_model=base_model, description=description, visibility=visibility)
 
 
 async def publish(

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
@@ -16,7 +17,9 @@ from adapters_manifest.record import AdapterRecord
 from gateway.api.completions import create_chat_completion, create_completion
 from gateway.api.health import healthz, readyz
 from gateway.api.models import list_models
-from gateway.app_keys import CATALOG, DISK_CACHE, SERVING, SETTINGS, STORE, Serving
+from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
+from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
+from gateway.app_keys import BASE_SPEC, CATALOG, DISK_CACHE, SERVING, SETTINGS, STORE, Serving
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
@@ -41,6 +44,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[STORE] = open_store(settings.store)
+    app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank)
     app[SERVING] = Serving()
 
     def retire(record: AdapterRecord) -> None:
@@ -59,6 +63,10 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
+    app.router.add_post("/v1/adapters", upload_adapter)
+    app.router.add_get("/v1/adapters", list_adapters)
+    app.router.add_get("/v1/adapters/{owner}/{name}", show_adapter)
+    app.router.add_delete("/v1/adapters/{owner}/{name}", delete_adapter)
     return app
 
 
@@ -105,6 +113,11 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             capacity=settings.max_cpu_loras,
             wait_timeout_s=settings.adapter_wait_timeout_s,
             failure_ttl_s=settings.adapter_failure_ttl_s,
+            validate=partial(
+                validate_adapter_dir,
+                base=app[BASE_SPEC],
+                limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
+            ),
         )
         if settings.base_via_zero_adapter:
             await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))

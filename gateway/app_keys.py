@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from adapters_manifest.store import AdapterStore
+from adapters_manifest.validation import BaseModelSpec
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
@@ -52,6 +53,7 @@ class Serving:
 
 SETTINGS = web.AppKey("settings", ServeSettings)
 STORE = web.AppKey("store", AdapterStore)
+BASE_SPEC = web.AppKey("base_spec", BaseModelSpec)  # what an adapter must fit
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)

@@ -113,6 +113,10 @@ class AdapterCatalog:
             self._replace(model, record)
         return record
 
+    def add(self, record: AdapterRecord) -> None:
+        """This replica published the adapter itself: serve it without waiting for a poll."""
+        self._replace(record.ref, record)
+
     def forget(self, ref: str) -> None:
         """This replica deleted the adapter itself: stop serving it without waiting for a poll."""
         self._stamps.pop(ref, None)

@@ -1,4 +1,4 @@
-"""`lora-gateway`: serve, dev make-model, bench serve, demo."""
+"""`lora-gateway`: serve, adapters, dev make-model, bench serve, demo."""
 
 from __future__ import annotations
 
@@ -51,8 +51,15 @@ def _demo(args: list[str]) -> int:
     return demo(args)
 
 
+def _adapters(args: list[str]) -> int:
+    from adapters_manifest.cli import main as adapters
+
+    return adapters(args)
+
+
 COMMANDS = {
     "serve": _serve,
+    "adapters": _adapters,
     "dev": lambda args: _make_model(args[1:]) if args[:1] == ["make-model"] else _usage(),
     "bench": _bench,
     "demo": _demo,
@@ -60,7 +67,7 @@ COMMANDS = {
 
 
 def _usage() -> int:
-    print("usage: lora-gateway {serve,dev make-model,bench serve,demo} ...", file=sys.stderr)
+    print("usage: lora-gateway {serve,adapters,dev make-model,bench serve,demo} ...", file=sys.stderr)
     return 2
 
 

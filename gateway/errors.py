@@ -33,6 +33,12 @@ class UnsupportedParameterError(InvalidRequestError):
     code = "unsupported_parameter"
 
 
+class InvalidAdapterError(InvalidRequestError):
+    """An uploaded adapter was refused by validation: nothing was stored."""
+
+    code = "invalid_adapter"
+
+
 class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 

@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Protocol
 
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
+from adapters_manifest.validation import AdapterValidationError
 from gateway.engine.interface import AdapterLoadError, Engine, EngineAdapter, EngineDeadError
 from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
 
@@ -66,11 +67,13 @@ class AdapterPool:
         capacity: int,
         wait_timeout_s: float = 30.0,
         failure_ttl_s: float = 60.0,
+        validate: Callable[[Path], None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._engine = engine
         self._files = files
+        self._validate = validate  # run on the local files before the engine sees them
         self._capacity = capacity
         self._wait_timeout_s = wait_timeout_s
         self._failure_ttl_s = failure_ttl_s
@@ -186,6 +189,8 @@ class AdapterPool:
                 await self._evict(victim)
             path = await self._files.pin(record)
             pinned = True
+            if self._validate is not None:
+                await asyncio.to_thread(self._validate, path)
             entry.adapter = EngineAdapter(entry.adapter.engine_id, name, path)
             await self._engine.add_adapter(entry.adapter)
         except (EngineDeadError, StoreUnavailableError) as exc:
@@ -194,7 +199,8 @@ class AdapterPool:
             reason = "The engine is not serving" if isinstance(exc, EngineDeadError) else "The adapter store is unreachable"
             entry.loaded.set_exception(ServiceUnavailableError(f"{reason}: {exc}", retry_after_s=5))
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, AdapterLoadError) else f"{type(exc).__name__}: {exc}"
+            known = isinstance(exc, (AdapterLoadError, AdapterValidationError))
+            reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
             log.warning("adapter %s failed to load: %s", name, reason)
             self._failures[name] = (reason, time.monotonic() + self._failure_ttl_s)
             self._forget(name, record if pinned else None)

@@ -67,6 +67,7 @@ class ServeSettings(BaseSettings):
     )
 
     # HTTP
+    max_adapter_bytes: int = Field(default=512 << 20, ge=1024, description="Largest adapter weights file accepted.")
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
 

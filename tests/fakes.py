@@ -300,12 +300,22 @@ def write_adapter_dir(
     alpha: float = 16,
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
     payload: bytes = b"weights",
+    layers: int = 2,
+    hidden: int = 8,
 ) -> Path:
-    """A PEFT-shaped folder; the weights file is opaque bytes (the fake engine never reads it)."""
+    """A valid PEFT LoRA for `write_base_model`'s shapes; `payload` seeds its values, so different
+    payloads give different bytes (versions) while every one passes validation."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(target_modules)}
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    (folder / "adapter_model.safetensors").write_bytes(payload)
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(payload).digest()[:8], "little"))
+    tensors = {}
+    for layer in range(layers):
+        for module in target_modules:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, hidden), np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((hidden, rank), np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
 
 

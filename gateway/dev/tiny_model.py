@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_manifest.local_store import LocalFolderStore
-from adapters_manifest.publish import publish, record_for
+from adapters_manifest.publish import publish, validated_record
+from adapters_manifest.validation import BaseModelSpec
 from adapters_manifest.record import AdapterRecord
 
 BASE_MODEL_NAME = "tiny-llama"
@@ -117,6 +118,7 @@ def make_model(out: Path, adapters: list[str], rank: int = 8) -> TinyModel:
         build_tokenizer(base)
         build_base_model(base)
     store = LocalFolderStore(store_root)
+    spec = BaseModelSpec.from_model_dir(base)
     records = []
     for ref in adapters:
         owner, _, name = ref.partition("/")
@@ -124,6 +126,6 @@ def make_model(out: Path, adapters: list[str], rank: int = 8) -> TinyModel:
             raise ValueError(f"adapter {ref!r} must be named owner/name")
         with tempfile.TemporaryDirectory() as tmp:
             build_adapter(base, Path(tmp), seed=zlib.crc32(f"{ref}:{rank}".encode()), rank=rank)
-            record = record_for(Path(tmp), owner, name, base_model=BASE_MODEL_NAME)
+            record = validated_record(Path(tmp), owner, name, base=spec, base_model=BASE_MODEL_NAME)
             records.append(asyncio.run(publish(store, Path(tmp), record)))
     return TinyModel(base=base, store=store_root, adapters=records)

@@ -1,0 +1,160 @@
+"""`lora-gateway adapters push|list|show|rm|register`: manage the adapters in a store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from adapters_manifest.open_store import open_store
+from adapters_manifest.publish import publish, validated_record
+from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, AdapterRecord, check_name
+from adapters_manifest.store import AdapterStore, StoreUnavailableError
+from adapters_manifest.validation import AdapterValidationError, BaseModelSpec
+
+DEFAULT_STORE = "adapter-store"
+
+
+def _parser() -> argparse.ArgumentParser:
+    store_default = os.environ.get("LORA_GATEWAY_STORE", DEFAULT_STORE)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store", default=store_default, help=f"s3://bucket/prefix, file:///path or a path (default: {store_default})"
+    )
+    parser = argparse.ArgumentParser(prog="lora-gateway adapters", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    upload = argparse.ArgumentParser(add_help=False)
+    upload.add_argument("--owner", required=True)
+    upload.add_argument("--name", required=True)
+    upload.add_argument("--description", default="")
+    upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
+    upload.add_argument("--model", type=Path, help="base model folder: also check modules and tensor shapes against it")
+    upload.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
+    upload.add_argument("--base-model", help="base model name for the record (default: from adapter_config.json)")
+
+    push = commands.add_parser("push", parents=[common, upload], help="validate and upload an adapter folder")
+    push.add_argument("folder", type=Path)
+    register = commands.add_parser("register", parents=[common, upload], help="adopt adapter files already in S3")
+    register.add_argument("source", help="s3://bucket/prefix holding adapter_config.json and adapter_model.safetensors")
+    listing = commands.add_parser("list", parents=[common], help="list adapters")
+    listing.add_argument("--owner")
+    show = commands.add_parser("show", parents=[common], help="print an adapter's record")
+    show.add_argument("ref", help="owner/name")
+    remove = commands.add_parser("rm", parents=[common], help="delete an adapter (record, then files)")
+    remove.add_argument("ref", help="owner/name")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    opts = _parser().parse_args(argv)
+    try:
+        store = open_store(opts.store)
+        return asyncio.run(COMMANDS[opts.command](store, opts))
+    except (AdapterValidationError, ValueError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    except (StoreUnavailableError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _push(store: AdapterStore, opts: argparse.Namespace) -> int:
+    record = await _upload(store, opts.folder, opts)
+    print(f"pushed {record.ref} version {record.version} to {store.url}")
+    return 0
+
+
+async def _register(store: AdapterStore, opts: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        await asyncio.to_thread(_download_s3_folder, opts.source, Path(tmp))
+        record = await _upload(store, Path(tmp), opts)
+    print(f"registered {opts.source} as {record.ref} version {record.version} in {store.url}")
+    return 0
+
+
+async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -> AdapterRecord:
+    from tqdm import tqdm
+
+    check_name(opts.owner, "owner")
+    check_name(opts.name)
+    if opts.max_lora_rank is not None and opts.model is None:
+        raise ValueError("--max-lora-rank needs --model (the base the rank and shapes are checked against)")
+    # Without the base only the structure is checked here; the gateway checks the rest before loading.
+    base = BaseModelSpec.from_model_dir(opts.model, opts.max_lora_rank) if opts.model else None
+    record = validated_record(
+        folder,
+        opts.owner,
+        opts.name,
+        base=base,
+        base_model=opts.base_model or _base_model_of(folder),
+        description=opts.description,
+        visibility="public" if opts.public else "private",
+    )
+    total = sum(f.size for f in record.files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{record.ref}", file=sys.stderr) as bar:
+        return await publish(store, folder, record, progress=bar.update)
+
+
+def _base_model_of(folder: Path) -> str:
+    """PEFT writes the base it trained on into the config; a record keeps its last path part."""
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    return Path(str(config.get("base_model_name_or_path") or "unknown")).name or "unknown"
+
+
+def _download_s3_folder(source: str, dest: Path) -> None:
+    import boto3
+
+    parsed = urlparse(source)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"register takes s3://bucket/prefix, not {source!r}")
+    client = boto3.client("s3")
+    prefix = parsed.path.strip("/")
+    for file_name in ADAPTER_FILES:
+        client.download_file(parsed.netloc, f"{prefix}/{file_name}" if prefix else file_name, str(dest / file_name))
+
+
+async def _list(store: AdapterStore, opts: argparse.Namespace) -> int:
+    records = [r for r in await store.list_records() if opts.owner in (None, r.owner)]
+    rows = [("ADAPTER", "VERSION", "RANK", "VISIBILITY", "BYTES", "CREATED", "DESCRIPTION")]
+    rows += [
+        (r.ref, r.version, str(r.rank), r.visibility, str(sum(f.size for f in r.files)),
+         r.created_at.strftime("%Y-%m-%d %H:%M"), r.description)
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+async def _show(store: AdapterStore, opts: argparse.Namespace) -> int:
+    owner, name = _split_ref(opts.ref)
+    record = await store.get_record(owner, name)
+    if record is None:
+        print(f"no adapter {opts.ref} in {store.url}", file=sys.stderr)
+        return 1
+    print(record.model_dump_json(indent=2))
+    return 0
+
+
+async def _remove(store: AdapterStore, opts: argparse.Namespace) -> int:
+    owner, name = _split_ref(opts.ref)
+    if not await store.delete_adapter(owner, name):
+        print(f"no adapter {opts.ref} in {store.url}", file=sys.stderr)
+        return 1
+    print(f"deleted {opts.ref} from {store.url}")
+    return 0
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    owner, _, name = ref.partition("/")
+    return check_name(owner, "owner"), check_name(name)
+
+
+COMMANDS = {"push": _push, "register": _register, "list": _list, "show": _show, "rm": _remove}

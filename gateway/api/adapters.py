@@ -1,0 +1,145 @@
+"""/v1/adapters: upload (multipart), list, show and delete adapters.
+
+An upload is validated before anything is stored, published (files, then the record), and
+served at once by this replica; other replicas pick it up at their next sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from adapters_manifest.publish import publish, validated_record
+from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, check_name
+from adapters_manifest.store import StoreUnavailableError
+from adapters_manifest.validation import AdapterValidationError, ValidationLimits
+from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE
+from gateway.errors import (
+    InvalidAdapterError,
+    InvalidRequestError,
+    NotFoundError,
+    RequestTooLargeError,
+    ServiceUnavailableError,
+)
+
+FORM_FIELDS = {"name", "description", "public", "owner"}
+MAX_FIELD_BYTES = 4096
+
+
+def adapter_json(record: AdapterRecord) -> dict[str, Any]:
+    return {"id": record.ref, "object": "adapter", **record.model_dump(mode="json")}
+
+
+async def upload_adapter(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
+        folder = Path(tmp)
+        fields = await _receive_form(request, folder, settings.max_adapter_bytes)
+        # TENANTS: until API keys map callers to users, the owner comes from the form.
+        owner, name = fields.get("owner", ""), fields.get("name", "")
+        for value, what in ((owner, "owner"), (name, "name")):
+            if not value:
+                raise InvalidRequestError(f"Missing required form field: '{what}'.", param=what)
+            try:
+                check_name(value, what)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param=what) from None
+        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+        if missing:
+            raise InvalidAdapterError(f"Missing file(s): {', '.join(missing)}.", param="files")
+        try:
+            record = await asyncio.to_thread(
+                validated_record,
+                folder,
+                owner,
+                name,
+                base=request.app[BASE_SPEC],
+                limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
+                base_model=settings.base_model_name,
+                description=fields.get("description", ""),
+                visibility="public" if fields.get("public", "").lower() in ("1", "true", "yes", "on") else "private",
+            )
+        except AdapterValidationError as exc:
+            raise InvalidAdapterError(f"Adapter refused: {exc}", param="files") from None
+        try:
+            await publish(request.app[STORE], folder, record)
+        except StoreUnavailableError as exc:
+            raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
+    request.app[CATALOG].add(record)
+    return web.json_response(adapter_json(record), status=201)
+
+
+async def _receive_form(request: web.Request, folder: Path, max_file_bytes: int) -> dict[str, str]:
+    """Stream the multipart body: files to `folder` (bounded), small text fields to a dict."""
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidRequestError("Upload with multipart/form-data: fields 'name', files adapter_config.json and adapter_model.safetensors.")
+    fields: dict[str, str] = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidRequestError("Nested multipart bodies are not supported.")
+        file_name = part.filename or ""
+        if part.name in FORM_FIELDS and not file_name:
+            fields[part.name] = (await _read_bounded(part, MAX_FIELD_BYTES, part.name)).decode("utf-8", "replace")
+        elif file_name in ADAPTER_FILES or (part.name in ADAPTER_FILES and not file_name):
+            target = file_name or str(part.name)
+            await _save_bounded(part, folder / target, max_file_bytes)
+        elif file_name:
+            raise InvalidAdapterError(
+                f"Unexpected file '{file_name}': an adapter is exactly adapter_config.json and "
+                "adapter_model.safetensors (pickle formats such as .bin and .pt are refused: loading "
+                "them can run arbitrary code).",
+                param="files",
+            )
+        else:
+            raise InvalidRequestError(f"Unknown form field: '{part.name}'.", param=part.name)
+    return fields
+
+
+async def _read_bounded(part: BodyPartReader, limit: int, what: str | None) -> bytes:
+    data = bytearray()
+    while chunk := await part.read_chunk():
+        data += chunk
+        if len(data) > limit:
+            raise RequestTooLargeError(f"Form field '{what}' is larger than {limit} bytes.")
+    return bytes(data)
+
+
+async def _save_bounded(part: BodyPartReader, dest: Path, limit: int) -> None:
+    size = 0
+    with dest.open("wb") as out:
+        while chunk := await part.read_chunk(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLargeError(f"File '{dest.name}' is larger than the limit of {limit} bytes.")
+            out.write(chunk)
+
+
+async def list_adapters(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [adapter_json(r) for r in request.app[CATALOG].records()]})
+
+
+async def show_adapter(request: web.Request) -> web.Response:
+    return web.json_response(adapter_json(await _known_adapter(request)))
+
+
+async def delete_adapter(request: web.Request) -> web.Response:
+    record = await _known_adapter(request)
+    try:
+        await request.app[STORE].delete_adapter(record.owner, record.name)
+    except StoreUnavailableError as exc:
+        raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
+    request.app[CATALOG].forget(record.ref)
+    return web.json_response({"id": record.ref, "object": "adapter", "deleted": True})
+
+
+async def _known_adapter(request: web.Request) -> AdapterRecord:
+    ref = f"{request.match_info['owner']}/{request.match_info['name']}"
+    record = await request.app[CATALOG].resolve(ref)
+    if record is None:  # the base model's name: not an adapter
+        raise NotFoundError(f"No adapter '{ref}'.")
+    return record
