@@ -38,17 +38,25 @@ def wrong_output_shape(folder: Path) -> None:
     save_file({k: np.zeros((77, v.shape[1]), np.float32) if "lora_B" in k else v for k, v in tensors.items()}, folder / WEIGHTS)
 
 
+def wrong_input_shape(folder: Path) -> None:
+    """vLLM itself loads this one without complaint and serves something: validation must catch it."""
+    tensors = load_file(folder / WEIGHTS)
+    save_file({k: np.zeros((v.shape[0], 64), np.float32) if "lora_A" in k else v for k, v in tensors.items()}, folder / WEIGHTS)
+
+
 def rank_above_the_engines_limit(folder: Path) -> None:
     config = json.loads((folder / "adapter_config.json").read_text())
     config["r"] = 64
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
+# Placed straight into the store, as if written to S3 by hand: the gateway checks before loading.
 BREAKAGES = {
-    "truncated": (truncate_weights, "incomplete metadata"),
-    "not-json": (header_not_json, "invalid JSON"),
-    "bad-shape": (wrong_output_shape, "size of tensor"),
-    "rank-64": (rank_above_the_engines_limit, "rank 64 is greater than max_lora_rank 8"),
+    "truncated": (truncate_weights, "the file is truncated"),
+    "not-json": (header_not_json, "header is not valid JSON"),
+    "bad-out-shape": (wrong_output_shape, "has shape [77, 8], expected [128, 8]"),
+    "bad-in-shape": (wrong_input_shape, "has shape [8, 64], expected [8, 128]"),
+    "rank-64": (rank_above_the_engines_limit, "rank 64 exceeds max_lora_rank 8"),
 }
 
 
