@@ -29,7 +29,7 @@ def check_name(value: str, what: str = "name") -> str:
 class AdapterFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
+    name: Literal["adapter_config.json", "adapter_model.safetensors"]  # never a path: readers join it to folders
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 

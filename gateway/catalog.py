@@ -58,6 +58,8 @@ class AdapterCatalog:
     async def sync(self) -> SyncResult:
         """One poll; raises (and remembers the error) when the store fails, changing nothing."""
         try:
+            # Judged by this listing: what a look-up adds while it runs is left to the next poll.
+            known = set(self._records)
             stamps = await self._store.list_stamps()
             changed = [ref for ref, stamp in stamps.items() if self._stamps.get(ref) != stamp]
             reads = asyncio.Semaphore(MAX_PARALLEL_READS)
@@ -75,7 +77,7 @@ class AdapterCatalog:
                 stamps.pop(ref)
             else:
                 self._replace(ref, record)
-        removed = [ref for ref in self._records if ref not in stamps]
+        removed = [ref for ref in self._records if ref not in stamps and ref in known]
         for ref in removed:
             self._replace(ref, None)
         self._stamps = stamps

@@ -81,26 +81,22 @@ class DiskCache:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         version.pins += 1
+        version.retired = False  # pinned for serving: this version is current again (republished)
         self._versions.move_to_end(key)
         try:
             await asyncio.shield(version.ready)
         except BaseException:
-            self.unpin(record)
+            # Release this pin's own version: after a failed download the key may already name
+            # a retry that another request started and pinned.
+            self._unpin(key, version)
             raise
         return version.path
 
     def unpin(self, record: AdapterRecord) -> None:
         key = record.versioned_ref
         version = self._versions.get(key)
-        if version is None:
-            return
-        version.pins -= 1
-        if version.pins == 0:
-            if version.retired:
-                self._delete(key)
-            else:
-                self._versions.move_to_end(key)
-                self._shrink()
+        if version is not None:
+            self._unpin(key, version)
 
     def retire(self, record: AdapterRecord) -> None:
         """This version is no longer served: delete it now, or when its last pin goes."""
@@ -114,6 +110,16 @@ class DiskCache:
             self._delete(key)
 
     # -- internals -------------------------------------------------------------
+
+    def _unpin(self, key: str, version: _CachedVersion) -> None:
+        version.pins -= 1
+        if version.pins > 0 or self._versions.get(key) is not version or not version.ready.done():
+            return  # still pinned, a failed download (already gone), or downloading: `_download` decides
+        if version.retired:
+            self._delete(key)
+        else:
+            self._versions.move_to_end(key)
+            self._shrink()
 
     def _version_dir(self, record: AdapterRecord) -> Path:
         return self._root / record.owner / record.name / record.version
@@ -133,7 +139,10 @@ class DiskCache:
             return
         version.size = sum(f.size for f in record.files)
         version.ready.set_result(None)
-        self._shrink()
+        if version.retired and version.pins == 0:
+            self._delete(key)  # retired while downloading, and every request for it has left
+        else:
+            self._shrink()
 
     async def _fetch_verified(self, dest: Path, record: AdapterRecord) -> None:
         for attempt in range(1, self._attempts + 1):

@@ -83,6 +83,7 @@ class AdapterPool:
         self._engine_ids = itertools.count(1)
         self._base_adapter: EngineAdapter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._removing = 0  # retired adapters out of the pool whose engine removal has not returned
 
     # -- base model ------------------------------------------------------------
 
@@ -112,10 +113,11 @@ class AdapterPool:
         deadline = time.monotonic() + self._wait_timeout_s
         while True:
             entry = self._entries.get(name)
-            if entry is None and (len(self._entries) < self._capacity or self._can_evict()):
+            if entry is None and (self._occupied() < self._capacity or self._can_evict()):
                 entry = self._start_load(record)
             if entry is not None:
                 entry.holders += 1  # before any await: a held entry is never evicted
+                entry.retired = False  # the caller resolved this version as current (republished)
                 self._entries.move_to_end(name)
                 try:
                     await asyncio.shield(entry.loaded)
@@ -159,13 +161,17 @@ class AdapterPool:
 
     # -- loading and eviction --------------------------------------------------
 
+    def _occupied(self) -> int:
+        """Engine slots in use or promised: an adapter still being removed holds its slot."""
+        return len(self._entries) + self._removing
+
     def _can_evict(self) -> bool:
         return any(e.holders == 0 and e.loaded.done() for e in self._entries.values())
 
     def _start_load(self, record: AdapterRecord) -> _Entry:
         """Reserve a slot now (synchronously, so concurrent requests find it) and load in a task."""
         victim = None
-        if len(self._entries) >= self._capacity:
+        if self._occupied() >= self._capacity:
             victim_name = next(n for n, e in self._entries.items() if e.holders == 0 and e.loaded.done())
             victim = self._entries.pop(victim_name)
         adapter = EngineAdapter(next(self._engine_ids), record.versioned_ref, Path())
@@ -229,8 +235,16 @@ class AdapterPool:
     def _evict_now(self, entry: _Entry) -> None:
         """Take an idle entry out of the pool at once and remove it from the engine in the background."""
         self._entries.pop(entry.record.versioned_ref, None)
-        self._spawn(self._evict(entry))
-        self._wake_waiters()
+        self._removing += 1
+        self._spawn(self._evict_then_free_slot(entry))
+
+    async def _evict_then_free_slot(self, entry: _Entry) -> None:
+        # The slot is free only once the engine let go: else an add could find it still full.
+        try:
+            await self._evict(entry)
+        finally:
+            self._removing -= 1
+            self._wake_waiters()
 
     def _forget(self, name: str, pinned: AdapterRecord | None) -> None:
         self._entries.pop(name, None)

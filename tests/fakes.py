@@ -96,6 +96,7 @@ class FakeEngine:
     capacity: int | None = None  # user adapters the engine holds (vLLM's max_cpu_loras) ...
     extra: int = 0  # ... plus the gateway's own (the base zero adapter)
     add_delay_s: float = 0.0
+    remove_delay_s: float = 0.0  # vLLM's remove_lora is a round trip to the engine core too
     token_delay_s: float = 0.0
     # Adapter ref ("owner/name") or engine name ("owner/name@version") -> why loading fails.
     fail_loads: dict[str, str] = field(default_factory=dict)
@@ -252,6 +253,8 @@ class FakeEngine:
         )
 
     async def remove_adapter(self, adapter: EngineAdapter) -> None:
+        if self.remove_delay_s:
+            await asyncio.sleep(self.remove_delay_s)
         if not self.alive:
             raise EngineDeadError("the fake engine is dead")
         if self.resident.pop(adapter.engine_id, None) is None:

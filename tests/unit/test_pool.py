@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from adapters_manifest.record import AdapterRecord
-from gateway.engine.interface import EngineAdapter
+from adapters_manifest.store import StoreUnavailableError
+from gateway.engine.interface import EngineAdapter, SamplingOptions
 from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
 from gateway.pool import AdapterPool
 from tests.fakes import FakeEngine, make_record
@@ -455,3 +456,179 @@ async def test_base_requests_use_the_base_zero_adapter(make_pool, tmp_path: Path
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         AdapterPool(FakeEngine(), FakeFiles(), 0)
+
+
+# -- retired versions (superseded or deleted in the store) ---------------------------------
+
+
+async def test_retiring_an_idle_version_removes_it_and_unpins_its_files(make_pool) -> None:
+    files = FakeFiles()
+    pool, engine = make_pool(files=files)
+    adapter = await use(pool, A)
+    await use(pool, B)
+    pool.retire(A)
+    assert pool.resident()[0].name == B.versioned_ref and len(pool.resident()) == 1
+    await until(lambda: A.versioned_ref not in engine.resident_names())
+    assert adapter is not None
+    assert [(e.kind, e.engine_id) for e in engine.events if e.engine_name == A.versioned_ref] == [
+        ("add", adapter.engine_id),
+        ("remove", adapter.engine_id),
+    ]
+    assert files.pins[A.versioned_ref] == 0
+    assert files.pins[B.versioned_ref] == 1  # the others stay as they were
+    assert engine.resident_names() == {B.versioned_ref}
+
+
+async def test_retiring_a_version_in_use_serves_the_request_then_removes_it(make_pool) -> None:
+    files = FakeFiles()
+    pool, engine = make_pool(files=files)
+    retired, finish = asyncio.Event(), asyncio.Event()
+    texts: list[str] = []
+
+    async def long_request() -> None:
+        async with pool.acquire(A) as adapter:
+            await retired.wait()
+            await finish.wait()
+            # Still registered: generating with it is no violation (the fake engine checks).
+            async for delta in engine.generate("r1", [1, 2, 3], SamplingOptions(max_tokens=3), adapter):
+                texts.extend(c.text for c in delta.choices)
+
+    task = asyncio.create_task(long_request())
+    await until(lambda: holders(pool).get(A.versioned_ref) == 1)
+    pool.retire(A)
+    retired.set()
+    await asyncio.sleep(0.01)
+    assert A.versioned_ref in engine.resident_names()
+    assert files.pins[A.versioned_ref] == 1
+    finish.set()
+    await task
+    assert len(texts) == 3
+    await until(lambda: A.versioned_ref not in engine.resident_names())
+    assert files.pins[A.versioned_ref] == 0
+    assert pool.resident() == []
+
+
+async def test_the_new_version_loads_beside_the_retired_one_still_in_use(make_pool) -> None:
+    files = FakeFiles()
+    pool, engine = make_pool(capacity=2, files=files)
+    old, new = make_record("alice", "a", b"v1"), make_record("alice", "a", b"v2")
+    finish = asyncio.Event()
+    held: list[EngineAdapter | None] = []
+
+    async def long_request() -> None:
+        async with pool.acquire(old) as adapter:
+            held.append(adapter)
+            await finish.wait()
+
+    task = asyncio.create_task(long_request())
+    await until(lambda: len(held) == 1)
+    pool.retire(old)
+    fresh = await use(pool, new)
+    stale = held[0]
+    assert fresh is not None and stale is not None
+    assert fresh.engine_id != stale.engine_id and fresh.engine_name == new.versioned_ref
+    assert engine.resident_names() == {old.versioned_ref, new.versioned_ref}
+
+    finish.set()
+    await task
+    await until(lambda: engine.resident_names() == {new.versioned_ref})
+    assert files.pins == {old.versioned_ref: 0, new.versioned_ref: 1}
+    assert await use(pool, new) == fresh  # the new version stays resident, reused
+
+
+async def test_the_retired_version_gives_its_slot_to_a_waiting_request(make_pool, tmp_path: Path) -> None:
+    """Capacity one, the retired version busy: the new version waits for the slot, and gets it
+    when the old version's request ends, without the engine ever holding both (the removal
+    takes a while, as a real engine's does: the slot is free only once it returned)."""
+    pool, engine = make_pool(capacity=1, wait_timeout_s=2.0, remove_delay_s=0.05)
+    await pool.register_base_adapter(tmp_path)
+    old, new = make_record("alice", "a", b"v1"), make_record("alice", "a", b"v2")
+    finish = asyncio.Event()
+
+    async def long_request() -> None:
+        async with pool.acquire(old):
+            await finish.wait()
+
+    task = asyncio.create_task(long_request())
+    await until(lambda: holders(pool).get(old.versioned_ref) == 1)
+    pool.retire(old)
+    waiter = asyncio.create_task(use(pool, new))
+    await asyncio.sleep(0.02)
+    assert not waiter.done()
+    finish.set()
+    await task
+    adapter = await asyncio.wait_for(waiter, 1.0)
+    assert adapter is not None and adapter.engine_name == new.versioned_ref
+    assert engine.resident_names() == {"__base__", new.versioned_ref}
+    assert engine.peak_resident == 2
+
+
+async def test_retiring_a_version_the_pool_does_not_hold_is_a_no_op(make_pool) -> None:
+    files = FakeFiles()
+    pool, engine = make_pool(files=files)
+    current, other_version = make_record("alice", "a", b"v2"), make_record("alice", "a", b"v1")
+    pool.retire(A)  # never loaded
+    adapter = await use(pool, current)
+    pool.retire(other_version)  # the same adapter, another version
+    pool.retire(B)
+    await asyncio.sleep(0.01)
+    assert [e.kind for e in engine.events] == ["add"]
+    assert files.pins == {current.versioned_ref: 1}
+    assert await use(pool, current) == adapter
+
+
+async def test_retiring_a_version_while_it_loads_removes_it_once_loaded_and_unused(make_pool) -> None:
+    gate = asyncio.Event()
+    files = FakeFiles()
+    pool, engine = make_pool(files=files, add_gate=gate)
+    loading = asyncio.create_task(use(pool, A))
+    await until(lambda: engine.add_calls == [A.versioned_ref])
+    pool.retire(A)
+    gate.set()
+    assert await loading is not None  # the request that was waiting for it is still served
+    await until(lambda: A.versioned_ref not in engine.resident_names())
+    assert files.pins[A.versioned_ref] == 0
+    assert pool.resident() == []
+
+
+async def test_store_unavailable_while_pinning_is_503_and_not_remembered(make_pool) -> None:
+    class FlakyFiles(FakeFiles):
+        def __init__(self) -> None:
+            super().__init__()
+            self.outages = 1
+            self.attempts = 0
+
+        async def pin(self, record: AdapterRecord) -> Path:
+            self.attempts += 1
+            if self.outages:
+                self.outages -= 1
+                raise StoreUnavailableError("s3://bucket: connection refused")
+            return await super().pin(record)
+
+    files = FlakyFiles()
+    pool, engine = make_pool(files=files)
+    with pytest.raises(ServiceUnavailableError) as caught:
+        await use(pool, A)
+    assert caught.value.status == 503
+    assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
+    assert engine.add_calls == []
+    assert pool.resident() == []
+
+    assert await use(pool, A) is not None  # not remembered as the adapter's failure: tried again
+    assert files.attempts == 2
+    assert engine.add_calls == [A.versioned_ref]
+
+
+async def test_a_retired_idle_version_keeps_its_slot_until_the_engine_removed_it(make_pool, tmp_path: Path) -> None:
+    pool, engine = make_pool(capacity=1, remove_delay_s=0.05)
+    await pool.register_base_adapter(tmp_path)
+    old, new = make_record("alice", "a", b"v1"), make_record("alice", "a", b"v2")
+    await use(pool, old)
+    pool.retire(old)
+    adapter = await use(pool, new)  # waits for the removal rather than overfilling the engine
+    assert adapter is not None and adapter.engine_name == new.versioned_ref
+    assert [(e.kind, e.engine_name) for e in engine.events][-2:] == [
+        ("remove", old.versioned_ref),
+        ("add", new.versioned_ref),
+    ]
+    assert engine.peak_resident == 2
