@@ -1,10 +1,11 @@
 """A real S3 HTTP API on loopback (moto's server), for the tests and the benchmarks.
 
-The server runs in a thread of this process, so moto's buckets (module-level state) outlive
-`stop()`: `stop()` then `start()` on the same port is an outage that the data survives.
-`stop()` closes the listening socket and every open connection, so clients see connection
-refused at once (not a hang). moto's own `ThreadedMotoServer.stop()` does neither: its
-socket stays bound and its keep-alive connections keep being served.
+The server is moto's `ThreadedMotoServer`, a thread of this process, so moto's buckets
+(module-level state) outlive `stop()`: `stop()` then `start()` on the same port is an outage
+the data survives. Seen on moto 5.2.5 / werkzeug 3.1: stop() closes the listening socket
+(werkzeug's serve_forever does on shutdown) and moto answers every request with
+`Connection: close`, so no pooled connection outlives it: clients get connection refused at
+once, and the port can be bound again right away.
 
     with S3Server() as s3:
         s3.create_bucket("adapters")
@@ -16,6 +17,7 @@ socket stays bound and its keep-alive connections keep being served.
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import threading
 import time
@@ -23,90 +25,57 @@ from types import TracebackType
 from typing import Any
 
 import boto3
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-from werkzeug.serving import ThreadedWSGIServer
+from moto.server import ThreadedMotoServer
 
 from gateway.dev.process import free_port
 
 REGION = "us-east-1"  # no LocationConstraint needed
 
 
-class _QuietHandler(MotoRequestHandler):
-    def log_request(self, *args: Any) -> None:  # one line per request drowns benchmark logs
-        pass
-
-
-class _Server(ThreadedWSGIServer):
-    """Remembers its open connections so that stop() can cut them like an outage would."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.connections: set[socket.socket] = set()
-        self.lock = threading.Lock()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        conn, addr = super().get_request()
-        with self.lock:
-            self.connections.add(conn)
-        return conn, addr
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def cut_connections(self) -> None:
-        with self.lock:
-            conns = list(self.connections)
-        for conn in conns:
+def _wait_until_free(host: str, port: int, timeout_s: float = 5.0) -> None:
+    """ThreadedMotoServer.start() waits forever if its thread cannot bind: fail clearly instead."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug binds
             try:
-                conn.shutdown(socket.SHUT_RDWR)  # the handler thread sees EOF and ends
+                probe.bind((host, port))
+                return
             except OSError:
-                pass
+                if time.monotonic() > deadline:
+                    raise OSError(f"port {port} on {host} is taken: cannot start the S3 server there") from None
+        time.sleep(0.1)
 
 
 class S3Server:
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
-        self.host = host  # loopback only: moto checks no signatures
+    host = "127.0.0.1"  # loopback only: moto checks no signatures
+
+    def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self._app = DomainDispatcherApplication(create_backend_app)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: ThreadedMotoServer | None = None
+        # werkzeug logs a line per request unless its logger already has a level.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     @property
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
     def start(self) -> S3Server:
-        if self._server is not None:
-            return self
-        deadline = time.monotonic() + 10
-        while True:  # after a stop, the port may take a moment to be free again
-            try:
-                self._server = _Server(self.host, self.port, self._app, handler=_QuietHandler)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
+        if self._server is None:
+            _wait_until_free(self.host, self.port)
+            self._server = ThreadedMotoServer(self.host, self.port, verbose=False)
+            self._server.start()
         return self
 
     def stop(self) -> None:
         """Refuse connections from now on; buckets and objects are kept for the next start()."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        self._server.cut_connections()
-        assert self._thread is not None
-        self._thread.join()
-        self._server = self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def client_env(self) -> dict[str, str]:
         """What a process needs to reach this server through the standard AWS settings."""
@@ -143,7 +112,9 @@ class S3Server:
     def __enter__(self) -> S3Server:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 

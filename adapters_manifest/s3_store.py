@@ -1,0 +1,288 @@
+"""A store in an S3 bucket (`s3://bucket/prefix`), on AWS or any S3-compatible endpoint.
+
+Endpoint, region and credentials come from the standard AWS settings (AWS_ENDPOINT_URL or
+AWS_ENDPOINT_URL_S3, AWS_DEFAULT_REGION or AWS_REGION, AWS_ACCESS_KEY_ID..., AWS_PROFILE and
+the config files), so nothing here is specific to one provider. boto3 blocks, so every call
+runs in this store's own small thread pool: a hung store cannot take the threads the rest
+of the process uses for `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import boto3
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from adapters_manifest import layout
+from adapters_manifest.record import AdapterRecord
+from adapters_manifest.store import ProgressCallback, StoreAccessError, StoreUnavailableError
+
+T = TypeVar("T")
+
+BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+ACCESS_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
+}
+THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable"}
+
+
+def _parse_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> (bucket, "some/prefix"); the prefix may be empty."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise ValueError("not an S3 store URL: expected s3://bucket/prefix")
+    if "@" in parts.netloc:
+        # Never echo the URL: it holds a secret.
+        raise ValueError(
+            "an S3 store URL must not hold credentials: use the AWS settings (AWS_ACCESS_KEY_ID, a profile)"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"unsupported query or fragment in S3 store URL {url!r}: expected s3://bucket/prefix")
+    if not BUCKET_PATTERN.fullmatch(parts.netloc):
+        raise ValueError(f"invalid bucket name {parts.netloc!r} in {url!r}: 3-63 characters of [a-z0-9.-]")
+    return parts.netloc, parts.path.strip("/")
+
+
+def _public_endpoint(endpoint_url: str) -> str:
+    """The endpoint for messages: scheme, host and port only (never user info or a query)."""
+    parts = urlsplit(endpoint_url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+def _user_info(endpoint_url: str) -> str:
+    """`user:password@` of an endpoint URL (botocore quotes the URL in its errors), else ""."""
+    netloc = urlsplit(endpoint_url).netloc
+    return netloc.rpartition("@")[0] + "@" if "@" in netloc else ""
+
+
+def _error_code(exc: ClientError) -> tuple[str, int]:
+    code = exc.response.get("Error", {}).get("Code", "")
+    return code, exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+
+
+def _is_not_found(exc: ClientError) -> bool:
+    return _error_code(exc)[0] in NOT_FOUND_CODES
+
+
+class S3Store:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 5.0,
+        max_attempts: int = 3,
+        threads: int = 16,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        session = boto3.session.Session()
+        # botocore itself reads only AWS_DEFAULT_REGION; AWS_REGION is the other standard name.
+        region = session.region_name or os.environ.get("AWS_REGION")
+        config = Config(
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,  # per socket read, not per transfer: big files are fine
+            # Bounded: with the backoff, an unreachable endpoint fails in a few seconds, not minutes.
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},  # the first one included
+            max_pool_connections=2 * threads,
+        )
+        # One client for the store's life (clients are thread-safe); endpoint_url=None lets
+        # botocore take AWS_ENDPOINT_URL(_S3) or the profile's endpoint_url.
+        self._client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # download_file retries broken streams itself (5 times by default): keep outages short.
+        self._transfer = TransferConfig(num_download_attempts=2)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3-store")
+        self._where = f"S3 store {self.url} (endpoint {_public_endpoint(self._client.meta.endpoint_url)})"
+        self._user_info = _user_info(self._client.meta.endpoint_url)
+        # Honour AWS_REQUEST_CHECKSUM_CALCULATION=when_required (for endpoints without checksums).
+        when_required = self._client.meta.config.request_checksum_calculation == "when_required"
+        self._checksum = {} if when_required else {"ChecksumAlgorithm": "SHA256"}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> S3Store:
+        bucket, prefix = _parse_url(url)
+        return cls(bucket, prefix, **kwargs)
+
+    def _key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking boto3 call in the pool, turning outages into StoreUnavailableError."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except (BotoCoreError, ClientError, S3UploadFailedError, RetriesExceededError) as exc:
+            mapped = self._map_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    def _map_error(self, exc: Exception) -> StoreUnavailableError | None:
+        mapped = self._classify(exc)
+        if mapped is not None and self._user_info:
+            mapped.args = (str(mapped).replace(self._user_info, ""),)
+        return mapped
+
+    def _classify(self, exc: Exception) -> StoreUnavailableError | None:
+        # The transfer manager wraps the real error: look at the one it wraps.
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+            exc = exc.__context__
+        if isinstance(exc, RetriesExceededError) and exc.last_exception is not None:
+            exc = exc.last_exception
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StoreAccessError(
+                f"{self._where}: no usable AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+            return StoreUnavailableError(f"{self._where} is unreachable: {exc}")
+        if isinstance(exc, ClientError):
+            code, status = _error_code(exc)
+            if code == "NoSuchBucket":
+                return StoreAccessError(f"{self._where}: bucket {self.bucket!r} does not exist")
+            if status == 403 or code in ACCESS_CODES:
+                return StoreAccessError(
+                    f"{self._where}: access denied ({code}); check the credentials and the bucket policy"
+                )
+            if status >= 500 or code in THROTTLING_CODES:
+                what = f"{status} {code}" if code != str(status) else str(status)  # HEAD answers have no body
+                return StoreUnavailableError(f"{self._where} answered {what}; try again later")
+        return None
+
+    # -- reading -------------------------------------------------------------------
+
+    async def list_stamps(self) -> dict[str, str]:
+        return await self._run(self._list_stamps)
+
+    def _list_stamps(self) -> dict[str, str]:
+        base = self._key(layout.MANIFEST_DIR) + "/"
+        stamps = {}
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                owner, _, file_name = obj["Key"][len(base) :].partition("/")
+                # Exactly `<owner>/<name>.json`, like the local store's `*/*.json`.
+                if owner and file_name.endswith(".json") and "/" not in file_name:
+                    stamps[f"{owner}/{file_name[: -len('.json')]}"] = obj["ETag"].strip('"')
+        return stamps
+
+    async def get_record(self, owner: str, name: str) -> AdapterRecord | None:
+        data = await self._run(self._get_bytes, self._key(layout.record_key(owner, name)))
+        return None if data is None else AdapterRecord.model_validate_json(data)
+
+    def _get_bytes(self, key: str) -> bytes | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        with response["Body"] as body:
+            return body.read()
+
+    async def list_records(self) -> list[AdapterRecord]:
+        # Many small GETs: overlap them, but no more at once than the pool runs.
+        refs = sorted(await self.list_stamps())
+        records = await asyncio.gather(*(self.get_record(*ref.split("/")) for ref in refs))
+        return [r for r in records if r is not None]
+
+    async def fetch_file(self, record: AdapterRecord, file_name: str, dest: Path) -> None:
+        await self._run(self._download, self._key(layout.file_key(record, file_name)), dest)
+
+    def _download(self, key: str, dest: Path) -> None:
+        try:
+            # Ranged GETs in parallel for big files; written to a temporary name, then renamed.
+            self._client.download_file(self.bucket, key, str(dest), Config=self._transfer)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                raise FileNotFoundError(f"{key} is not in {self._where}") from exc
+            raise
+
+    async def has_version(self, record: AdapterRecord) -> bool:
+        return await self._run(self._has_version, record)
+
+    def _has_version(self, record: AdapterRecord) -> bool:
+        for f in record.files:
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=self._key(layout.file_key(record, f.name)))
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    return False
+                raise
+            if head["ContentLength"] != f.size:  # an interrupted or foreign upload
+                return False
+        return True
+
+    # -- writing -------------------------------------------------------------------
+
+    async def put_file(
+        self, record: AdapterRecord, file_name: str, source: Path, progress: ProgressCallback | None = None
+    ) -> None:
+        # Multipart above 8 MB; `progress` is called from the transfer threads.
+        await self._run(
+            self._client.upload_file,
+            str(source),
+            self.bucket,
+            self._key(layout.file_key(record, file_name)),
+            ExtraArgs=dict(self._checksum),
+            Callback=progress,
+            Config=self._transfer,
+        )
+
+    async def put_record(self, record: AdapterRecord) -> None:
+        await self._run(
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=self._key(layout.record_key(record.owner, record.name)),
+            Body=record.model_dump_json(indent=2).encode(),
+            ContentType="application/json",
+            **self._checksum,
+        )
+
+    async def delete_adapter(self, owner: str, name: str) -> bool:
+        return await self._run(self._delete_adapter, owner, name)
+
+    def _delete_adapter(self, owner: str, name: str) -> bool:
+        record_key = self._key(layout.record_key(owner, name))
+        # DeleteObject succeeds on missing keys, so ask first. A GET (not a HEAD) so that a
+        # missing bucket says NoSuchBucket instead of a bare 404.
+        if self._get_bytes(record_key) is None:
+            return False
+        self._client.delete_object(Bucket=self.bucket, Key=record_key)  # the commit point: serving stops
+        files = self._key(f"{layout.ADAPTERS_DIR}/{owner}/{name}/")  # the slash keeps `name2` out
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=files):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]  # at most 1,000 a page
+            if not keys:
+                continue
+            response = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+            if errors := response.get("Errors"):
+                first = errors[0]
+                raise StoreUnavailableError(
+                    f"{self._where}: {len(errors)} files of {owner}/{name} were not deleted "
+                    f"(first: {first.get('Key')}: {first.get('Code')})"
+                )
+        return True
