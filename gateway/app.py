@@ -19,12 +19,13 @@ from gateway.api.health import healthz, readyz
 from gateway.api.models import list_models
 from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
-from gateway.app_keys import BASE_SPEC, CATALOG, DISK_CACHE, SERVING, SETTINGS, STORE, Serving
+from gateway.app_keys import BASE_SPEC, CATALOG, DISK_CACHE, METRICS_REGISTRY, SERVING, SETTINGS, STORE, Serving
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
 from gateway.errors import error_middleware
+from gateway.metrics import build_registry, metrics
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
 
@@ -55,11 +56,13 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
             app[DISK_CACHE].retire(record)
 
     app[CATALOG] = AdapterCatalog(app[STORE], settings.base_model_name, on_retired=retire)
+    app[METRICS_REGISTRY] = build_registry(app)
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/chat/completions", create_chat_completion)

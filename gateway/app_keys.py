@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from adapters_manifest.store import AdapterStore
 from adapters_manifest.validation import BaseModelSpec
@@ -57,3 +58,4 @@ BASE_SPEC = web.AppKey("base_spec", BaseModelSpec)  # what an adapter must fit
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)
+METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)

@@ -153,6 +153,7 @@ def test_store_outage_serves_cached_adapters_and_recovers(
         )
         ready = requests.get(server.base_url + "/readyz", timeout=5)
         assert ready.status_code == 200, "a store outage must not take a replica out of service"
+        assert "lora_gateway_adapter_sync_failing 1.0" in requests.get(server.base_url + "/metrics", timeout=5).text
         assert complete_ids(client, "alice/chat", PROMPT, 8) == expect_alice
         assert complete_ids(client, BASE_MODEL_NAME, PROMPT, 8) == oracle.greedy_ids(None, oracle.prompt_ids(PROMPT), 8)
         uncached = requests.post(

@@ -772,3 +772,23 @@ async def test_wrong_method_is_405_json(gw: Gateway, method: str, path: str) -> 
     resp = await gw.client.request(method, path)
     await assert_error(resp, 405, code="method_not_allowed")
     assert "Allow" in resp.headers
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+async def test_metrics_report_sync_staleness_and_resident_adapters(gw: Gateway) -> None:
+    assert (await gw.post("/v1/completions", completion("alice/coding"))).status == 200
+    resp = await gw.client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in (await resp.text()).splitlines()
+        if line and not line.startswith("#")
+    }
+    assert 0 <= samples["lora_gateway_adapter_sync_age_seconds"] < 60
+    assert samples["lora_gateway_adapter_sync_failing"] == 0
+    assert samples["lora_gateway_adapters_known"] == len(ADAPTERS)
+    assert samples["lora_gateway_resident_adapters"] == 1
+    assert samples["lora_gateway_disk_cache_bytes"] > 0
