@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--name", required=True)
     upload.add_argument("--description", default="")
     upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
+    upload.add_argument("--warm", action="store_true", help="gateways fetch it to disk at start, before the first request")
     upload.add_argument("--model", type=Path, help="base model folder: also check modules and tensor shapes against it")
     upload.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
     upload.add_argument("--base-model", help="base model name for the record (default: from adapter_config.json)")
@@ -95,6 +96,7 @@ async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -
         base_model=opts.base_model or _base_model_of(folder),
         description=opts.description,
         visibility="public" if opts.public else "private",
+        warm=opts.warm,
     )
     total = sum(f.size for f in record.files)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"{record.ref}", file=sys.stderr) as bar:

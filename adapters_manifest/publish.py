@@ -49,10 +49,13 @@ def validated_record(
     base_model: str,
     description: str = "",
     visibility: str = "private",
+    warm: bool = False,
 ) -> AdapterRecord:
     """Every upload path: refuse a bad adapter (AdapterValidationError), else describe it."""
     validate_adapter_dir(folder, base, limits)
-    return record_for(folder, owner, name, base_model=base_model, description=description, visibility=visibility)
+    return record_for(
+        folder, owner, name, base_model=base_model, description=description, visibility=visibility, warm=warm
+    )
 
 
 async def publish(

@@ -87,8 +87,24 @@ async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
 async def _adapter_sync(app: web.Application) -> AsyncIterator[None]:
     # Readiness waits for the first good sync; a store that is down at start is retried.
     polling = asyncio.create_task(app[CATALOG].poll_forever(app[SETTINGS].sync_interval_s))
+    prefetching = asyncio.create_task(_prefetch_warm_adapters(app))
     yield
     polling.cancel()
+    prefetching.cancel()
+
+
+async def _prefetch_warm_adapters(app: web.Application) -> None:
+    """Records marked `warm` are fetched to disk after the first sync, before anyone asks."""
+    catalog, disk = app[CATALOG], app[DISK_CACHE]
+    while not catalog.synced:
+        await asyncio.sleep(0.2)
+    for record in catalog.records():
+        if record.warm:
+            try:
+                await disk.pin(record)
+                disk.unpin(record)
+            except Exception as exc:  # a request will try again (and report) later
+                log.warning("prefetching warm adapter %s failed: %s", record.ref, exc)
 
 
 def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.record import AdapterRecord
 from gateway.app import create_app
-from gateway.app_keys import SERVING
+from gateway.app_keys import DISK_CACHE, SERVING
 from gateway.engine.interface import Engine
 from gateway.settings import ServeSettings
 from tests.fakes import (
@@ -792,3 +792,16 @@ async def test_metrics_report_sync_staleness_and_resident_adapters(gw: Gateway) 
     assert samples["lora_gateway_adapters_known"] == len(ADAPTERS)
     assert samples["lora_gateway_resident_adapters"] == 1
     assert samples["lora_gateway_disk_cache_bytes"] > 0
+
+
+async def test_warm_adapters_are_fetched_to_disk_at_start(start_gateway: StartGateway, tmp_path: Path) -> None:
+    store = LocalFolderStore(tmp_path / "store")
+    warm = await publish_adapter(store, tmp_path, "wendy", "warm", base_model=BASE, warm=True)
+    cold = await publish_adapter(store, tmp_path, "carl", "cold", base_model=BASE)
+    gw = await start_gateway()
+    disk = gw.client.app[DISK_CACHE]
+    deadline = asyncio.get_running_loop().time() + 5
+    while not disk.is_cached(warm):
+        assert asyncio.get_running_loop().time() < deadline, "the warm adapter was not prefetched"
+        await asyncio.sleep(0.05)
+    assert not disk.is_cached(cold)
