@@ -54,6 +54,21 @@ class _SamplingRequest(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def top_logprobs_k(self) -> int | None:
+        """Alternatives per generated token; None: no logprobs at all."""
+        raise NotImplementedError
+
+    def sampling_options(self, max_tokens: int) -> SamplingOptions:
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            n=self.n,
+            seed=self.seed,
+            stop=self.stop_sequences(),
+            logprobs=self.top_logprobs_k(),
+        )
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int]
@@ -67,16 +82,8 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must not be empty")
         return value
 
-    def sampling_options(self, max_tokens: int) -> SamplingOptions:
-        return SamplingOptions(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            n=self.n,
-            seed=self.seed,
-            stop=self.stop_sequences(),
-            logprobs=self.logprobs,
-        )
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -120,16 +127,8 @@ class ChatCompletionRequest(_SamplingRequest):
             for m in self.messages
         ]
 
-    def sampling_options(self, max_tokens: int) -> SamplingOptions:
-        return SamplingOptions(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            n=self.n,
-            seed=self.seed,
-            stop=self.stop_sequences(),
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-        )
+    def top_logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse_body(model: type[BaseModel], body: Any) -> Any:
