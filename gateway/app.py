@@ -19,17 +19,40 @@ from gateway.api.health import healthz, readyz
 from gateway.api.models import list_models
 from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
-from gateway.app_keys import BASE_SPEC, CATALOG, DISK_CACHE, METRICS_REGISTRY, SERVING, SETTINGS, STORE, Serving
+from gateway.api.admin import resident_adapters, trigger_sync
+from gateway.app_keys import (
+    BASE_SPEC,
+    CATALOG,
+    DISK_CACHE,
+    LIMITER,
+    METRICS_REGISTRY,
+    SERVING,
+    SETTINGS,
+    STORE,
+    Serving,
+)
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
+from gateway.auth.keys import KeyRing
+from gateway.auth.middleware import (
+    AUTHENTICATOR,
+    ApiKeyAuthenticator,
+    Authenticator,
+    NoAuthenticator,
+    TrustedHeaderAuthenticator,
+    auth_middleware,
+)
 from gateway.errors import error_middleware
+from gateway.fair_share import UserLimiter
 from gateway.metrics import build_registry, metrics
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
 
 log = logging.getLogger(__name__)
+
+KEYS_FILE_CHECK_INTERVAL_S = 2.0
 
 # (settings, extra LoRA slots the gateway needs for itself) -> a started engine. Blocking.
 EngineFactory = Callable[[ServeSettings, int], Engine]
@@ -41,9 +64,24 @@ def _start_vllm(settings: ServeSettings, extra_lora_slots: int) -> Engine:
     return VllmEngine.start(settings, extra_lora_slots)
 
 
+def _authenticator(settings: ServeSettings) -> Authenticator:
+    if settings.keys_file is not None:
+        return ApiKeyAuthenticator(KeyRing(settings.keys_file))
+    if settings.trusted_user_header is not None:
+        return TrustedHeaderAuthenticator(settings.trusted_user_header, settings.trusted_admin_header)
+    log.warning(
+        "AUTHENTICATION IS OFF (--insecure-no-auth): anyone who can reach this port is admin. Development only."
+    )
+    return NoAuthenticator()
+
+
 def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> web.Application:
-    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_request_bytes, middlewares=[error_middleware, auth_middleware]
+    )
     app[SETTINGS] = settings
+    app[AUTHENTICATOR] = _authenticator(settings)
+    app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
     app[STORE] = open_store(settings.store)
     app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank)
     app[SERVING] = Serving()
@@ -60,6 +98,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
+    app.cleanup_ctx.append(_watch_keys_file)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -70,7 +109,26 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
     app.router.add_get("/v1/adapters", list_adapters)
     app.router.add_get("/v1/adapters/{owner}/{name}", show_adapter)
     app.router.add_delete("/v1/adapters/{owner}/{name}", delete_adapter)
+    app.router.add_post("/admin/sync", trigger_sync)
+    app.router.add_get("/admin/resident", resident_adapters)
     return app
+
+
+async def _watch_keys_file(app: web.Application) -> AsyncIterator[None]:
+    """Keys added or revoked in the file (a re-mounted Secret) apply within seconds."""
+    authenticator = app[AUTHENTICATOR]
+    if not isinstance(authenticator, ApiKeyAuthenticator):
+        yield
+        return
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(KEYS_FILE_CHECK_INTERVAL_S)
+            authenticator.keys.reload_if_changed()
+
+    watching = asyncio.create_task(watch())
+    yield
+    watching.cancel()
 
 
 async def _disk_cache(app: web.Application) -> AsyncIterator[None]:

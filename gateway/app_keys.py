@@ -13,6 +13,7 @@ from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
 from gateway.errors import ServiceUnavailableError
+from gateway.fair_share import UserLimiter
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
 
@@ -58,4 +59,5 @@ BASE_SPEC = web.AppKey("base_spec", BaseModelSpec)  # what an adapter must fit
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)
+LIMITER = web.AppKey("limiter", UserLimiter)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)

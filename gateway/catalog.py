@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from adapters_manifest.record import AdapterRecord, check_name
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
+from gateway.auth.keys import Principal
 from gateway.errors import ModelNotFoundError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -92,27 +93,42 @@ class AdapterCatalog:
             log.info("catalog: %s version %s retired (%s)", ref, old.version, "deleted" if record is None else f"now {record.version}")
             self._on_retired(old)
 
-    async def resolve(self, model: str) -> AdapterRecord | None:
-        """None for the base model, the record for `owner/name`; ModelNotFoundError otherwise."""
+    def may_use(self, principal: Principal, record: AdapterRecord) -> bool:
+        """Own adapters, public ones, and (for admins) every one."""
+        return principal.admin or record.owner == principal.user or record.visibility == "public"
+
+    def visible_records(self, principal: Principal) -> list[AdapterRecord]:
+        return [r for r in self.records() if self.may_use(principal, r)]
+
+    async def resolve(self, model: str, principal: Principal) -> AdapterRecord | None:
+        """None for the base model; the record `model` names if `principal` may use it; else
+        ModelNotFoundError, the same answer whether the adapter is missing or someone else's.
+
+        `name` alone means the caller's own `principal.user/name`."""
         if model == self.base_model_name:
             return None
-        owner, _, name = model.partition("/")
+        owner, slash, name = model.rpartition("/")
+        owner = owner if slash else principal.user
         try:
             check_name(owner, "owner")
             check_name(name)
         except ValueError:
             # Never touch the store with a name that could not exist (traversal, odd bytes).
             raise ModelNotFoundError(model) from None
-        record = self._records.get(model)
-        if record is None:
-            # Not seen yet: it may have been published since the last poll.
+        ref = f"{owner}/{name}"
+        record = self._records.get(ref)
+        if record is None and (owner == principal.user or principal.admin):
+            # Not seen yet: it may have been published since the last poll. Only in one's own
+            # namespace: a look-up elsewhere would answer faster for names that exist (an
+            # existence oracle); other users' public adapters appear with the next poll.
             try:
                 record = await self._store.get_record(owner, name)
             except StoreUnavailableError as exc:
                 raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
-            if record is None:
-                raise ModelNotFoundError(model)
-            self._replace(model, record)
+            if record is not None:
+                self._replace(ref, record)
+        if record is None or not self.may_use(principal, record):
+            raise ModelNotFoundError(model)
         return record
 
     def add(self, record: AdapterRecord) -> None:

@@ -43,6 +43,26 @@ class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class AuthenticationError(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class RateLimitError(GatewayError):
+    """The caller has too many requests running and waiting: back off."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class ModelNotFoundError(GatewayError):
     status = 404
     error_type = "invalid_request_error"
@@ -63,6 +83,12 @@ class MethodNotAllowedError(GatewayError):
     status = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeoutError(GatewayError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class RequestTooLargeError(GatewayError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -66,10 +66,49 @@ class ServeSettings(BaseSettings):
         default=60.0, ge=0, description="How long a failed adapter load is remembered before a retry."
     )
 
+    # Tenants
+    keys_file: Path | None = Field(
+        default=None, description="API keys file (sha256 hashes; see `lora-gateway keys`); re-read when it changes."
+    )
+    trusted_user_header: str | None = Field(
+        default=None, description="Take the user from this header, set by an authenticating proxy (instead of keys)."
+    )
+    trusted_admin_header: str | None = Field(
+        default=None, description="With --trusted-user-header: the header whose value 'true' makes the caller admin."
+    )
+    insecure_no_auth: bool = Field(
+        default=False, description="DEVELOPMENT ONLY: no authentication, every caller is the admin user 'dev'."
+    )
+    max_running_per_user: int = Field(default=64, ge=1, description="Requests one user may have generating at once.")
+    max_queued_per_user: int = Field(default=512, ge=0, description="Further requests one user may have waiting.")
+    queue_timeout_s: float = Field(default=60.0, gt=0, description="How long a waiting request waits before a 429.")
+
     # HTTP
     max_adapter_bytes: int = Field(default=512 << 20, ge=1024, description="Largest adapter weights file accepted.")
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="Time a client gets to send its request body.")
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> ServeSettings:
+        chosen = [
+            flag
+            for flag, on in (
+                ("--keys-file", self.keys_file is not None),
+                ("--trusted-user-header", self.trusted_user_header is not None),
+                ("--insecure-no-auth", self.insecure_no_auth),
+            )
+            if on
+        ]
+        if len(chosen) != 1:
+            raise ValueError(
+                "choose exactly one way to authenticate callers: --keys-file FILE (API keys), "
+                "--trusted-user-header NAME (behind an authenticating proxy), or --insecure-no-auth "
+                f"(development only); got {', '.join(chosen) or 'none'}"
+            )
+        if self.trusted_admin_header is not None and self.trusted_user_header is None:
+            raise ValueError("--trusted-admin-header needs --trusted-user-header")
+        return self
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -1,6 +1,7 @@
 """/v1/adapters: upload (multipart), list, show and delete adapters.
 
-An upload is validated before anything is stored, published (files, then the record), and
+Callers act in their own namespace (`owner` = their user); admins in any. An upload is
+validated before anything is stored, published (files, then the record), and
 served at once by this replica; other replicas pick it up at their next sync.
 """
 
@@ -18,10 +19,12 @@ from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, check_name
 from adapters_manifest.store import StoreUnavailableError
 from adapters_manifest.validation import AdapterValidationError, ValidationLimits
 from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE
+from gateway.auth.middleware import PRINCIPAL
 from gateway.errors import (
     InvalidAdapterError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     RequestTooLargeError,
     ServiceUnavailableError,
 )
@@ -39,8 +42,10 @@ async def upload_adapter(request: web.Request) -> web.Response:
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
         folder = Path(tmp)
         fields = await _receive_form(request, folder, settings.max_adapter_bytes)
-        # TENANTS: until API keys map callers to users, the owner comes from the form.
-        owner, name = fields.get("owner", ""), fields.get("name", "")
+        principal = request[PRINCIPAL]
+        owner, name = fields.get("owner") or principal.user, fields.get("name", "")
+        if owner != principal.user and not principal.admin:
+            raise PermissionDeniedError("You can only upload into your own namespace.", param="owner")
         for value, what in ((owner, "owner"), (name, "name")):
             if not value:
                 raise InvalidRequestError(f"Missing required form field: '{what}'.", param=what)
@@ -120,7 +125,8 @@ async def _save_bounded(part: BodyPartReader, dest: Path, limit: int) -> None:
 
 
 async def list_adapters(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [adapter_json(r) for r in request.app[CATALOG].records()]})
+    visible = request.app[CATALOG].visible_records(request[PRINCIPAL])
+    return web.json_response({"object": "list", "data": [adapter_json(r) for r in visible]})
 
 
 async def show_adapter(request: web.Request) -> web.Response:
@@ -129,6 +135,9 @@ async def show_adapter(request: web.Request) -> web.Response:
 
 async def delete_adapter(request: web.Request) -> web.Response:
     record = await _known_adapter(request)
+    principal = request[PRINCIPAL]
+    if record.owner != principal.user and not principal.admin:  # someone else's public adapter
+        raise PermissionDeniedError("You can only delete adapters in your own namespace.")
     try:
         await request.app[STORE].delete_adapter(record.owner, record.name)
     except StoreUnavailableError as exc:
@@ -139,7 +148,7 @@ async def delete_adapter(request: web.Request) -> web.Response:
 
 async def _known_adapter(request: web.Request) -> AdapterRecord:
     ref = f"{request.match_info['owner']}/{request.match_info['name']}"
-    record = await request.app[CATALOG].resolve(ref)
+    record = await request.app[CATALOG].resolve(ref, request[PRINCIPAL])
     if record is None:  # the base model's name: not an adapter
         raise NotFoundError(f"No adapter '{ref}'.")
     return record

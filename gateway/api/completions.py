@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import uuid
@@ -12,10 +13,12 @@ from aiohttp import web
 
 from gateway.api.formats import ChatFormat, ChoiceState, CompletionFormat, ResponseFormat
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from gateway.app_keys import CATALOG, SERVING
+from gateway.app_keys import CATALOG, LIMITER, SERVING, SETTINGS
+from gateway.auth.middleware import PRINCIPAL
 from gateway.engine.interface import Engine, EngineAdapter, EngineDeadError, GenerationDelta, SamplingOptions
 from gateway.errors import (
     ContextLengthExceededError,
+    RequestTimeoutError,
     GatewayError,
     InvalidRequestError,
     ServiceUnavailableError,
@@ -61,7 +64,11 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+    try:  # bounded in size by the app's client_max_size (413), and in time against slow senders
+        async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeoutError("The request body did not arrive in time.") from None
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -93,10 +100,10 @@ async def _generate(
     stream: bool,
     include_usage: bool,
 ) -> web.StreamResponse:
-    serving = request.app[SERVING]
-    record = await request.app[CATALOG].resolve(model)
+    serving, principal = request.app[SERVING], request[PRINCIPAL]
+    record = await request.app[CATALOG].resolve(model, principal)
     trace_headers = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers}
-    async with serving.pool_or_raise().acquire(record) as adapter:
+    async with request.app[LIMITER].admit(principal.user), serving.pool_or_raise().acquire(record) as adapter:
         deltas = _engine_deltas(serving.engine_or_raise(), prompt_ids, options, adapter, trace_headers)
         async with contextlib.aclosing(deltas):
             # The first delta comes before any byte is sent: an early failure is a plain error.

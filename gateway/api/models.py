@@ -5,10 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.app_keys import CATALOG
+from gateway.auth.middleware import PRINCIPAL
 
 
 async def list_models(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
+    visible = catalog.visible_records(request[PRINCIPAL])
     base = catalog.base_model_name
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "lora-gateway", "root": base, "parent": None}]
     data += [
@@ -20,6 +22,6 @@ async def list_models(request: web.Request) -> web.Response:
             "root": record.ref,
             "parent": base,
         }
-        for record in catalog.records()
+        for record in visible
     ]
     return web.json_response({"object": "list", "data": data})

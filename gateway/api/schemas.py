@@ -67,6 +67,7 @@ class _SamplingRequest(BaseModel):
             seed=self.seed,
             stop=self.stop_sequences(),
             logprobs=self.top_logprobs_k(),
+            incremental=self.stream,
         )
 
 

@@ -20,6 +20,7 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top-k alternatives per generated token
+    incremental: bool = True  # deltas as tokens come (streaming), or one final output (cheaper)
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ class VllmEngine:
             seed=options.seed,
             stop=list(options.stop) or None,
             logprobs=options.logprobs,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if options.incremental else RequestOutputKind.FINAL_ONLY,
         )
         stream = self._llm.generate(
             TokensPrompt(prompt_token_ids=prompt_token_ids),

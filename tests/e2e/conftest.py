@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -10,6 +11,7 @@ import pytest
 
 from adapters_manifest import layout
 from adapters_manifest.record import AdapterRecord
+from gateway.auth.keys import add_key
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel, make_model
@@ -36,22 +38,46 @@ def adapter_dir(tiny: TinyModel, ref: str) -> Path | None:
     return tiny.store / layout.version_prefix(record)
 
 
-def start_gateway(tiny: TinyModel, logs: Path, **flags: object) -> ServerProcess:
-    port = free_port()
-    return ServerProcess(gateway_command(tiny.base, tiny.store, port, **ENGINE, **flags), port, logs / f"gateway-{port}.log").start()
+USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "mallory", "sam", "uma"]
+ADMIN = "root"
+
+
+@dataclass(frozen=True)
+class Keys:
+    file: Path
+    by_user: dict[str, str]  # user -> API key; ADMIN's key is an admin's
 
 
 @pytest.fixture(scope="session")
-def gateway(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    by_user = {user: add_key(path, user)[0] for user in USERS}
+    by_user[ADMIN] = add_key(path, ADMIN, admin=True)[0]
+    return Keys(path, by_user)
+
+
+def start_gateway(tiny: TinyModel, keys: Keys, logs: Path, **flags: object) -> ServerProcess:
+    port = free_port()
+    command = gateway_command(tiny.base, tiny.store, port, **ENGINE, keys_file=keys.file, **flags)
+    return ServerProcess(command, port, logs / f"gateway-{port}.log").start()
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny: TinyModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One shared gateway: room for every test adapter in the engine at once."""
-    server = start_gateway(tiny, tmp_path_factory.mktemp("logs"), max_loras=4, max_cpu_loras=8)
+    server = start_gateway(tiny, keys, tmp_path_factory.mktemp("logs"), max_loras=4, max_cpu_loras=8)
     yield server
     assert server.stop() == 0, server.log_tail()
 
 
+def client_for(server: ServerProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
 @pytest.fixture
-def client(gateway: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(gateway: ServerProcess, keys: Keys) -> openai.OpenAI:
+    """An admin's client: may use every adapter (the tenant tests use users' own keys)."""
+    return client_for(gateway, keys.by_user[ADMIN])
 
 
 def record_of(tiny: TinyModel, ref: str) -> AdapterRecord:

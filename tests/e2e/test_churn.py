@@ -12,7 +12,7 @@ import pytest
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess
 from gateway.dev.tiny_model import TinyModel
-from tests.e2e.conftest import ADAPTERS, adapter_dir, complete_ids, start_gateway
+from tests.e2e.conftest import ADAPTERS, ADMIN, Keys, adapter_dir, client_for, complete_ids, start_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -21,19 +21,19 @@ MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def small_gateway(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def small_gateway(tiny: TinyModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_gateway(
-        tiny, tmp_path_factory.mktemp("churn-logs"), max_loras=2, max_cpu_loras=2, adapter_wait_timeout_s=3
+        tiny, keys, tmp_path_factory.mktemp("churn-logs"), max_loras=2, max_cpu_loras=2, adapter_wait_timeout_s=3
     )
     yield server
     assert server.stop() == 0, server.log_tail()
 
 
 def test_six_adapters_through_two_engine_slots_stay_correct(
-    small_gateway: ServerProcess, tiny: TinyModel, oracle: ReferenceModel
+    small_gateway: ServerProcess, tiny: TinyModel, oracle: ReferenceModel, keys: Keys
 ) -> None:
     assert len(ADAPTERS) == 6
-    client = openai.OpenAI(base_url=small_gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = client_for(small_gateway, keys.by_user[ADMIN])
     jobs = [(model, prompt) for model in ADAPTERS for prompt in PROMPTS] * 3
     random.Random(1).shuffle(jobs)
 
@@ -48,9 +48,9 @@ def test_six_adapters_through_two_engine_slots_stay_correct(
     assert "evicted" in small_gateway.log_tail(2000), "six adapters through two slots must evict"
 
 
-def test_clients_that_hang_up_mid_stream_release_their_adapters(small_gateway: ServerProcess) -> None:
+def test_clients_that_hang_up_mid_stream_release_their_adapters(small_gateway: ServerProcess, keys: Keys) -> None:
     """Both slots held by streams whose clients leave: a third adapter must still get in."""
-    client = openai.OpenAI(base_url=small_gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = client_for(small_gateway, keys.by_user[ADMIN])
     for model in ("alice/chat", "bob/chat"):
         stream = client.completions.create(model=model, prompt="x", max_tokens=2000, temperature=0, stream=True)
         next(iter(stream))  # generation has started: the adapter is held

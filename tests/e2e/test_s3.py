@@ -24,7 +24,7 @@ from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 from gateway.dev.s3_server import S3Server
 from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
-from tests.e2e.conftest import ENGINE, adapter_dir, complete_ids
+from tests.e2e.conftest import ADMIN, ENGINE, Keys, adapter_dir, client_for, complete_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -54,13 +54,22 @@ def put_adapter(folder: Path, owner: str, name: str) -> AdapterRecord:
 
 
 @pytest.fixture(scope="module")
-def replicas(s3: S3Server, tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+def replicas(
+    s3: S3Server, tiny: TinyModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[ServerProcess]]:
     logs = tmp_path_factory.mktemp("s3-logs")
     servers = []
     for _ in range(2):
         port = free_port()
         command = gateway_command(
-            tiny.base, STORE_URL, port, **ENGINE, sync_interval_s=SYNC_INTERVAL_S, max_loras=2, max_cpu_loras=4
+            tiny.base,
+            STORE_URL,
+            port,
+            **ENGINE,
+            keys_file=keys.file,
+            sync_interval_s=SYNC_INTERVAL_S,
+            max_loras=2,
+            max_cpu_loras=4,
         )
         servers.append(ServerProcess(command, port, logs / f"replica-{port}.log", env=s3.client_env()))
     with ThreadPoolExecutor(2) as pool:  # start both engines at once
@@ -70,8 +79,9 @@ def replicas(s3: S3Server, tiny: TinyModel, tmp_path_factory: pytest.TempPathFac
         assert server.stop() == 0, server.log_tail()
 
 
-def client_of(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+@pytest.fixture(scope="module")
+def admin(keys: Keys) -> dict[str, str]:
+    return {"Authorization": f"Bearer {keys.by_user[ADMIN]}"}
 
 
 def cli(s3: S3Server, *args: str) -> subprocess.CompletedProcess[str]:
@@ -87,23 +97,23 @@ def eventually(check: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def test_seeded_adapters_serve_exactly_on_both_replicas(
-    replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel
+    replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel, keys: Keys
 ) -> None:
     for server in replicas:
         for ref in ("alice/chat", "bob/chat", BASE_MODEL_NAME):
             expected = oracle.greedy_ids(adapter_dir(tiny, ref), oracle.prompt_ids(PROMPT), 8)
-            assert complete_ids(client_of(server), ref, PROMPT, 8) == expected, (server.base_url, ref)
+            assert complete_ids(client_for(server, keys.by_user[ADMIN]), ref, PROMPT, 8) == expected, (server.base_url, ref)
 
 
 def test_cli_push_new_version_and_rm_reach_a_running_replica_by_polling(
-    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel
+    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel, keys: Keys
 ) -> None:
     first, second = adapter_dir(tiny, "carol/chat"), adapter_dir(tiny, "dave/notes")
     expect_first = oracle.greedy_ids(first, oracle.prompt_ids(PROMPT), 8)
     expect_second = oracle.greedy_ids(second, oracle.prompt_ids(PROMPT), 8)
     pushed = cli(s3, "push", str(first), "--owner", "sam", "--name", "style", "--model", str(tiny.base), "--max-lora-rank", "8")
     assert pushed.returncode == 0, pushed.stderr
-    replica = client_of(replicas[1])
+    replica = client_for(replicas[1], keys.by_user[ADMIN])
     assert complete_ids(replica, "sam/style", PROMPT, 8) == expect_first  # found by a direct look-up
 
     pushed = cli(s3, "push", str(second), "--owner", "sam", "--name", "style")
@@ -133,10 +143,10 @@ def test_cli_push_new_version_and_rm_reach_a_running_replica_by_polling(
 
 
 def test_store_outage_serves_cached_adapters_and_recovers(
-    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel
+    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel, keys: Keys, admin: dict[str, str]
 ) -> None:
     server = replicas[0]
-    client = client_of(server)
+    client = client_for(server, keys.by_user[ADMIN])
     expect_alice = oracle.greedy_ids(adapter_dir(tiny, "alice/chat"), oracle.prompt_ids(PROMPT), 8)
     assert complete_ids(client, "alice/chat", PROMPT, 8) == expect_alice  # cached on this replica now
     # An adapter the replica knows from its listing but has never fetched.
@@ -157,7 +167,7 @@ def test_store_outage_serves_cached_adapters_and_recovers(
         assert complete_ids(client, "alice/chat", PROMPT, 8) == expect_alice
         assert complete_ids(client, BASE_MODEL_NAME, PROMPT, 8) == oracle.greedy_ids(None, oracle.prompt_ids(PROMPT), 8)
         uncached = requests.post(
-            server.base_url + "/v1/completions", json={"model": "erin/notes", "prompt": PROMPT, "max_tokens": 4}, timeout=120
+            server.base_url + "/v1/completions", json={"model": "erin/notes", "prompt": PROMPT, "max_tokens": 4}, headers=admin, timeout=120
         )
         assert uncached.status_code == 503
         assert int(uncached.headers["Retry-After"]) >= 1
@@ -174,7 +184,7 @@ def test_store_outage_serves_cached_adapters_and_recovers(
 
 
 def test_corrupted_object_is_refused_never_served(
-    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel
+    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, keys: Keys, admin: dict[str, str]
 ) -> None:
     folder = adapter_dir(tiny, "frank/notes")
     record = put_adapter(folder, "frank", "tampered")
@@ -186,8 +196,9 @@ def test_corrupted_object_is_refused_never_served(
     refused = requests.post(
         replicas[1].base_url + "/v1/completions",
         json={"model": "frank/tampered", "prompt": PROMPT, "max_tokens": 4},
+        headers=admin,
         timeout=120,
     )
     assert refused.status_code == 422
     assert "sha256" in refused.json()["error"]["message"]
-    assert complete_ids(client_of(replicas[1]), "alice/chat", PROMPT, 4)  # the engine serves on
+    assert complete_ids(client_for(replicas[1], keys.by_user[ADMIN]), "alice/chat", PROMPT, 4)  # the engine serves on

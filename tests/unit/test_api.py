@@ -107,7 +107,8 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
             model=write_base_model(tmp_path / "base"),
             store=str(store.root),
             served_model_name=BASE,
-            **settings,
+            # These tests are about serving; tests/unit/test_tenants.py covers authentication.
+            **{"insecure_no_auth": "keys_file" not in settings, **settings},
         )
         app = create_app(serve_settings, engine_factory=factory or fake_factory)
         client = await aiohttp_client(app)

@@ -14,9 +14,12 @@ import pytest
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
+from gateway.auth.keys import Principal
 from gateway.catalog import AdapterCatalog, SyncResult
 from gateway.errors import ModelNotFoundError, ServiceUnavailableError
 from tests.fakes import publish_adapter
+
+ALICE = Principal("alice")  # the owner of every adapter here: may look up her own namespace
 
 BASE = "fake-base"
 
@@ -129,7 +132,7 @@ async def test_a_new_version_is_read_and_the_old_one_retired_once(catalog, store
     assert await catalog.sync() == SyncResult(listed=2, changed=1, removed=0)
     assert store.reads() == ["alice/a"]
     assert catalog.records() == [new, other]
-    assert await catalog.resolve("alice/a") == new
+    assert await catalog.resolve("alice/a", ALICE) == new
     assert retired.records == [old]
 
     await catalog.sync()
@@ -142,7 +145,7 @@ async def test_a_rewritten_record_of_the_same_version_retires_nothing(catalog, r
     await catalog.sync()
     again = await publish("alice/a", "v1", description="now described")
     assert (await catalog.sync()).changed == 1
-    assert await catalog.resolve("alice/a") == again
+    assert await catalog.resolve("alice/a", ALICE) == again
     assert retired.records == []
 
 
@@ -155,7 +158,7 @@ async def test_a_deleted_adapter_is_removed_and_retired(catalog, store, local, r
     assert catalog.records() == [kept]
     assert retired.records == [gone]
     with pytest.raises(ModelNotFoundError):
-        await catalog.resolve("alice/a")
+        await catalog.resolve("alice/a", ALICE)
     await catalog.sync()
     assert retired.records == [gone]
 
@@ -173,7 +176,7 @@ async def test_a_failed_poll_keeps_serving_what_is_known(catalog, store, retired
     assert catalog.last_success == synced_at and catalog.synced
     assert catalog.records() == [known]
     store.calls.clear()
-    assert await catalog.resolve("alice/a") == known  # still served, without the store
+    assert await catalog.resolve("alice/a", ALICE) == known  # still served, without the store
     assert store.calls == []
     assert retired.records == []
 
@@ -197,12 +200,12 @@ async def test_a_failed_record_read_changes_nothing(catalog, store, retired, pub
     store.get_record = failing_get
     with pytest.raises(StoreUnavailableError):
         await catalog.sync()
-    assert await catalog.resolve("alice/a") == old
+    assert await catalog.resolve("alice/a", ALICE) == old
     assert retired.records == []
 
     store.get_record = real_get
     assert (await catalog.sync()).changed == 1
-    assert await catalog.resolve("alice/a") == new
+    assert await catalog.resolve("alice/a", ALICE) == new
     assert retired.records == [old]
 
 
@@ -217,11 +220,11 @@ async def test_an_adapter_looked_up_during_a_poll_is_not_removed_by_its_older_li
     poll = asyncio.create_task(catalog.sync())
     await store.listed.wait()  # the listing is taken: without alice/new
     new = await publish("alice/new")
-    assert await catalog.resolve("alice/new") == new
+    assert await catalog.resolve("alice/new", ALICE) == new
     store.release_listing.set()
     await poll
 
-    assert await catalog.resolve("alice/new") == new
+    assert await catalog.resolve("alice/new", ALICE) == new
     assert retired.records == []
     store.listed = store.release_listing = None
     await catalog.sync()
@@ -233,7 +236,7 @@ async def test_an_adapter_looked_up_during_a_poll_is_not_removed_by_its_older_li
 
 
 async def test_the_base_model_resolves_to_none(catalog, store) -> None:
-    assert await catalog.resolve(BASE) is None
+    assert await catalog.resolve(BASE, ALICE) is None
     assert store.calls == []
 
 
@@ -242,7 +245,7 @@ async def test_a_known_adapter_resolves_without_store_traffic(catalog, store, pu
     await catalog.sync()
     store.calls.clear()
     for _ in range(3):
-        assert await catalog.resolve("alice/a") == record
+        assert await catalog.resolve("alice/a", ALICE) == record
     assert store.calls == []
 
 
@@ -250,16 +253,16 @@ async def test_an_adapter_published_since_the_last_poll_is_looked_up_then_cached
     await catalog.sync()
     record = await publish("alice/a")
     store.calls.clear()
-    assert await catalog.resolve("alice/a") == record
+    assert await catalog.resolve("alice/a", ALICE) == record
     assert store.calls == ["get_record alice/a"]
-    assert await catalog.resolve("alice/a") == record
+    assert await catalog.resolve("alice/a", ALICE) == record
     assert store.calls == ["get_record alice/a"]
     assert catalog.records() == [record]
 
 
 async def test_an_adapter_nowhere_is_not_found_after_one_look_up(catalog, store) -> None:
     with pytest.raises(ModelNotFoundError) as caught:
-        await catalog.resolve("alice/nothing")
+        await catalog.resolve("alice/nothing", ALICE)
     assert caught.value.status == 404 and caught.value.param == "model"
     assert store.calls == ["get_record alice/nothing"]
 
@@ -268,7 +271,7 @@ async def test_an_adapter_nowhere_is_not_found_after_one_look_up(catalog, store)
     "model",
     [
         "",
-        "alice",
+        "Alice",  # a bare name means the caller's own namespace; it is checked all the same
         "alice/",
         "/coding",
         "alice/a/b",
@@ -293,14 +296,14 @@ async def test_an_adapter_nowhere_is_not_found_after_one_look_up(catalog, store)
 )
 async def test_a_name_that_could_not_exist_never_reaches_the_store(catalog, store, model: str) -> None:
     with pytest.raises(ModelNotFoundError):
-        await catalog.resolve(model)
+        await catalog.resolve(model, ALICE)
     assert store.calls == []
 
 
 async def test_store_down_during_a_look_up_is_503_with_retry_after(catalog, store) -> None:
     store.down = True
     with pytest.raises(ServiceUnavailableError) as caught:
-        await catalog.resolve("alice/a")
+        await catalog.resolve("alice/a", ALICE)
     assert caught.value.status == 503
     assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
     assert store.calls == ["get_record alice/a"]

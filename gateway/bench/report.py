@@ -1,0 +1,43 @@
+"""Helpers every benchmark shares: percentiles, ratios, Markdown tables, the JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default); NaN for no values."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def ratio_of(a: float, b: float) -> float:
+    """a / b, NaN when b is 0: a missing baseline must not read as a result."""
+    return a / b if b else float("nan")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the first column left-aligned (names), the others right (numbers)."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def config_of(opts: argparse.Namespace) -> dict[str, Any]:
+    """Command-line options as JSON values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+
+def raise_on_sigterm(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: unwind like Ctrl-C, so servers and engines started in `with` blocks stop."""
+    raise KeyboardInterrupt

@@ -1,0 +1,325 @@
+"""`lora-gateway bench serve`: the gateway against vLLM's own OpenAI server.
+
+Same base model, adapters, engine settings and load for both. Both servers are started
+once and warmed up; then they take the load one at a time (a small host cannot load two
+engines without each slowing the other) in alternating rounds, so drift and other work on
+the host hit both alike. Per server: requests/s, completion tokens/s, p50/p99 latency and
+errors over all its rounds; then gateway/vLLM ratios against the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from gateway.bench.report import config_of, markdown_table as table, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway.auth.keys import add_key
+from gateway.dev.process import ServerProcess, free_port, gateway_command
+
+# The gateway serves base-model requests through an all-zero adapter that takes one LoRA
+# slot of its engine (gateway.app); vLLM's server gets the same slot count so both engines match.
+GATEWAY_EXTRA_LORA_SLOTS = 1
+KV_CACHE_GIB = 1  # the gateway's default kv_cache_gib
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
+PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
+TARGETS = {"throughput_ratio_min": 1.0, "p50_ratio_max": 1.05}
+
+
+@dataclass(frozen=True)
+class Summary:
+    requests: int
+    errors: int
+    duration_s: float
+    requests_per_s: float
+    tokens_per_s: float
+    p50_s: float
+    p99_s: float
+    other_cores: float  # CPU the rest of the host used meanwhile: a busy host skews a result
+
+
+@dataclass
+class LoadResult:
+    """Raw outcome of one measured run: one latency per successful request."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    errors: int = 0
+    duration_s: float = 0.0
+    first_errors: list[str] = field(default_factory=list)
+    other_cpu_s: float = 0.0  # busy CPU time of processes other than the servers and this one
+
+
+# -- pure helpers (unit-tested) ---------------------------------------------------------
+
+
+def summarize(results: Sequence[LoadResult]) -> Summary:
+    """Pool several runs: percentiles over all latencies, rates over the summed wall time."""
+    latencies = [x for r in results for x in r.latencies_s]
+    duration = sum(r.duration_s for r in results)
+    ok = len(latencies)
+    tokens = sum(r.completion_tokens for r in results)
+    return Summary(
+        requests=ok + sum(r.errors for r in results),
+        errors=sum(r.errors for r in results),
+        duration_s=duration,
+        requests_per_s=ok / duration if duration > 0 else 0.0,
+        tokens_per_s=tokens / duration if duration > 0 else 0.0,
+        p50_s=percentile(latencies, 50),
+        p99_s=percentile(latencies, 99),
+        other_cores=sum(r.other_cpu_s for r in results) / duration if duration > 0 else 0.0,
+    )
+
+
+def ratios(gateway: Summary, vllm: Summary) -> dict[str, float]:
+    """Gateway over vLLM: above 1 is better for throughput, worse for latency."""
+    return {
+        "throughput": ratio_of(gateway.requests_per_s, vllm.requests_per_s),
+        "tokens_per_s": ratio_of(gateway.tokens_per_s, vllm.tokens_per_s),
+        "p50": ratio_of(gateway.p50_s, vllm.p50_s),
+        "p99": ratio_of(gateway.p99_s, vllm.p99_s),
+    }
+
+
+def meets_targets(ratio: dict[str, float]) -> dict[str, bool]:
+    return {
+        "throughput": ratio["throughput"] >= TARGETS["throughput_ratio_min"],
+        "p50": ratio["p50"] <= TARGETS["p50_ratio_max"],
+    }
+
+
+def markdown_table(summaries: dict[str, Summary], ratio: dict[str, float]) -> str:
+    rows = [
+        [name, f"{s.requests_per_s:.1f}", f"{s.tokens_per_s:.0f}", f"{s.p50_s:.3f}", f"{s.p99_s:.3f}", str(s.errors),
+         f"{s.other_cores:.2f}"]  # fmt: skip
+        for name, s in summaries.items()
+    ]
+    rows.append(["gateway / vLLM", *(f"{ratio[k]:.3f}x" for k in ("throughput", "tokens_per_s", "p50", "p99")), "", ""])
+    met = {k: "met" if ok else "MISSED" for k, ok in meets_targets(ratio).items()}
+    return (
+        table(["server", "requests/s", "tokens/s", "p50 (s)", "p99 (s)", "errors", "other load (cores)"], rows)
+        + f"\n\nTargets: throughput >= {TARGETS['throughput_ratio_min']:.2f}x: {met['throughput']}; "
+        f"p50 <= {TARGETS['p50_ratio_max']:.2f}x: {met['p50']}"
+    )
+
+
+# -- servers ----------------------------------------------------------------------------
+
+
+def _memory_flags() -> list[str]:
+    from vllm.platforms import current_platform
+
+    from gateway.engine.vllm_engine import CPU_MEMORY_FRACTION
+
+    # Only on the CPU: there the gateway passes this fraction, on a GPU both keep vLLM's default.
+    return ["--gpu-memory-utilization", str(CPU_MEMORY_FRACTION)] if current_platform.is_cpu() else []
+
+
+def gateway_server(opts: argparse.Namespace, base: Path, store: str, keys_file: Path, log_path: Path) -> ServerProcess:
+    port = free_port()
+    command = gateway_command(
+        base, store, port, keys_file=keys_file,
+        served_model_name=opts.served_model_name, dtype="float32", kv_cache_gib=KV_CACHE_GIB,
+        max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank,
+    )  # fmt: skip
+    return ServerProcess(command, port, log_path, "/readyz", ENGINE_ENV)
+
+
+def vllm_server(opts: argparse.Namespace, base: Path, adapters: dict[str, Path], log_path: Path) -> ServerProcess:
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+               "--served-model-name", opts.served_model_name, "--dtype", "float32",
+               "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(KV_CACHE_GIB << 30),
+               "--enable-lora", "--max-loras", str(opts.max_loras + GATEWAY_EXTRA_LORA_SLOTS),
+               "--max-cpu-loras", str(opts.max_cpu_loras + GATEWAY_EXTRA_LORA_SLOTS),
+               "--max-lora-rank", str(opts.max_lora_rank), *_memory_flags(),
+               "--lora-modules", *(f"{ref}={path}" for ref, path in adapters.items())]  # fmt: skip
+    return ServerProcess(command, port, log_path, "/health", ENGINE_ENV)
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess, startup_timeout_s: float) -> Iterator[str]:
+    """The server's URL once ready; stopped (its whole process group) however the block ends."""
+    try:
+        server.start(startup_timeout_s)
+        yield server.base_url
+    finally:
+        server.stop()
+
+
+def _cpu_seconds(pgids: set[int]) -> tuple[float, float]:
+    """(busy CPU time of the whole host, of the process groups `pgids` plus this process), Linux only."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return 0.0, 0.0
+    host = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    ours = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            rest = stat.read_text().rpartition(")")[2].split()  # the name may hold spaces
+            if int(rest[2]) in pgids and int(stat.parent.name) != os.getpid():
+                ours += int(rest[11]) + int(rest[12])
+    own = os.times()
+    return host / tick, ours / tick + own.user + own.system
+
+
+# -- load -------------------------------------------------------------------------------
+
+
+async def run_load(
+    url: str, models: Sequence[str], requests: int, concurrency: int, max_tokens: int, api_key: str
+) -> LoadResult:
+    """`requests` completions from `concurrency` workers, `model` cycling over `models`."""
+    result = LoadResult()
+    next_index = itertools.count()
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        timeout=timeout,
+        headers={"Authorization": f"Bearer {api_key}"},  # vLLM's server ignores it
+    ) as session:
+
+        async def worker() -> None:
+            while (i := next(next_index)) < requests:
+                body = {"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)],
+                        "max_tokens": max_tokens, "temperature": 0.0}  # fmt: skip
+                started = time.perf_counter()
+                try:
+                    async with session.post(f"{url}/v1/completions", json=body) as response:
+                        payload = await response.json(content_type=None)
+                        if response.status != 200:
+                            raise RuntimeError(f"HTTP {response.status}: {str(payload)[:200]}")
+                    result.latencies_s.append(time.perf_counter() - started)
+                    result.completion_tokens += int(payload["usage"]["completion_tokens"])
+                except Exception as exc:  # counted, not fatal: the error count is a result
+                    result.errors += 1
+                    if len(result.first_errors) < 5:
+                        result.first_errors.append(f"{models[i % len(models)]}: {type(exc).__name__}: {exc}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.duration_s = time.perf_counter() - started
+    return result
+
+
+# -- inputs and main --------------------------------------------------------------------
+
+
+def _inputs(opts: argparse.Namespace, work_dir: Path) -> tuple[Path, str, dict[str, Path]]:
+    """Base model folder, store URL, and a local copy of each adapter (vLLM's --lora-modules reads folders)."""
+    from adapters_manifest.open_store import open_store
+
+    refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
+    if opts.model is None:
+        from gateway.dev.tiny_model import make_model
+
+        made = make_model(work_dir, refs)
+        base, store_url = made.base.resolve(), str(made.store.resolve())
+    else:
+        base, store_url = opts.model.resolve(), opts.store
+    store = open_store(store_url)
+
+    async def copy(ref: str) -> Path:
+        record = await store.get_record(*ref.split("/", 1))
+        if record is None:
+            raise SystemExit(f"adapter {ref} is not in the store {store_url}")
+        folder = work_dir / "vllm-adapters" / ref
+        folder.mkdir(parents=True)
+        for f in record.files:
+            await store.fetch_file(record, f.name, folder / f.name)
+        return folder
+
+    return base, store_url, {ref: asyncio.run(copy(ref)) for ref in refs}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from gateway.dev.tiny_model import BASE_MODEL_NAME
+
+    p = argparse.ArgumentParser(prog="lora-gateway bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="base model folder (default: build the tiny model)")
+    p.add_argument("--store", help="adapter store, file:///path or a path (with --model)")
+    p.add_argument("--adapters", default="alice/chat,bob/chat", help="comma-separated owner/name list")
+    p.add_argument("--served-model-name", default=BASE_MODEL_NAME)
+    p.add_argument("--requests", type=int, default=300, help="measured requests per round and server")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=48, help="unmeasured requests after each start")
+    p.add_argument("--rounds", type=int, default=8, help="alternating rounds: gateway, vLLM, gateway, ...")
+    p.add_argument("--max-loras", type=int, default=2)
+    p.add_argument("--max-cpu-loras", type=int, default=4)
+    p.add_argument("--max-lora-rank", type=int, default=8)
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds until a server must be ready")
+    p.add_argument("--out", type=Path, default=Path("artifacts/bench-serve.json"))
+    opts = p.parse_args(argv)
+    if (opts.model is None) != (opts.store is None):
+        p.error("--model and --store go together")
+    return opts
+
+
+def main(argv: list[str]) -> int:
+    opts = _parse(argv)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)  # unwinds through `running`
+    logs = opts.out.parent / "bench-serve-logs"
+    results: dict[str, list[LoadResult]] = {"gateway": [], "vLLM": []}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, contextlib.ExitStack() as servers:
+        base, store, adapters = _inputs(opts, Path(tmp))
+        keys_file = Path(tmp) / "keys.yaml"
+        api_key, _ = add_key(keys_file, "bench", admin=True)  # an admin may use every adapter
+        models = [opts.served_model_name, *adapters]
+        urls: dict[str, str] = {}
+        pgids: set[int] = set()  # each server leads its own process group (its engine processes too)
+        # Started one after the other, each kept for all rounds: an idle server costs ~1% of a
+        # core, and short alternating rounds spread other load on the host over both servers.
+        for name in results:
+            log_path = logs / f"{name.lower()}.log"
+            log_path.unlink(missing_ok=True)
+            if name == "gateway":
+                server = gateway_server(opts, base, store, keys_file, log_path)
+            else:
+                server = vllm_server(opts, base, adapters, log_path)
+            print(f"{name}: starting (log: {log_path})", file=sys.stderr, flush=True)
+            urls[name] = servers.enter_context(running(server, opts.startup_timeout))
+            assert server.process is not None
+            pgids.add(server.process.pid)
+            asyncio.run(run_load(urls[name], models, opts.warmup, opts.concurrency, opts.max_tokens, api_key))
+        for round_no in range(1, opts.rounds + 1):
+            for name, url in urls.items():
+                host_before, ours_before = _cpu_seconds(pgids)
+                result = asyncio.run(
+                    run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key)
+                )
+                host_after, ours_after = _cpu_seconds(pgids)
+                result.other_cpu_s = max(0.0, (host_after - host_before) - (ours_after - ours_before))
+                results[name].append(result)
+                s = summarize([result])
+                print(f"round {round_no}: {name} {s.requests_per_s:.1f} req/s, p50 {s.p50_s:.3f} s, "
+                      f"errors {s.errors} {result.first_errors[:1]}, other load {s.other_cores:.2f} cores",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+    summaries = {name: summarize(runs) for name, runs in results.items()}
+    ratio = ratios(summaries["gateway"], summaries["vLLM"])
+    print(markdown_table(summaries, ratio))
+    report = {
+        "config": config_of(opts),
+        "summary": {name: asdict(s) for name, s in summaries.items()},
+        "rounds": {name: [asdict(summarize([r])) for r in runs] for name, runs in results.items()},
+        "first_errors": {name: [e for r in runs for e in r.first_errors][:5] for name, runs in results.items()},
+        "ratios": ratio,
+        "targets": TARGETS,
+        "targets_met": meets_targets(ratio),
+    }
+    write_json(opts.out, report)
+    return 1 if any(s.errors for s in summaries.values()) else 0

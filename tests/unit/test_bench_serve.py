@@ -1,0 +1,46 @@
+"""The pure parts of `lora-gateway bench serve`: pooling, ratios, targets, the table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.bench.serve import LoadResult, markdown_table, meets_targets, ratios, summarize
+
+
+def test_summarize_pools_rounds() -> None:
+    first = LoadResult(latencies_s=[0.1, 0.2, 0.3], completion_tokens=90, errors=1, duration_s=1.0, other_cpu_s=0.5)
+    second = LoadResult(latencies_s=[0.4, 0.5], completion_tokens=60, errors=0, duration_s=1.5, other_cpu_s=2.0)
+    s = summarize([first, second])
+    assert s.requests == 6 and s.errors == 1
+    assert s.duration_s == pytest.approx(2.5)
+    assert s.requests_per_s == pytest.approx(5 / 2.5)  # errors are not throughput
+    assert s.tokens_per_s == pytest.approx(150 / 2.5)
+    assert s.p50_s == pytest.approx(0.3)
+    assert s.p99_s == pytest.approx(0.496)  # linear interpolation between 0.4 and 0.5
+    assert s.other_cores == pytest.approx(2.5 / 2.5)
+
+
+def test_summarize_without_successes() -> None:
+    s = summarize([LoadResult(errors=3, duration_s=1.0)])
+    assert s.requests == 3 and s.requests_per_s == 0.0
+    assert math.isnan(s.p50_s)
+
+
+def test_ratios_and_targets() -> None:
+    vllm = summarize([LoadResult(latencies_s=[1.0] * 10, completion_tokens=100, duration_s=1.0)])
+    fast = summarize([LoadResult(latencies_s=[1.04] * 10, completion_tokens=100, duration_s=1.0)])
+    slow = summarize([LoadResult(latencies_s=[1.2] * 9, completion_tokens=90, duration_s=1.0)])
+    r = ratios(fast, vllm)
+    assert r["throughput"] == pytest.approx(1.0) and r["p50"] == pytest.approx(1.04)
+    assert meets_targets(r) == {"throughput": True, "p50": True}
+    assert meets_targets(ratios(slow, vllm)) == {"throughput": False, "p50": False}
+
+
+def test_markdown_table_names_both_servers_and_the_ratio() -> None:
+    s = summarize([LoadResult(latencies_s=[0.5, 0.5], completion_tokens=64, duration_s=1.0)])
+    table = markdown_table({"gateway": s, "vLLM": s}, ratios(s, s))
+    assert "| gateway | 2.0 | 64 | 0.500 | 0.500 | 0 | 0.00 |" in table
+    assert "| gateway / vLLM | 1.000x" in table
+    assert "throughput >= 1.00x: met" in table
