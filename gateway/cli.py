@@ -1,4 +1,4 @@
-"""`lora-gateway`: serve, adapters, dev make-model, bench serve, bench load, demo."""
+"""`lora-gateway`: serve, adapters, dev make-model, bench serve, bench load, bench fairness, demo."""
 
 from __future__ import annotations
 
@@ -46,7 +46,11 @@ def _bench(args: list[str]) -> int:
         from gateway.bench.load import main as bench_load
 
         return bench_load(args[1:])
-    print("usage: lora-gateway bench {serve,load} [options]", file=sys.stderr)
+    if args[:1] == ["fairness"]:
+        from gateway.bench.fairness import main as bench_fairness
+
+        return bench_fairness(args[1:])
+    print("usage: lora-gateway bench {serve,load,fairness} [options]", file=sys.stderr)
     return 2
 
 
@@ -79,7 +83,8 @@ COMMANDS = {
 
 
 def _usage() -> int:
-    print("usage: lora-gateway {serve,adapters,dev make-model,bench serve,bench load,demo} ...", file=sys.stderr)
+    commands = "serve,adapters,dev make-model,bench serve,bench load,bench fairness,demo"
+    print(f"usage: lora-gateway {{{commands}}} ...", file=sys.stderr)
     return 2
 
 

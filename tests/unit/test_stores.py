@@ -297,7 +297,7 @@ async def test_s3_server_errors_are_unavailable(
         results = await asyncio.gather(
             timed(store.list_stamps()),
             timed(store.get_record("alice", "chat")),
-            timed(store.fetch_file(record, CONFIG_FILE, tmp_path / "x")),  # a HEAD first: no code
+            timed(store.fetch_file(record, CONFIG_FILE, tmp_path / "x")),  # a small file: one GET
         )
         for exc, seconds in results:
             assert isinstance(exc, StoreUnavailableError) and not isinstance(exc, StoreAccessError), exc
