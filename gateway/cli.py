@@ -1,4 +1,4 @@
-"""`lora-gateway`: serve, adapters, dev make-model, bench serve, bench load, bench fairness, demo."""
+"""`lora-gateway`: serve, adapters, keys, dev make-model, bench serve|load|fairness, demo."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ COMMANDS = {
 
 
 def _usage() -> int:
-    commands = "serve,adapters,dev make-model,bench serve,bench load,bench fairness,demo"
+    commands = "serve,adapters,keys,dev make-model,bench serve|load|fairness,demo"
     print(f"usage: lora-gateway {{{commands}}} ...", file=sys.stderr)
     return 2
 

@@ -126,7 +126,8 @@ class DiskCache:
 
     async def _download(self, key: str, version: _CachedVersion, record: AdapterRecord) -> None:
         try:
-            if not await asyncio.to_thread(_matches, version.path, record):
+            # (The common case, no folder yet, skips a thread hop: it is on the cold path's clock.)
+            if not version.path.is_dir() or not await asyncio.to_thread(_matches, version.path, record):
                 async with self._downloads:
                     await self._fetch_verified(version.path, record)
         except asyncio.CancelledError:  # the app is shutting down
