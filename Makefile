@@ -26,7 +26,8 @@ e2e: $(STAMP)
 
 # Refresh the pins from the current environment (after a deliberate upgrade).
 lock:
-	$(PY) -m pip freeze --all --exclude-editable | grep -v -iE '^(pip|wheel|torchvision|torchaudio|torchcodec)[=@ ]' > requirements/cpu.lock.new
+	head -3 requirements/cpu.lock > requirements/cpu.lock.new
+	$(PY) -m pip freeze --all --exclude-editable | grep -v -iE '^(pip|wheel|torchvision|torchaudio|torchcodec)[=@ ]' | grep -v '^#' >> requirements/cpu.lock.new
 	mv requirements/cpu.lock.new requirements/cpu.lock
 
 clean:

@@ -17,6 +17,7 @@ from adapters_manifest.record import AdapterRecord
 from gateway.api.completions import create_chat_completion, create_completion
 from gateway.api.health import healthz, readyz
 from gateway.api.models import list_models
+from gateway.api.openapi import OPENAPI, build_openapi, openapi_document
 from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
 from gateway.api.admin import resident_adapters, trigger_sync
@@ -95,6 +96,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
 
     app[CATALOG] = AdapterCatalog(app[STORE], settings.base_model_name, on_retired=retire)
     app[METRICS_REGISTRY] = build_registry(app)
+    app[OPENAPI] = build_openapi()
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
@@ -102,6 +104,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
@@ -124,7 +127,10 @@ async def _watch_keys_file(app: web.Application) -> AsyncIterator[None]:
     async def watch() -> None:
         while True:
             await asyncio.sleep(KEYS_FILE_CHECK_INTERVAL_S)
-            authenticator.keys.reload_if_changed()
+            try:
+                authenticator.keys.reload_if_changed()
+            except Exception:  # never stop watching: revocations must keep applying
+                log.exception("checking the keys file failed; checking again in %g s", KEYS_FILE_CHECK_INTERVAL_S)
 
     watching = asyncio.create_task(watch())
     yield

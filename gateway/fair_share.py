@@ -56,7 +56,10 @@ class UserLimiter:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         state.waiting.append(turn)
         try:
-            await asyncio.wait_for(asyncio.shield(turn), self.queue_timeout_s)
+            # Not asyncio.wait_for: before Python 3.12 it swallows a cancellation that arrives as
+            # the turn is handed over, and the request of a client that is gone would run anyway.
+            async with asyncio.timeout(self.queue_timeout_s):
+                await asyncio.shield(turn)
         except BaseException as exc:
             if turn.done() and not turn.cancelled():
                 self._release(user, state)  # the slot was handed over just as we gave up

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, check_name
@@ -41,7 +42,10 @@ async def upload_adapter(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
         folder = Path(tmp)
-        fields = await _receive_form(request, folder, settings.max_adapter_bytes)
+        try:
+            fields = await _receive_form(request, folder, settings.max_adapter_bytes)
+        except (ValueError, BadHttpMessage) as exc:  # aiohttp's multipart parser: no boundary, a malformed part
+            raise InvalidRequestError(f"Malformed multipart body: {exc}") from None
         principal = request[PRINCIPAL]
         owner, name = fields.get("owner") or principal.user, fields.get("name", "")
         if owner != principal.user and not principal.admin:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from adapters_manifest.store import StoreUnavailableError
 from gateway.app_keys import CATALOG, SERVING
 from gateway.auth.middleware import PRINCIPAL
-from gateway.errors import PermissionDeniedError
+from gateway.errors import PermissionDeniedError, ServiceUnavailableError
 
 
 def _require_admin(request: web.Request) -> None:
@@ -16,7 +17,10 @@ def _require_admin(request: web.Request) -> None:
 
 async def trigger_sync(request: web.Request) -> web.Response:
     _require_admin(request)
-    result = await request.app[CATALOG].sync()
+    try:
+        result = await request.app[CATALOG].sync()
+    except StoreUnavailableError as exc:
+        raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
     return web.json_response({"listed": result.listed, "changed": result.changed, "removed": result.removed})
 
 

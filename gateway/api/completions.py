@@ -71,7 +71,7 @@ async def _read_json(request: web.Request) -> Any:
         raise RequestTimeoutError("The request body did not arrive in time.") from None
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
 
 

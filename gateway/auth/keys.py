@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters_manifest.record import check_name
 
@@ -72,10 +72,14 @@ def new_key() -> str:
 def read_keys_file(path: Path) -> KeysFileModel:
     """Parse and validate a keys file; a missing file is an empty one."""
     try:
-        text = path.read_text()
+        return parse_keys(path.read_bytes())
     except FileNotFoundError:
         return KeysFileModel()
-    data = yaml.safe_load(text) or {}  # JSON is YAML too
+
+
+def parse_keys(content: bytes) -> KeysFileModel:
+    """ValueError (UnicodeDecodeError, pydantic's ValidationError) or yaml.YAMLError when invalid."""
+    data = yaml.safe_load(content.decode()) or {}  # JSON is YAML too
     return KeysFileModel.model_validate(data)
 
 
@@ -105,35 +109,40 @@ def remove_keys(path: Path, *, user: str | None = None, key_id: str | None = Non
     model = read_keys_file(path)
     kept = [k for k in model.keys if not ((key_id and k.id == key_id) or (user and not key_id and k.user == user))]
     removed = len(model.keys) - len(kept)
-    write_keys_file(path, KeysFileModel(keys=kept))
+    if removed:
+        write_keys_file(path, KeysFileModel(keys=kept))
     return removed
 
 
 class KeyRing:
-    """The keys in force, re-read from the file when its modification stamp changes."""
+    """The keys in force, re-read from the file when its content changes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        # The content last read (valid or not): compared, not the modification time, which a
+        # same-size rewrite within the file system's timestamp granularity would not change.
+        self._content: bytes | None = None
         self._by_hash: dict[str, Principal] = {}
         self.reload_if_changed()
 
     def reload_if_changed(self) -> bool:
         try:
-            stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            content = self.path.read_bytes()
         except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp == self._stamp:
+            content = b""
+        except OSError as exc:
+            log.error("keys file %s is unreadable, keeping the previous keys: %s", self.path, exc)
             return False
+        if content == self._content:
+            return False
+        self._content = content  # an invalid file is reported once, not at every check
         try:
-            model = read_keys_file(self.path)
-        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            model = parse_keys(content)
+        except (ValueError, yaml.YAMLError) as exc:
             # Keep the keys in force: a half-edited file must not lock everyone out (or in).
             log.error("keys file %s is invalid, keeping the previous keys: %s", self.path, exc)
             return False
         self._by_hash = {k.sha256: Principal(user=k.user, admin=k.admin) for k in model.keys}
-        self._stamp = stamp
         log.info("keys file %s loaded: %d keys", self.path, len(self._by_hash))
         return True
 

@@ -1,7 +1,7 @@
 """Who is calling: API keys (default), a trusted proxy header, or the development switch.
 
-Every endpoint needs a caller except the operational ones (probes and metrics), which carry
-no tenant data.
+Every endpoint needs a caller except the operational ones (probes, metrics and the OpenAPI
+document), which carry no tenant data.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from gateway.errors import AuthenticationError
 log = logging.getLogger(__name__)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 DEV_PRINCIPAL = Principal(user="dev", admin=True)
 
 
@@ -51,13 +51,17 @@ class TrustedHeaderAuthenticator:
         self.admin_header = admin_header
 
     def authenticate(self, request: web.Request) -> Principal:
-        user = request.headers.get(self.user_header, "")
+        # Exactly one of each: a second one may be the client's own, passed on by a proxy that
+        # adds its header instead of replacing it, and which of the two counts is then a guess.
+        users = request.headers.getall(self.user_header, [])
+        admins = [] if self.admin_header is None else request.headers.getall(self.admin_header, [])
         try:
-            check_name(user, "user")
+            if len(users) != 1 or len(admins) > 1:
+                raise ValueError("not exactly one")
+            check_name(users[0], "user")
         except ValueError:
             raise AuthenticationError(f"The authenticating proxy sent no valid user in {self.user_header}.") from None
-        admin = self.admin_header is not None and request.headers.get(self.admin_header, "").lower() == "true"
-        return Principal(user=user, admin=admin)
+        return Principal(user=users[0], admin=[a.lower() for a in admins] == ["true"])
 
 
 class NoAuthenticator:

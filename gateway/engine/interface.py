@@ -91,7 +91,8 @@ class Engine(Protocol):
         adapter: EngineAdapter | None,
         trace_headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[GenerationDelta]:
-        """Stream deltas; closing the iterator early aborts the request."""
+        """Stream deltas; closing the iterator early aborts the request. ValueError: the engine
+        refuses the request itself (e.g. a token id outside the vocabulary)."""
 
     async def add_adapter(self, adapter: EngineAdapter) -> None:
         """Load an adapter into the engine's CPU cache; AdapterLoadError when it cannot."""

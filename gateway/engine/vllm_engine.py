@@ -86,20 +86,24 @@ class VllmEngine:
         adapter: EngineAdapter | None,
         trace_headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[GenerationDelta]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-        params = SamplingParams(
-            n=options.n,
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            logprobs=options.logprobs,
-            output_kind=RequestOutputKind.DELTA if options.incremental else RequestOutputKind.FINAL_ONLY,
-        )
+        try:
+            params = SamplingParams(
+                n=options.n,
+                max_tokens=options.max_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                seed=options.seed,
+                stop=list(options.stop) or None,
+                logprobs=options.logprobs,
+                output_kind=RequestOutputKind.DELTA if options.incremental else RequestOutputKind.FINAL_ONLY,
+            )
+        except VLLMClientError as exc:  # e.g. n > 1 with greedy sampling
+            raise ValueError(str(exc)) from exc
         stream = self._llm.generate(
             TokensPrompt(prompt_token_ids=prompt_token_ids),
             params,
@@ -115,6 +119,8 @@ class VllmEngine:
                 )
         except VllmEngineDeadError as exc:
             raise EngineDeadError(str(exc)) from exc
+        except VLLMClientError as exc:  # the request's own fault; not a ValueError since vLLM 0.32
+            raise ValueError(str(exc)) from exc
         finally:
             # Closing vLLM's generator aborts the request in the engine (client gone).
             await stream.aclose()

@@ -13,14 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
+from openapi_spec_validator import validate
 
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.record import AdapterRecord
+from adapters_manifest.store import StoreUnavailableError
 from gateway.app import create_app
-from gateway.app_keys import DISK_CACHE, SERVING
+from gateway.app_keys import DISK_CACHE, SERVING, STORE
+from gateway.auth.keys import add_key
+from gateway.auth.middleware import OPEN_PATHS
 from gateway.engine.interface import Engine
 from gateway.settings import ServeSettings
 from tests.fakes import (
@@ -108,7 +113,7 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
             store=str(store.root),
             served_model_name=BASE,
             # These tests are about serving; tests/unit/test_tenants.py covers authentication.
-            **{"insecure_no_auth": "keys_file" not in settings, **settings},
+            **{"insecure_no_auth": not {"keys_file", "trusted_user_header"} & set(settings), **settings},
         )
         app = create_app(serve_settings, engine_factory=factory or fake_factory)
         client = await aiohttp_client(app)
@@ -560,7 +565,7 @@ async def test_adapter_that_fails_to_load_is_422_and_others_serve_on(gw: Gateway
 # -- malformed requests ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b'{"model": "x",}', b"\xff\xfe{}"])
+@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b'{"model": "x",}', b"\xff\xfe{}", b"[" * 100_000])
 async def test_invalid_json_is_400(gw: Gateway, raw: bytes) -> None:
     resp = await gw.client.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"})
     error = await assert_error(resp, 400)
@@ -570,6 +575,20 @@ async def test_invalid_json_is_400(gw: Gateway, raw: bytes) -> None:
 @pytest.mark.parametrize("body", [[], "text", 3, None])
 async def test_body_that_is_not_an_object_is_400(gw: Gateway, body: Any) -> None:
     resp = await gw.client.post("/v1/chat/completions", data=json.dumps(body))
+    await assert_error(resp, 400)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b""),
+        ("multipart/form-data; boundary=b", b"--b\r\nno headers, no end"),
+        ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\nx'),
+        ("multipart/form-data; boundary=b", b"no boundary line at all"),
+    ],
+)
+async def test_malformed_multipart_upload_is_400(gw: Gateway, content_type: str, body: bytes) -> None:
+    resp = await gw.client.post("/v1/adapters", data=body, headers={"Content-Type": content_type})
     await assert_error(resp, 400)
 
 
@@ -627,6 +646,7 @@ async def test_unknown_field_is_400_naming_it(gw: Gateway, path: str, body: dict
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": "0.5"}, "temperature"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**63}, "seed"),
         ({"stream": "true"}, "stream"),
         ({"stream": 1}, "stream"),
         ({"logprobs": 6}, "logprobs"),
@@ -643,6 +663,7 @@ async def test_unknown_field_is_400_naming_it(gw: Gateway, path: str, body: dict
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"stop": 5}, "stop"),
+        ({"stop": ""}, "stop"),
         ({"stop": [1]}, "stop.0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": ["a", ""]}, "stop.1"),
@@ -773,6 +794,59 @@ async def test_wrong_method_is_405_json(gw: Gateway, method: str, path: str) -> 
     resp = await gw.client.request(method, path)
     await assert_error(resp, 405, code="method_not_allowed")
     assert "Allow" in resp.headers
+
+
+async def test_admin_sync_with_the_store_down_is_503(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def down() -> None:
+        raise StoreUnavailableError("connection refused")
+
+    monkeypatch.setattr(gw.app[STORE], "list_stamps", down)
+    resp = await gw.client.post("/admin/sync")
+    await assert_error(resp, 503, code="service_unavailable")
+    assert "Retry-After" in resp.headers
+
+
+# -- the OpenAPI document ----------------------------------------------------------------------
+
+
+async def test_openapi_document_is_valid_and_describes_exactly_the_routes(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    add_key(keys_file, "alice")
+    gw = await start_gateway(keys_file=keys_file)
+    resp = await gw.client.get("/openapi.json")  # no API key: it holds no tenant data
+    assert resp.status == 200, await resp.text()
+    document = await resp.json()
+    validate(document)  # OpenAPI 3.1, schemas included
+    assert document["openapi"].startswith("3.1")
+    documented = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
+    routed = {(r.method, r.resource.canonical) for r in gw.app.router.routes() if r.method != "HEAD" and r.resource}
+    assert documented == routed
+    open_paths = {
+        path for path, operations in document["paths"].items() for op in operations.values() if op.get("security") == []
+    }
+    assert open_paths == OPEN_PATHS
+    await assert_error(await gw.post("/v1/completions", completion()), 401, code="invalid_api_key")
+
+
+async def test_openapi_schemas_are_the_request_models_and_the_error_shape(gw: Gateway) -> None:
+    document = await (await gw.client.get("/openapi.json")).json()
+    operation = document["paths"]["/v1/completions"]["post"]
+
+    def schema(media: dict[str, Any]) -> dict[str, Any]:
+        return {**media["content"]["application/json"]["schema"], "components": document["components"]}
+
+    request_schema, error_schema = schema(operation["requestBody"]), schema(operation["responses"]["404"])
+    body = completion("nobody/nothing")
+    jsonschema.validate(body, request_schema)
+    with pytest.raises(jsonschema.ValidationError):  # unknown fields are refused by both
+        jsonschema.validate({**body, "frequency_penalty": 0}, request_schema)
+    resp = await gw.post("/v1/completions", body)
+    await assert_error(resp, 404, param="model", code="model_not_found")
+    jsonschema.validate(await resp.json(), error_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": {"message": "m", "type": "t"}}, error_schema)
 
 
 # -- metrics ---------------------------------------------------------------------------

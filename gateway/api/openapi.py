@@ -1,0 +1,132 @@
+"""GET /openapi.json: the API as OpenAPI 3.1, generated from the request models the handlers
+validate with, the statuses they answer and OpenAI's error shape. Built once per app."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+from pydantic.json_schema import models_json_schema
+
+from adapters_manifest.record import ADAPTER_FILES, NAME_PATTERN
+from gateway.api.adapters import FORM_FIELDS
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.auth.middleware import OPEN_PATHS
+
+REF = "#/components/schemas/{model}"
+JSON = "application/json"
+SSE = "text/event-stream"
+BODY_SCHEMAS = {JSON: {"type": "object"}, SSE: {"type": "object", "required": ["data"]}}  # SSE: each event
+STREAMED = (JSON, SSE)
+GENERATION_ERRORS = (400, 404, 408, 413, 422, 429, 503)  # a bad, slow or large body, no such model, adapter, limits
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class Error(BaseModel):
+    """OpenAI's error shape, for every 4xx and 5xx (gateway/errors.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    body: type[BaseModel] | str | None = None  # a JSON body's model, or "multipart"
+    ok_types: tuple[str, ...] = (JSON,)
+    errors: tuple[int, ...] = ()  # besides 401 and 500, which every authenticated operation may answer
+    ok: int = 200
+
+
+OPERATIONS = (
+    Operation("post", "/v1/completions", "Create a text completion", CompletionRequest, STREAMED, GENERATION_ERRORS),
+    Operation(
+        "post", "/v1/chat/completions", "Create a chat completion", ChatCompletionRequest, STREAMED, GENERATION_ERRORS
+    ),
+    Operation("get", "/v1/models", "List the base model and the adapters the caller may use"),
+    Operation("get", "/v1/adapters", "List the adapters the caller may use"),
+    Operation("post", "/v1/adapters", "Upload an adapter", "multipart", errors=(400, 403, 413, 503), ok=201),
+    Operation("get", "/v1/adapters/{owner}/{name}", "Show an adapter", errors=(404, 503)),
+    Operation("delete", "/v1/adapters/{owner}/{name}", "Delete an adapter", errors=(403, 404, 503)),
+    Operation("post", "/admin/sync", "Sync the adapter catalog with the store now (admins)", errors=(403, 503)),
+    Operation("get", "/admin/resident", "Adapters the engine holds (admins)", errors=(403, 503)),
+    Operation("get", "/healthz", "The process answers"),
+    Operation("get", "/readyz", "The engine serves and the first sync is done", errors=(503,)),
+    Operation("get", "/metrics", "Prometheus metrics", ok_types=("text/plain",)),
+    Operation("get", "/openapi.json", "This document"),
+)
+
+
+def build_openapi() -> dict[str, Any]:
+    bodies = [op.body for op in OPERATIONS if isinstance(op.body, type)]
+    refs, defs = models_json_schema([(m, "validation") for m in (*bodies, Error)], ref_template=REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lora-gateway", "version": importlib.metadata.version("lora-gateway")},
+        "paths": paths,
+        "components": {
+            "schemas": defs["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key."}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
+    error = {"content": {JSON: {"schema": refs[(Error, "validation")]}}}
+    open_path = op.path in OPEN_PATHS
+    statuses = sorted({*op.errors, *(() if open_path else (401, 500))})
+    operation: dict[str, Any] = {
+        "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+        "summary": op.summary,
+        "responses": {
+            str(op.ok): {
+                "description": HTTPStatus(op.ok).phrase,
+                "content": {t: {"schema": BODY_SCHEMAS.get(t, {"type": "string"})} for t in op.ok_types},
+            },
+            **{str(s): {"description": HTTPStatus(s).phrase, **error} for s in statuses},
+        },
+    }
+    if open_path:
+        operation["security"] = []
+    if "{owner}" in op.path:
+        name = {"type": "string", "pattern": NAME_PATTERN.pattern}
+        operation["parameters"] = [
+            {"name": part, "in": "path", "required": True, "schema": name} for part in ("owner", "name")
+        ]
+    if isinstance(op.body, type):
+        operation["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[(op.body, "validation")]}}}
+    elif op.body == "multipart":
+        fields = {f: {"type": "string"} for f in sorted(FORM_FIELDS)}
+        files = {f: {"type": "string", "contentMediaType": "application/octet-stream"} for f in ADAPTER_FILES}
+        form = {
+            "type": "object",
+            "properties": {**fields, **files},
+            "required": ["name", *ADAPTER_FILES],
+            "additionalProperties": False,
+        }
+        operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
+    return operation
+
+
+OPENAPI = web.AppKey("openapi", dict)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])

@@ -1,0 +1,81 @@
+"""The pure parts of `lora-gateway bench fairness`: pooling, alice's window, ratios, targets, SSE, the table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.bench.fairness import (
+    BobRun,
+    FloodWindow,
+    fairness_ratios,
+    flood_window,
+    markdown_table,
+    meets_targets,
+    sse_data,
+    summarize_alice,
+    summarize_bob,
+)
+
+
+def test_summarize_bob_pools_phases() -> None:
+    first = BobRun(requested=4, latencies_s=[0.1, 0.2, 0.3], ttft_s=[0.01, 0.02, 0.03], errors=1)
+    second = BobRun(requested=2, latencies_s=[0.4, 0.5], ttft_s=[0.04, 0.05])
+    s = summarize_bob([first, second])
+    assert (s.requested, s.ok, s.errors) == (6, 5, 1)
+    assert s.p50_s == pytest.approx(0.3)
+    assert s.p99_s == pytest.approx(0.496)  # linear interpolation between 0.4 and 0.5
+    assert s.ttft_p50_s == pytest.approx(0.03)
+
+
+def test_flood_window_and_alice_rates() -> None:
+    # counters: completed, tokens, rejected, errors, in flight (not a total: ignored)
+    w = flood_window([10, 640, 1, 0, 200], [30, 1920, 4, 1, 199], duration_s=2.0)
+    assert w == FloodWindow(completed=20, tokens=1280, rejected_429=3, errors=1, duration_s=2.0)
+    a = summarize_alice([w, FloodWindow(10, 640, 0, 0, 1.0)])
+    assert a.completed == 30 and a.rejected_429 == 3 and a.errors == 1
+    assert a.requests_per_s == pytest.approx(10.0) and a.tokens_per_s == pytest.approx(640.0)
+    assert summarize_alice([]).requests_per_s == 0.0
+
+
+def test_ratios_and_targets() -> None:
+    idle = summarize_bob([BobRun(requested=2, latencies_s=[1.0, 1.0], ttft_s=[0.1, 0.1])])
+    ok = summarize_bob([BobRun(requested=2, latencies_s=[2.0, 2.0], ttft_s=[0.2, 0.2])])
+    r = fairness_ratios(idle, ok)
+    assert r == pytest.approx({"p50": 2.0, "p99": 2.0, "ttft_p50": 2.0, "ttft_p99": 2.0})
+    assert meets_targets(ok, r) == {"bob_all_ok": True, "p50": True, "p99": True}
+
+    starved = summarize_bob([BobRun(requested=2, latencies_s=[9.0], ttft_s=[8.0], errors=1)])
+    assert meets_targets(starved, fairness_ratios(idle, starved)) == {"bob_all_ok": False, "p50": False, "p99": False}
+    nothing = summarize_bob([BobRun(requested=2, errors=2)])
+    r = fairness_ratios(idle, nothing)
+    assert math.isnan(r["p50"])
+    assert meets_targets(nothing, r) == {"bob_all_ok": False, "p50": False, "p99": False}  # NaN is no pass
+
+
+def test_sse_data() -> None:
+    assert sse_data(b'data: {"choices": [{"text": "x"}]}\n') == {"choices": [{"text": "x"}]}
+    assert sse_data(b"data: [DONE]\n") is None
+    assert sse_data(b"\n") is None
+    assert sse_data(b": keep-alive\n") is None
+
+
+def test_markdown_table_names_phases_ratios_and_alice() -> None:
+    idle = summarize_bob([BobRun(requested=2, latencies_s=[0.5, 0.5], ttft_s=[0.1, 0.1])])
+    flood = summarize_bob([BobRun(requested=2, latencies_s=[1.0, 1.0], ttft_s=[0.2, 0.2])])
+    ratio = fairness_ratios(idle, flood)
+    results = {
+        "limited": {
+            "limits": "max_running_per_user 64",
+            "bob_idle": idle,
+            "bob_flood": flood,
+            "alice": summarize_alice([FloodWindow(20, 1280, 3, 0, 2.0)]),
+            "ratios": ratio,
+            "targets_met": meets_targets(flood, ratio),
+        }
+    }
+    text = markdown_table(results)
+    assert "| limited: bob idle | 2/2 | 0.500 | 0.500 | 0.100 | 0.100 |  |  |" in text
+    assert "| limited: flood / idle |  | 2.00x | 2.00x | 2.00x | 2.00x | 10.0 req/s, 640 tok/s | 3 |" in text
+    assert "limited (max_running_per_user 64): bob all ok: met; p50 <= 3.5x: met; p99 <= 6.0x: met" in text
