@@ -88,6 +88,7 @@ class ServeSettings(BaseSettings):
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Time a client gets to send its request body.")
+    upload_timeout_s: float = Field(default=600.0, gt=0, description="Time a client gets to upload an adapter.")
 
     @model_validator(mode="after")
     def _one_way_to_authenticate(self) -> ServeSettings:

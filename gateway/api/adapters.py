@@ -26,6 +26,7 @@ from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    RequestTimeoutError,
     RequestTooLargeError,
     ServiceUnavailableError,
 )
@@ -42,10 +43,13 @@ async def upload_adapter(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
         folder = Path(tmp)
-        try:
-            fields = await _receive_form(request, folder, settings.max_adapter_bytes)
+        try:  # bounded in time too: a client dribbling its upload must not hold a connection forever
+            async with asyncio.timeout(settings.upload_timeout_s):
+                fields = await _receive_form(request, folder, settings.max_adapter_bytes)
         except (ValueError, BadHttpMessage) as exc:  # aiohttp's multipart parser: no boundary, a malformed part
             raise InvalidRequestError(f"Malformed multipart body: {exc}") from None
+        except TimeoutError:
+            raise RequestTimeoutError(f"The upload did not arrive within {settings.upload_timeout_s:g} s.") from None
         principal = request[PRINCIPAL]
         owner, name = fields.get("owner") or principal.user, fields.get("name", "")
         if owner != principal.user and not principal.admin:

@@ -297,3 +297,38 @@ async def test_an_upload_must_be_multipart(hostile: tuple[Gateway, StoreCalls, d
     error = await assert_error(resp, 400)
     assert "multipart/form-data" in error["message"]
     assert calls.calls == []
+
+
+async def test_an_upload_dribbled_past_the_upload_timeout_is_408_and_stores_nothing(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "upload-keys.yaml"
+    key, _ = add_key(keys_file, "alice")
+    gw = await start_gateway(keys_file=keys_file, upload_timeout_s=BODY_TIMEOUT_S)
+    boundary = "x" * 16
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nslow\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"adapter_config.json\"; "
+        f"filename=\"adapter_config.json\"\r\n\r\n" + "{" + " " * 400 + "}\r\n" + f"--{boundary}--\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(gw.client.host, gw.client.port)
+    writer.write(
+        f"POST /v1/adapters HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+
+    async def dribble() -> None:  # steady bytes, never idle, but the whole upload takes ~40 s
+        for byte in body:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    sending = asyncio.create_task(dribble())
+    try:
+        status, _, data = await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        sending.cancel()
+        writer.close()
+    assert status == 408, data
+    assert json.loads(data)["error"]["code"] == "request_timeout"
+    assert await gw.store.get_record("alice", "slow") is None
