@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--name", required=True)
     upload.add_argument("--description", default="")
     upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
-    upload.add_argument("--warm", action="store_true", help="gateways fetch it to disk at start, before the first request")
+    upload.add_argument(
+        "--warm", action="store_true", help="gateways fetch it to disk at start, before the first request"
+    )
     upload.add_argument("--model", type=Path, help="base model folder: also check modules and tensor shapes against it")
     upload.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
     upload.add_argument("--base-model", help="base model name for the record (default: from adapter_config.json)")
@@ -125,8 +127,15 @@ async def _list(store: AdapterStore, opts: argparse.Namespace) -> int:
     records = [r for r in await store.list_records() if opts.owner in (None, r.owner)]
     rows = [("ADAPTER", "VERSION", "RANK", "VISIBILITY", "BYTES", "CREATED", "DESCRIPTION")]
     rows += [
-        (r.ref, r.version, str(r.rank), r.visibility, str(sum(f.size for f in r.files)),
-         r.created_at.strftime("%Y-%m-%d %H:%M"), r.description)
+        (
+            r.ref,
+            r.version,
+            str(r.rank),
+            r.visibility,
+            str(sum(f.size for f in r.files)),
+            r.created_at.strftime("%Y-%m-%d %H:%M"),
+            r.description,
+        )
         for r in records
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -63,9 +63,7 @@ def parse_header(raw: bytes, data_size: int) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise HeaderError(f"header is a JSON {type(header).__name__}, expected an object")
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise HeaderError("__metadata__ must be an object of strings")
 
     tensors = {name: _tensor_info(name, entry) for name, entry in header.items()}

@@ -14,13 +14,13 @@ from aiohttp import web
 
 from adapters_manifest.open_store import open_store
 from adapters_manifest.record import AdapterRecord
+from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
+from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
+from gateway.api.admin import resident_adapters, trigger_sync
 from gateway.api.completions import create_chat_completion, create_completion
 from gateway.api.health import healthz, readyz
 from gateway.api.models import list_models
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_document
-from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
-from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
-from gateway.api.admin import resident_adapters, trigger_sync
 from gateway.app_keys import (
     BASE_SPEC,
     CATALOG,
@@ -32,10 +32,6 @@ from gateway.app_keys import (
     STORE,
     Serving,
 )
-from gateway.catalog import AdapterCatalog
-from gateway.disk_cache import DiskCache
-from gateway.engine.interface import Engine
-from gateway.engine.zero_adapter import write_zero_adapter
 from gateway.auth.keys import KeyRing
 from gateway.auth.middleware import (
     AUTHENTICATOR,
@@ -45,6 +41,10 @@ from gateway.auth.middleware import (
     TrustedHeaderAuthenticator,
     auth_middleware,
 )
+from gateway.catalog import AdapterCatalog
+from gateway.disk_cache import DiskCache
+from gateway.engine.interface import Engine
+from gateway.engine.zero_adapter import write_zero_adapter
 from gateway.errors import error_middleware
 from gateway.fair_share import UserLimiter
 from gateway.metrics import build_registry, metrics
@@ -77,9 +77,7 @@ def _authenticator(settings: ServeSettings) -> Authenticator:
 
 
 def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> web.Application:
-    app = web.Application(
-        client_max_size=settings.max_request_bytes, middlewares=[error_middleware, auth_middleware]
-    )
+    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware, auth_middleware])
     app[SETTINGS] = settings
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
@@ -140,7 +138,9 @@ async def _watch_keys_file(app: web.Application) -> AsyncIterator[None]:
 async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     with contextlib.ExitStack() as stack:
-        root = settings.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-gateway-cache-")))
+        root = settings.cache_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-gateway-cache-"))
+        )
         root.mkdir(parents=True, exist_ok=True)
         app[DISK_CACHE] = DiskCache(
             app[STORE], root, settings.cache_max_bytes, max_parallel=settings.download_parallelism

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters_manifest.record import AdapterRecord, check_name
-from adapters_manifest.store import AdapterStore, StoreUnavailableError
+from adapters_manifest.store import AdapterStore
 from gateway.auth.keys import Principal
-from gateway.errors import ModelNotFoundError, ServiceUnavailableError
+from gateway.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,12 @@ class AdapterCatalog:
         if record is not None:
             self._records[ref] = record
         if old is not None and (record is None or record.version != old.version):
-            log.info("catalog: %s version %s retired (%s)", ref, old.version, "deleted" if record is None else f"now {record.version}")
+            log.info(
+                "catalog: %s version %s retired (%s)",
+                ref,
+                old.version,
+                "deleted" if record is None else f"now {record.version}",
+            )
             self._on_retired(old)
 
     def may_use(self, principal: Principal, record: AdapterRecord) -> bool:
@@ -121,10 +126,7 @@ class AdapterCatalog:
             # Not seen yet: it may have been published since the last poll. Only in one's own
             # namespace: a look-up elsewhere would answer faster for names that exist (an
             # existence oracle); other users' public adapters appear with the next poll.
-            try:
-                record = await self._store.get_record(owner, name)
-            except StoreUnavailableError as exc:
-                raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
+            record = await self._store.get_record(owner, name)  # an outage: 503 (errors.py)
             if record is not None:
                 self._replace(ref, record)
         if record is None or not self.may_use(principal, record):

@@ -9,12 +9,11 @@ from pathlib import Path
 
 
 def _serve(args: list[str]) -> int:
+    import uvloop  # vLLM's own dependency, and its server's event loop: a faster loop for the hot path
     from pydantic_settings import CliApp
 
     from gateway.server import serve
     from gateway.settings import ServeSettings
-
-    import uvloop  # vLLM's own dependency, and its server's event loop: a faster loop for the hot path
 
     settings = CliApp.run(ServeSettings, cli_args=args)
     return uvloop.run(serve(settings))
@@ -23,7 +22,9 @@ def _serve(args: list[str]) -> int:
 def _make_model(args: list[str]) -> int:
     from gateway.dev.tiny_model import make_model
 
-    parser = argparse.ArgumentParser(prog="lora-gateway dev make-model", description="Build a tiny model and adapters offline.")
+    parser = argparse.ArgumentParser(
+        prog="lora-gateway dev make-model", description="Build a tiny model and adapters offline."
+    )
     parser.add_argument("out", type=Path, help="folder to write base/ and store/ into")
     parser.add_argument("--adapters", default="alice/chat,bob/chat", help="comma-separated owner/name list")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")

@@ -9,6 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters_manifest.store import StoreUnavailableError
+
 log = logging.getLogger(__name__)
 
 
@@ -153,6 +155,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return await handler(request)
     except GatewayError as error:
         return error_response(error)
+    except StoreUnavailableError as exc:  # serving from cache goes on; this request needed the store
+        return error_response(ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -32,15 +32,19 @@ class GatewayStateCollector(Collector):
             "1 while the last sync attempt failed (the store is unreachable), else 0.",
             value=0.0 if catalog.last_error is None else 1.0,
         )
-        yield GaugeMetricFamily("lora_gateway_adapters_known", "Adapters in the synced catalog.", value=len(catalog.records()))
+        yield GaugeMetricFamily(
+            "lora_gateway_adapters_known", "Adapters in the synced catalog.", value=len(catalog.records())
+        )
         if DISK_CACHE in self._app:
             yield GaugeMetricFamily(
-                "lora_gateway_disk_cache_bytes", "Bytes of adapter files in the local disk cache.",
+                "lora_gateway_disk_cache_bytes",
+                "Bytes of adapter files in the local disk cache.",
                 value=self._app[DISK_CACHE].used_bytes,
             )
         pool = self._app[SERVING].pool
         yield GaugeMetricFamily(
-            "lora_gateway_resident_adapters", "User adapters registered in the engine.",
+            "lora_gateway_resident_adapters",
+            "User adapters registered in the engine.",
             value=0 if pool is None else len(pool.resident()),
         )
 

@@ -145,8 +145,7 @@ class AdapterPool:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise AdapterCapacityError(
-                f"All {self._capacity} adapter slots are busy; '{record.ref}' could not be loaded. "
-                "Retry shortly.",
+                f"All {self._capacity} adapter slots are busy; '{record.ref}' could not be loaded. Retry shortly.",
                 retry_after_s=1,
             )
         slot_freed = self._slot_freed
@@ -202,7 +201,9 @@ class AdapterPool:
         except (EngineDeadError, StoreUnavailableError) as exc:
             # Not the adapter's fault: nothing to remember, the client may retry.
             self._forget(name, record if pinned else None)
-            reason = "The engine is not serving" if isinstance(exc, EngineDeadError) else "The adapter store is unreachable"
+            reason = (
+                "The engine is not serving" if isinstance(exc, EngineDeadError) else "The adapter store is unreachable"
+            )
             entry.loaded.set_exception(ServiceUnavailableError(f"{reason}: {exc}", retry_after_s=5))
         except Exception as exc:
             known = isinstance(exc, (AdapterLoadError, AdapterValidationError))
@@ -278,8 +279,7 @@ class AdapterPool:
 
     def resident(self) -> list[ResidentAdapter]:
         return [
-            ResidentAdapter(name=name, holders=e.holders, loaded=e.loaded.done())
-            for name, e in self._entries.items()
+            ResidentAdapter(name=name, holders=e.holders, loaded=e.loaded.done()) for name, e in self._entries.items()
         ]
 
 

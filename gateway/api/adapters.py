@@ -17,7 +17,6 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, check_name
-from adapters_manifest.store import StoreUnavailableError
 from adapters_manifest.validation import AdapterValidationError, ValidationLimits
 from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE
 from gateway.auth.middleware import PRINCIPAL
@@ -28,7 +27,6 @@ from gateway.errors import (
     PermissionDeniedError,
     RequestTimeoutError,
     RequestTooLargeError,
-    ServiceUnavailableError,
 )
 
 FORM_FIELDS = {"name", "description", "public", "owner"}
@@ -78,10 +76,7 @@ async def upload_adapter(request: web.Request) -> web.Response:
             )
         except AdapterValidationError as exc:
             raise InvalidAdapterError(f"Adapter refused: {exc}", param="files") from None
-        try:
-            await publish(request.app[STORE], folder, record)
-        except StoreUnavailableError as exc:
-            raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
+        await publish(request.app[STORE], folder, record)
     request.app[CATALOG].add(record)
     return web.json_response(adapter_json(record), status=201)
 
@@ -89,7 +84,9 @@ async def upload_adapter(request: web.Request) -> web.Response:
 async def _receive_form(request: web.Request, folder: Path, max_file_bytes: int) -> dict[str, str]:
     """Stream the multipart body: files to `folder` (bounded), small text fields to a dict."""
     if not request.content_type.startswith("multipart/"):
-        raise InvalidRequestError("Upload with multipart/form-data: fields 'name', files adapter_config.json and adapter_model.safetensors.")
+        raise InvalidRequestError(
+            "Upload with multipart/form-data: fields 'name', files adapter_config.json and adapter_model.safetensors."
+        )
     fields: dict[str, str] = {}
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
@@ -146,10 +143,7 @@ async def delete_adapter(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     if record.owner != principal.user and not principal.admin:  # someone else's public adapter
         raise PermissionDeniedError("You can only delete adapters in your own namespace.")
-    try:
-        await request.app[STORE].delete_adapter(record.owner, record.name)
-    except StoreUnavailableError as exc:
-        raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
+    await request.app[STORE].delete_adapter(record.owner, record.name)
     request.app[CATALOG].forget(record.ref)
     return web.json_response({"id": record.ref, "object": "adapter", "deleted": True})
 

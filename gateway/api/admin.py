@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from adapters_manifest.store import StoreUnavailableError
 from gateway.app_keys import CATALOG, SERVING
 from gateway.auth.middleware import PRINCIPAL
-from gateway.errors import PermissionDeniedError, ServiceUnavailableError
+from gateway.errors import PermissionDeniedError
 
 
 def _require_admin(request: web.Request) -> None:
@@ -17,10 +16,7 @@ def _require_admin(request: web.Request) -> None:
 
 async def trigger_sync(request: web.Request) -> web.Response:
     _require_admin(request)
-    try:
-        result = await request.app[CATALOG].sync()
-    except StoreUnavailableError as exc:
-        raise ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5) from exc
+    result = await request.app[CATALOG].sync()
     return web.json_response({"listed": result.listed, "changed": result.changed, "removed": result.removed})
 
 

@@ -18,9 +18,9 @@ from gateway.auth.middleware import PRINCIPAL
 from gateway.engine.interface import Engine, EngineAdapter, EngineDeadError, GenerationDelta, SamplingOptions
 from gateway.errors import (
     ContextLengthExceededError,
-    RequestTimeoutError,
     GatewayError,
     InvalidRequestError,
+    RequestTimeoutError,
     ServiceUnavailableError,
     error_body,
 )
@@ -50,7 +50,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     try:
         prompt_ids = engine.render_chat(body.template_messages())
     except Exception as exc:  # the model's template rejected the conversation
-        raise InvalidRequestError(f"The chat template could not render these messages: {exc}", param="messages") from exc
+        raise InvalidRequestError(
+            f"The chat template could not render these messages: {exc}", param="messages"
+        ) from exc
     max_tokens = _fit_context(engine, prompt_ids, body.requested_max_tokens())
     return await _generate(
         request,

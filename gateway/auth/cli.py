@@ -22,7 +22,10 @@ def main(argv: list[str]) -> int:
     keys_file_default = os.environ.get("LORA_GATEWAY_KEYS_FILE")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--keys-file", type=Path, required=keys_file_default is None, default=keys_file_default,
+        "--keys-file",
+        type=Path,
+        required=keys_file_default is None,
+        default=keys_file_default,
         help="the keys file the gateway reads (--keys-file of serve)",
     )
     parser = argparse.ArgumentParser(prog="lora-gateway keys", description=__doc__)

@@ -34,9 +34,7 @@ class ApiKeyAuthenticator:
     def authenticate(self, request: web.Request) -> Principal:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
-            )
+            raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
         principal = self.keys.principal_for(key.strip())
         if principal is None:
             raise AuthenticationError("Incorrect API key provided.")

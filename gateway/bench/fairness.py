@@ -35,7 +35,8 @@ from typing import Any
 import aiohttp
 
 from gateway.auth.keys import add_key
-from gateway.bench.report import config_of, markdown_table as table, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway.bench.report import config_of, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway.bench.report import markdown_table as table
 from gateway.bench.serve import ENGINE_ENV, KV_CACHE_GIB, PROMPTS, running
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 
@@ -150,8 +151,7 @@ def fairness_ratios(idle: BobSummary, flood: BobSummary) -> dict[str, float]:
 def meets_targets(flood: BobSummary, ratio: dict[str, float]) -> dict[str, bool]:
     """NaN ratios (no successes) fail, as they should."""
     return {
-        "bob_all_ok": flood.requested > 0
-        and flood.ok / flood.requested >= TARGETS["bob_success_fraction_min"],
+        "bob_all_ok": flood.requested > 0 and flood.ok / flood.requested >= TARGETS["bob_success_fraction_min"],
         "p50": ratio["p50"] <= TARGETS["p50_ratio_max"],
         "p99": ratio["p99"] <= TARGETS["p99_ratio_max"],
     }

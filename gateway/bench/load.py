@@ -107,7 +107,13 @@ def _tier_table(tiers: list[dict[str, Any]]) -> str:
     target_of = {"store_to_disk": f"<= {TARGETS['store_to_disk_vs_raw_get_max']}x", "disk_to_engine": "informative"}
     rows = []
     for row in tiers:
-        cells = [LABELS[row["move"]], str(row["rank"]), f"{row['bytes'] / 1024:.0f}", _ms(row["p50_s"]), _ms(row["p99_s"])]
+        cells = [
+            LABELS[row["move"]],
+            str(row["rank"]),
+            f"{row['bytes'] / 1024:.0f}",
+            _ms(row["p50_s"]),
+            _ms(row["p99_s"]),
+        ]
         if "baseline" in row:
             cells += [LABELS[row["baseline"]], _ms(row["baseline_p50_s"]), _ms(row["baseline_p99_s"]),
                       f"{row['ratio_p50']:.2f}x / {row['ratio_p99']:.2f}x", target_of[row["move"]]]  # fmt: skip
@@ -128,7 +134,9 @@ def _sync_table(sync: dict[str, Any]) -> str:
          f"{sync['poll_vs_listing']:.2f}x / {sync['poll_vs_listing_best']:.2f}x",
          f"<= {TARGETS['poll_vs_listing_max']}x"],
     ]  # fmt: skip
-    return markdown_table(["sync", "seconds (median)", "bare cost", "bare seconds", "ratio median / best", "target"], rows)
+    return markdown_table(
+        ["sync", "seconds (median)", "bare cost", "bare seconds", "ratio median / best", "target"], rows
+    )
 
 
 def render(tiers: list[dict[str, Any]], sync: dict[str, Any] | None, plot_note: str) -> str:
@@ -237,7 +245,9 @@ async def _run_sync(opts: argparse.Namespace, env: dict[str, str], template: Ada
     from gateway.bench.load_sync import measure_sync
 
     store = S3Store(BUCKET, "sync", endpoint_url=env["AWS_ENDPOINT_URL"])
-    _progress(f"sync at scale: seeding {opts.records} records, then {opts.sync_rounds} initial sync(s), {opts.polls} polls")
+    _progress(
+        f"sync at scale: seeding {opts.records} records, then {opts.sync_rounds} initial sync(s), {opts.polls} polls"
+    )
     return await measure_sync(store, _client(env), template, opts.records, opts.sync_rounds, opts.polls)
 
 
@@ -249,7 +259,9 @@ def _client(env: dict[str, str]) -> Any:
     # The store's timeouts, retries and pool size: only the store's own work differs.
     config = Config(connect_timeout=2.0, read_timeout=5.0, retries={"total_max_attempts": 3, "mode": "standard"},
                     max_pool_connections=32)  # fmt: skip
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"], config=config)
+    return boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"], config=config
+    )
 
 
 def _progress(message: str) -> None:
@@ -258,7 +270,8 @@ def _progress(message: str) -> None:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="lora-gateway bench load", description=__doc__.splitlines()[0],
+        prog="lora-gateway bench load",
+        description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--reps", type=int, default=20, help="repetitions of each tier move, per rank")

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.bench.report import config_of, markdown_table as table, percentile, raise_on_sigterm, ratio_of, write_json
 from gateway.auth.keys import add_key
+from gateway.bench.report import config_of, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway.bench.report import markdown_table as table
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 
 # The gateway serves base-model requests through an all-zero adapter that takes one LoRA
@@ -101,8 +102,15 @@ def meets_targets(ratio: dict[str, float]) -> dict[str, bool]:
 
 def markdown_table(summaries: dict[str, Summary], ratio: dict[str, float]) -> str:
     rows = [
-        [name, f"{s.requests_per_s:.1f}", f"{s.tokens_per_s:.0f}", f"{s.p50_s:.3f}", f"{s.p99_s:.3f}", str(s.errors),
-         f"{s.other_cores:.2f}"]  # fmt: skip
+        [
+            name,
+            f"{s.requests_per_s:.1f}",
+            f"{s.tokens_per_s:.0f}",
+            f"{s.p50_s:.3f}",
+            f"{s.p99_s:.3f}",
+            str(s.errors),
+            f"{s.other_cores:.2f}",
+        ]  # fmt: skip
         for name, s in summaries.items()
     ]
     rows.append(["gateway / vLLM", *(f"{ratio[k]:.3f}x" for k in ("throughput", "tokens_per_s", "p50", "p99")), "", ""])
@@ -298,9 +306,7 @@ def main(argv: list[str]) -> int:
         for round_no in range(1, opts.rounds + 1):
             for name, url in urls.items():
                 host_before, ours_before = _cpu_seconds(pgids)
-                result = asyncio.run(
-                    run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key)
-                )
+                result = asyncio.run(run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key))
                 host_after, ours_after = _cpu_seconds(pgids)
                 result.other_cpu_s = max(0.0, (host_after - host_before) - (ours_after - ours_before))
                 results[name].append(result)

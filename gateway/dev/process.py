@@ -64,7 +64,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; log: {self.log_path}\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}; log: {self.log_path}\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.base_url + self.ready_path, timeout=2) as response:
                     if response.status == 200:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, validated_record
-from adapters_manifest.validation import BaseModelSpec
 from adapters_manifest.record import AdapterRecord
+from adapters_manifest.validation import BaseModelSpec
 
 BASE_MODEL_NAME = "tiny-llama"
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]

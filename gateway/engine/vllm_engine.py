@@ -70,9 +70,7 @@ class VllmEngine:
         return list(self._tokenizer.encode(text))
 
     def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        rendered = self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
+        rendered = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template writes the special tokens itself.
         return list(self._tokenizer.encode(rendered, add_special_tokens=False))
 
@@ -167,9 +165,7 @@ def _lora_request(adapter: EngineAdapter | None) -> Any:
         return None
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(
-        lora_name=adapter.engine_name, lora_int_id=adapter.engine_id, lora_path=str(adapter.path)
-    )
+    return LoRARequest(lora_name=adapter.engine_name, lora_int_id=adapter.engine_id, lora_path=str(adapter.path))
 
 
 def _token_logprob(token_id: int, alternatives: Mapping[int, Any], top_k: int) -> TokenLogprob:

@@ -35,13 +35,19 @@ def header_not_json(folder: Path) -> None:
 
 def wrong_output_shape(folder: Path) -> None:
     tensors = load_file(folder / WEIGHTS)
-    save_file({k: np.zeros((77, v.shape[1]), np.float32) if "lora_B" in k else v for k, v in tensors.items()}, folder / WEIGHTS)
+    save_file(
+        {k: np.zeros((77, v.shape[1]), np.float32) if "lora_B" in k else v for k, v in tensors.items()},
+        folder / WEIGHTS,
+    )
 
 
 def wrong_input_shape(folder: Path) -> None:
     """vLLM itself loads this one without complaint and serves something: validation must catch it."""
     tensors = load_file(folder / WEIGHTS)
-    save_file({k: np.zeros((v.shape[0], 64), np.float32) if "lora_A" in k else v for k, v in tensors.items()}, folder / WEIGHTS)
+    save_file(
+        {k: np.zeros((v.shape[0], 64), np.float32) if "lora_A" in k else v for k, v in tensors.items()},
+        folder / WEIGHTS,
+    )
 
 
 def rank_above_the_engines_limit(folder: Path) -> None:

@@ -6,7 +6,6 @@ import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 
 from gateway.dev.oracle import ReferenceModel

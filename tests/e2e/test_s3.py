@@ -102,7 +102,10 @@ def test_seeded_adapters_serve_exactly_on_both_replicas(
     for server in replicas:
         for ref in ("alice/chat", "bob/chat", BASE_MODEL_NAME):
             expected = oracle.greedy_ids(adapter_dir(tiny, ref), oracle.prompt_ids(PROMPT), 8)
-            assert complete_ids(client_for(server, keys.by_user[ADMIN]), ref, PROMPT, 8) == expected, (server.base_url, ref)
+            assert complete_ids(client_for(server, keys.by_user[ADMIN]), ref, PROMPT, 8) == expected, (
+                server.base_url,
+                ref,
+            )
 
 
 def test_cli_push_new_version_and_rm_reach_a_running_replica_by_polling(
@@ -111,7 +114,9 @@ def test_cli_push_new_version_and_rm_reach_a_running_replica_by_polling(
     first, second = adapter_dir(tiny, "carol/chat"), adapter_dir(tiny, "dave/notes")
     expect_first = oracle.greedy_ids(first, oracle.prompt_ids(PROMPT), 8)
     expect_second = oracle.greedy_ids(second, oracle.prompt_ids(PROMPT), 8)
-    pushed = cli(s3, "push", str(first), "--owner", "sam", "--name", "style", "--model", str(tiny.base), "--max-lora-rank", "8")
+    pushed = cli(
+        s3, "push", str(first), "--owner", "sam", "--name", "style", "--model", str(tiny.base), "--max-lora-rank", "8"
+    )
     assert pushed.returncode == 0, pushed.stderr
     replica = client_for(replicas[1], keys.by_user[ADMIN])
     assert complete_ids(replica, "sam/style", PROMPT, 8) == expect_first  # found by a direct look-up
@@ -143,7 +148,12 @@ def test_cli_push_new_version_and_rm_reach_a_running_replica_by_polling(
 
 
 def test_store_outage_serves_cached_adapters_and_recovers(
-    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel, keys: Keys, admin: dict[str, str]
+    s3: S3Server,
+    replicas: list[ServerProcess],
+    tiny: TinyModel,
+    oracle: ReferenceModel,
+    keys: Keys,
+    admin: dict[str, str],
 ) -> None:
     server = replicas[0]
     client = client_for(server, keys.by_user[ADMIN])
@@ -157,7 +167,9 @@ def test_store_outage_serves_cached_adapters_and_recovers(
     s3.stop()
     try:
         eventually(
-            lambda: requests.get(server.base_url + "/readyz", timeout=5).json()["adapter_sync"]["last_error"] is not None,
+            lambda: (
+                requests.get(server.base_url + "/readyz", timeout=5).json()["adapter_sync"]["last_error"] is not None
+            ),
             5 * SYNC_INTERVAL_S + 15,
             "a failed poll reported",
         )
@@ -167,7 +179,10 @@ def test_store_outage_serves_cached_adapters_and_recovers(
         assert complete_ids(client, "alice/chat", PROMPT, 8) == expect_alice
         assert complete_ids(client, BASE_MODEL_NAME, PROMPT, 8) == oracle.greedy_ids(None, oracle.prompt_ids(PROMPT), 8)
         uncached = requests.post(
-            server.base_url + "/v1/completions", json={"model": "erin/notes", "prompt": PROMPT, "max_tokens": 4}, headers=admin, timeout=120
+            server.base_url + "/v1/completions",
+            json={"model": "erin/notes", "prompt": PROMPT, "max_tokens": 4},
+            headers=admin,
+            timeout=120,
         )
         assert uncached.status_code == 503
         assert int(uncached.headers["Retry-After"]) >= 1

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.e2e
 PROMPT = "def parse(value):"
 
 
-def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(client: openai.OpenAI, tiny: TinyModel) -> None:
+def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(
+    client: openai.OpenAI, tiny: TinyModel
+) -> None:
     models = {m.id: m for m in client.models.list()}
     assert BASE_MODEL_NAME in models
     for record in tiny.adapters:
@@ -50,7 +52,12 @@ def test_streamed_completion_equals_the_whole_one(client: openai.OpenAI) -> None
     whole = client.completions.create(model="bob/chat", prompt=PROMPT, max_tokens=12, temperature=0)
     chunks = list(
         client.completions.create(
-            model="bob/chat", prompt=PROMPT, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+            model="bob/chat",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -60,7 +67,9 @@ def test_streamed_completion_equals_the_whole_one(client: openai.OpenAI) -> None
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
-def test_chat_completion_follows_the_chat_template(client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel) -> None:
+def test_chat_completion_follows_the_chat_template(
+    client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel
+) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     result = client.chat.completions.create(model="carol/chat", messages=messages, max_tokens=8, temperature=0)
     expected = oracle.greedy_ids(adapter_dir(tiny, "carol/chat"), oracle.chat_ids(messages), 8)
@@ -73,14 +82,18 @@ def test_chat_completion_follows_the_chat_template(client: openai.OpenAI, tiny: 
 def test_streamed_chat_sends_role_then_content(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "hello"}]
     whole = client.chat.completions.create(model="alice/chat", messages=messages, max_tokens=6, temperature=0)
-    chunks = list(client.chat.completions.create(model="alice/chat", messages=messages, max_tokens=6, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model="alice/chat", messages=messages, max_tokens=6, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_n_choices_and_logprobs(client: openai.OpenAI) -> None:
-    result = client.completions.create(model="alice/chat", prompt=PROMPT, max_tokens=5, n=3, temperature=1.0, seed=7, logprobs=2)
+    result = client.completions.create(
+        model="alice/chat", prompt=PROMPT, max_tokens=5, n=3, temperature=1.0, seed=7, logprobs=2
+    )
     assert sorted(c.index for c in result.choices) == [0, 1, 2]
     for choice in result.choices:
         assert len(choice.logprobs.tokens) == 5
@@ -93,7 +106,11 @@ def test_n_choices_and_logprobs(client: openai.OpenAI) -> None:
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     def sample() -> str:
-        return client.completions.create(model="bob/chat", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=42).choices[0].text
+        return (
+            client.completions.create(model="bob/chat", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=42)
+            .choices[0]
+            .text
+        )
 
     assert sample() == sample()
 

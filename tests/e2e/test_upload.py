@@ -32,7 +32,9 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_upload_serve_replace_delete(gateway: ServerProcess, keys: Keys, tiny: TinyModel, oracle: ReferenceModel) -> None:
+def test_upload_serve_replace_delete(
+    gateway: ServerProcess, keys: Keys, tiny: TinyModel, oracle: ReferenceModel
+) -> None:
     uma = keys.by_user["uma"]
     client = client_for(gateway, uma)
     alice_files, bob_files = adapter_dir(tiny, "alice/chat"), adapter_dir(tiny, "bob/chat")
@@ -64,7 +66,9 @@ def test_bad_upload_is_refused_and_nothing_is_stored(
     folder = tmp_path / "bad"
     folder.mkdir()
     source = adapter_dir(tiny, "alice/chat")
-    (folder / "adapter_config.json").write_text((source / "adapter_config.json").read_text().replace('"r": 8', '"r": 64'))
+    (folder / "adapter_config.json").write_text(
+        (source / "adapter_config.json").read_text().replace('"r": 8', '"r": 64')
+    )
     (folder / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
     refused = upload(gateway, keys.by_user["uma"], folder, "too-big")
     assert refused.status_code == 400

@@ -880,3 +880,14 @@ async def test_warm_adapters_are_fetched_to_disk_at_start(start_gateway: StartGa
         assert asyncio.get_running_loop().time() < deadline, "the warm adapter was not prefetched"
         await asyncio.sleep(0.05)
     assert not disk.is_cached(cold)
+
+
+async def test_store_down_during_a_direct_look_up_is_503_with_retry_after(gw: Gateway) -> None:
+    async def outage(owner: str, name: str) -> AdapterRecord | None:
+        raise StoreUnavailableError("the store is down (test)")
+
+    gw.app[STORE].get_record = outage  # type: ignore[method-assign]
+    resp = await gw.post("/v1/completions", completion("alice/not-seen-yet"))
+    error = await assert_error(resp, 503, code="service_unavailable")
+    assert "store is unreachable" in error["message"]
+    assert int(resp.headers["Retry-After"]) >= 1

@@ -76,7 +76,9 @@ def test_sync_summary_medians_and_best_ratios() -> None:
 def test_render_names_moves_raw_costs_and_targets() -> None:
     t = TierSamples(rank=64, bytes=4096, samples={"store_to_disk": [0.013], "raw_get": [0.010],
                                                    "disk_to_engine": [0.002], "file_read": [0.0001]})  # fmt: skip
-    sync = SyncSamples(records=10, listing_s=[1.0], gets_s=[2.0], initial_sync_s=[3.0], poll_s=[1.0], poll_listing_s=[1.0])
+    sync = SyncSamples(
+        records=10, listing_s=[1.0], gets_s=[2.0], initial_sync_s=[3.0], poll_s=[1.0], poll_listing_s=[1.0]
+    )
     text = render(tier_summary([t]), sync_summary(sync), "Plot: skipped")
     assert "| store -> disk | 64 | 4 | 13.00 | 13.00 | plain GET | 10.00 | 10.00 | 1.30x / 1.30x | <= 1.2x |" in text
     assert "| disk -> engine | 64 |" in text and "file read" in text

@@ -16,7 +16,7 @@ from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
 from gateway.auth.keys import Principal
 from gateway.catalog import AdapterCatalog, SyncResult
-from gateway.errors import ModelNotFoundError, ServiceUnavailableError
+from gateway.errors import ModelNotFoundError
 from tests.fakes import publish_adapter
 
 ALICE = Principal("alice")  # the owner of every adapter here: may look up her own namespace
@@ -300,21 +300,22 @@ async def test_a_name_that_could_not_exist_never_reaches_the_store(catalog, stor
     assert store.calls == []
 
 
-async def test_store_down_during_a_look_up_is_503_with_retry_after(catalog, store) -> None:
+async def test_store_down_during_a_look_up_raises_the_outage_and_remembers_nothing(catalog, store) -> None:
+    """The outage reaches the HTTP layer, which answers 503 with Retry-After (test_api)."""
     store.down = True
-    with pytest.raises(ServiceUnavailableError) as caught:
+    with pytest.raises(StoreUnavailableError):
         await catalog.resolve("alice/a", ALICE)
-    assert caught.value.status == 503
-    assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
     assert store.calls == ["get_record alice/a"]
+    store.down = False
+    with pytest.raises(ModelNotFoundError):  # the store is asked again: the outage was not cached
+        await catalog.resolve("alice/a", ALICE)
+    assert store.calls == ["get_record alice/a", "get_record alice/a"]
 
 
 # -- polling -------------------------------------------------------------------------------
 
 
-async def test_polling_survives_failures_and_picks_up_a_new_adapter_within_an_interval(
-    catalog, store, publish
-) -> None:
+async def test_polling_survives_failures_and_picks_up_a_new_adapter_within_an_interval(catalog, store, publish) -> None:
     interval = 0.1
     store.down = True
     polling = asyncio.create_task(catalog.poll_forever(interval))

@@ -307,9 +307,9 @@ async def test_an_upload_dribbled_past_the_upload_timeout_is_408_and_stores_noth
     gw = await start_gateway(keys_file=keys_file, upload_timeout_s=BODY_TIMEOUT_S)
     boundary = "x" * 16
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nslow\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"adapter_config.json\"; "
-        f"filename=\"adapter_config.json\"\r\n\r\n" + "{" + " " * 400 + "}\r\n" + f"--{boundary}--\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nslow\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="adapter_config.json"; '
+        f'filename="adapter_config.json"\r\n\r\n' + "{" + " " * 400 + "}\r\n" + f"--{boundary}--\r\n"
     ).encode()
     reader, writer = await asyncio.open_connection(gw.client.host, gw.client.port)
     writer.write(

@@ -38,7 +38,6 @@ class FakeFiles:
 
 @pytest.fixture
 def make_pool() -> Iterator[Callable[..., tuple[AdapterPool, FakeEngine]]]:
-    engines: list[FakeEngine] = []
 
     def make(
         capacity: int = 2,

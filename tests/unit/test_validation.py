@@ -165,34 +165,66 @@ CORPUS: list[tuple[str, Callable[[Path], None], ValidationLimits, str]] = [
     ("rank_pattern", edit_config(rank_pattern={"q_proj": 4}), LIMITS, "rank_pattern is set"),
     ("pissa init", edit_config(init_lora_weights="pissa"), LIMITS, "init_lora_weights 'pissa' modifies"),
     ("rank too big", edit_config(r=32), LIMITS, "rank 32 exceeds max_lora_rank 16"),
-    ("unknown target", edit_config(target_modules=["q_proj", "foo_proj"]), LIMITS,
-     "target module 'foo_proj' is not in"),
+    (
+        "unknown target",
+        edit_config(target_modules=["q_proj", "foo_proj"]),
+        LIMITS,
+        "target module 'foo_proj' is not in",
+    ),
     ("truncated", truncate, LIMITS, "run past the end of the"),
     ("header not json", header_not_json, LIMITS, "adapter_model.safetensors: header is not valid JSON"),
     ("header length too big", header_too_long, LIMITS, "bytes after the length prefix"),
     ("int64 dtype", tensor(Q_A, np.zeros((8, 128), np.int64)), LIMITS, f"tensor {Q_A} has dtype I64"),
-    ("unexpected tensor", tensor("base_model.model.lm_head.weight", np.zeros((512, 128), np.float32)), LIMITS,
-     "unexpected tensor base_model.model.lm_head.weight"),
-    ("adapter-named tensor", tensor(Q_A.replace("A.weight", "A.default.weight"), np.zeros((8, 128), np.float32)),
-     LIMITS, "q_proj.lora_A.default.weight: an adapter holds only"),
-    ("lora_A without lora_B", edit_tensors({Q_B: None}), LIMITS,
-     f"tensor {Q_A} has no matching lora_B"),
-    ("module not targeted", both(
-        tensor("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", np.zeros((8, 128), np.float32)),
-        tensor("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight", np.zeros((64, 8), np.float32)),
-    ), LIMITS, "model.layers.0.self_attn.k_proj, which is not in target_modules"),
-    ("module not in base", both(
-        edit_config(target_modules=[*LORA_TARGET_MODULES, "k_proj"]),
-        tensor("base_model.model.model.layers.9.self_attn.k_proj.lora_A.weight", np.zeros((8, 128), np.float32)),
-        tensor("base_model.model.model.layers.9.self_attn.k_proj.lora_B.weight", np.zeros((64, 8), np.float32)),
-    ), LIMITS, "model.layers.9.self_attn.k_proj, which the base model lacks"),
-    ("lora_A in_features", tensor(Q_A, np.zeros((8, 64), np.float32)), LIMITS,
-     f"tensor {Q_A} has shape [8, 64], expected [8, 128]"),
-    ("lora_B out_features", tensor(V_B, np.zeros((128, 8), np.float32)), LIMITS,
-     f"tensor {V_B} has shape [128, 8], expected [64, 8]"),
-    ("rank differs from config", both(
-        tensor(Q_A, np.zeros((4, 128), np.float32)), tensor(Q_B, np.zeros((128, 4), np.float32))
-    ), LIMITS, f"tensor {Q_A} has shape [4, 128], expected [8, 128] (r = 8 in adapter_config.json"),
+    (
+        "unexpected tensor",
+        tensor("base_model.model.lm_head.weight", np.zeros((512, 128), np.float32)),
+        LIMITS,
+        "unexpected tensor base_model.model.lm_head.weight",
+    ),
+    (
+        "adapter-named tensor",
+        tensor(Q_A.replace("A.weight", "A.default.weight"), np.zeros((8, 128), np.float32)),
+        LIMITS,
+        "q_proj.lora_A.default.weight: an adapter holds only",
+    ),
+    ("lora_A without lora_B", edit_tensors({Q_B: None}), LIMITS, f"tensor {Q_A} has no matching lora_B"),
+    (
+        "module not targeted",
+        both(
+            tensor("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", np.zeros((8, 128), np.float32)),
+            tensor("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight", np.zeros((64, 8), np.float32)),
+        ),
+        LIMITS,
+        "model.layers.0.self_attn.k_proj, which is not in target_modules",
+    ),
+    (
+        "module not in base",
+        both(
+            edit_config(target_modules=[*LORA_TARGET_MODULES, "k_proj"]),
+            tensor("base_model.model.model.layers.9.self_attn.k_proj.lora_A.weight", np.zeros((8, 128), np.float32)),
+            tensor("base_model.model.model.layers.9.self_attn.k_proj.lora_B.weight", np.zeros((64, 8), np.float32)),
+        ),
+        LIMITS,
+        "model.layers.9.self_attn.k_proj, which the base model lacks",
+    ),
+    (
+        "lora_A in_features",
+        tensor(Q_A, np.zeros((8, 64), np.float32)),
+        LIMITS,
+        f"tensor {Q_A} has shape [8, 64], expected [8, 128]",
+    ),
+    (
+        "lora_B out_features",
+        tensor(V_B, np.zeros((128, 8), np.float32)),
+        LIMITS,
+        f"tensor {V_B} has shape [128, 8], expected [64, 8]",
+    ),
+    (
+        "rank differs from config",
+        both(tensor(Q_A, np.zeros((4, 128), np.float32)), tensor(Q_B, np.zeros((128, 4), np.float32))),
+        LIMITS,
+        f"tensor {Q_A} has shape [4, 128], expected [8, 128] (r = 8 in adapter_config.json",
+    ),
     ("3-d tensor", tensor(Q_A, np.zeros((8, 128, 1), np.float32)), LIMITS, "has shape [8, 128, 1], expected a matrix"),
 ]
 
@@ -267,17 +299,24 @@ A_ENTRY = entry("F32", [8, 128], 0, 4096)
 LAYOUTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("trailing bytes", {Q_A: A_ENTRY}, 4096 + 7, "7 bytes after the last tensor's data"),
     ("gap", {Q_A: entry("F32", [8, 128], 16, 4112)}, 4112, "leaving a gap after byte 0"),
-    ("overlap", {Q_A: A_ENTRY, Q_B: entry("F32", [128, 8], 4000, 8096)}, 8096,
-     "leaving an overlap after byte 4096"),
+    ("overlap", {Q_A: A_ENTRY, Q_B: entry("F32", [128, 8], 4000, 8096)}, 8096, "leaving an overlap after byte 4096"),
     ("offsets reversed", {Q_A: entry("F32", [8, 128], 4096, 0)}, 4096, "expected [begin, end] with begin <= end"),
     ("shape not ints", {Q_A: entry("F32", [8, "128"], 0, 4096)}, 4096, "expected a list of non-negative integers"),
-    ("no dtype", {Q_A: {"shape": [8, 128], "data_offsets": [0, 4096]}}, 4096,
-     "must have dtype, shape and data_offsets"),
+    (
+        "no dtype",
+        {Q_A: {"shape": [8, 128], "data_offsets": [0, 4096]}},
+        4096,
+        "must have dtype, shape and data_offsets",
+    ),
     ("bad metadata", {"__metadata__": {"format": 1}, Q_A: A_ENTRY}, 4096, "__metadata__ must be an object of strings"),
     ("header a list", [1], 0, "header is a JSON list, expected an object"),  # type: ignore[list-item]
     ("no tensors", {"__metadata__": {"format": "pt"}}, 0, "adapter_model.safetensors holds no tensors"),
-    ("bytes do not fit the shape", {Q_A: entry("F16", [8, 128], 0, 4096)}, 4096,
-     "has 4096 bytes of data, not what shape [8, 128] of F16 needs"),
+    (
+        "bytes do not fit the shape",
+        {Q_A: entry("F16", [8, 128], 0, 4096)},
+        4096,
+        "has 4096 bytes of data, not what shape [8, 128] of F16 needs",
+    ),
 ]
 
 
@@ -307,7 +346,8 @@ def test_duplicate_tensor_names_are_refused(adapter: Path, spec: BaseModelSpec) 
 
 def test_half_precision_adapters_pass(adapter: Path, spec: BaseModelSpec) -> None:
     import torch
-    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
 
     tensors = load_torch(str(adapter / WEIGHTS))
     half = {name: t.to(torch.bfloat16 if "lora_A" in name else torch.float16) for name, t in tensors.items()}
