@@ -1,9 +1,9 @@
 """`lora-gateway bench serve`: the gateway against vLLM's own OpenAI server.
 
-Same base model, adapters, engine settings and load for both. Both servers are started
-once and warmed up; then they take the load one at a time (a small host cannot load two
-engines without each slowing the other) in alternating rounds, so drift and other work on
-the host hit both alike. Per server: requests/s, completion tokens/s, p50/p99 latency and
+Same base model, adapters, engine settings and load for both. In alternating rounds each
+server is started, warmed up, measured and stopped, one at a time (an idle engine's worker
+spins on its core, so two engines on a small host slow each other), so drift and other work
+on the host hit both alike. Per server: requests/s, completion tokens/s, p50/p99 latency and
 errors over all its rounds; then gateway/vLLM ratios against the targets.
 """
 
@@ -265,7 +265,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=48, help="unmeasured requests after each start")
-    p.add_argument("--rounds", type=int, default=8, help="alternating rounds: gateway, vLLM, gateway, ...")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds: gateway, vLLM, gateway, ...")
     p.add_argument("--max-loras", type=int, default=2)
     p.add_argument("--max-cpu-loras", type=int, default=4)
     p.add_argument("--max-lora-rank", type=int, default=8)
@@ -282,38 +282,40 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, raise_on_sigterm)  # unwinds through `running`
     logs = opts.out.parent / "bench-serve-logs"
     results: dict[str, list[LoadResult]] = {"gateway": [], "vLLM": []}
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, contextlib.ExitStack() as servers:
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         base, store, adapters = _inputs(opts, Path(tmp))
         keys_file = Path(tmp) / "keys.yaml"
         api_key, _ = add_key(keys_file, "bench", admin=True)  # an admin may use every adapter
         models = [opts.served_model_name, *adapters]
-        urls: dict[str, str] = {}
-        pgids: set[int] = set()  # each server leads its own process group (its engine processes too)
-        # Started one after the other, each kept for all rounds: an idle server costs ~1% of a
-        # core, and short alternating rounds spread other load on the host over both servers.
-        for name in results:
-            log_path = logs / f"{name.lower()}.log"
-            log_path.unlink(missing_ok=True)
-            if name == "gateway":
-                server = gateway_server(opts, base, store, keys_file, log_path)
-            else:
-                server = vllm_server(opts, base, adapters, log_path)
-            print(f"{name}: starting (log: {log_path})", file=sys.stderr, flush=True)
-            urls[name] = servers.enter_context(running(server, opts.startup_timeout))
-            assert server.process is not None
-            pgids.add(server.process.pid)
-            asyncio.run(run_load(urls[name], models, opts.warmup, opts.concurrency, opts.max_tokens, api_key))
+        # One server at a time, started afresh each round: an idle vLLM engine's worker spins on
+        # its core, so a second engine left running slows whichever server is measured.
         for round_no in range(1, opts.rounds + 1):
-            for name, url in urls.items():
-                host_before, ours_before = _cpu_seconds(pgids)
-                result = asyncio.run(run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key))
-                host_after, ours_after = _cpu_seconds(pgids)
+            for name in results:
+                log_path = logs / f"{name.lower()}-{round_no}.log"
+                log_path.unlink(missing_ok=True)
+                if name == "gateway":
+                    server = gateway_server(opts, base, store, keys_file, log_path)
+                else:
+                    server = vllm_server(opts, base, adapters, log_path)
+                print(f"round {round_no}: {name} starting (log: {log_path})", file=sys.stderr, flush=True)
+                with running(server, opts.startup_timeout) as url:
+                    assert server.process is not None
+                    pgids = {server.process.pid}  # the server leads its process group (engine processes too)
+                    asyncio.run(run_load(url, models, opts.warmup, opts.concurrency, opts.max_tokens, api_key))
+                    host_before, ours_before = _cpu_seconds(pgids)
+                    result = asyncio.run(
+                        run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key)
+                    )
+                    host_after, ours_after = _cpu_seconds(pgids)
                 result.other_cpu_s = max(0.0, (host_after - host_before) - (ours_after - ours_before))
                 results[name].append(result)
                 s = summarize([result])
-                print(f"round {round_no}: {name} {s.requests_per_s:.1f} req/s, p50 {s.p50_s:.3f} s, "
-                      f"errors {s.errors} {result.first_errors[:1]}, other load {s.other_cores:.2f} cores",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"round {round_no}: {name} {s.requests_per_s:.1f} req/s, p50 {s.p50_s:.3f} s, "
+                    f"errors {s.errors} {result.first_errors[:1]}, other load {s.other_cores:.2f} cores",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     summaries = {name: summarize(runs) for name, runs in results.items()}
     ratio = ratios(summaries["gateway"], summaries["vLLM"])
