@@ -43,6 +43,7 @@ from gateway.auth.middleware import (
 )
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
+from gateway.draining import drain_middleware
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
 from gateway.errors import error_middleware
@@ -77,7 +78,10 @@ def _authenticator(settings: ServeSettings) -> Authenticator:
 
 
 def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> web.Application:
-    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware, auth_middleware])
+    app = web.Application(
+        client_max_size=settings.max_request_bytes,
+        middlewares=[error_middleware, drain_middleware, auth_middleware],
+    )
     app[SETTINGS] = settings
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)

@@ -25,7 +25,8 @@ class Serving:
     engine: Engine | None = None
     pool: AdapterPool | None = None
     startup_error: str | None = None
-    draining: bool = False
+    draining: bool = False  # set on SIGTERM: new work is refused (draining.py)
+    in_flight: int = 0  # requests being handled, streams included
 
     def not_ready_reason(self, catalog: AdapterCatalog) -> str | None:
         if self.draining:
@@ -41,8 +42,6 @@ class Serving:
         return None
 
     def engine_or_raise(self) -> Engine:
-        if self.draining:
-            raise ServiceUnavailableError("The server is shutting down.", retry_after_s=1)
         if self.engine is None:
             raise ServiceUnavailableError("The engine is starting.", retry_after_s=5)
         return self.engine

@@ -15,13 +15,14 @@ from gateway.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.5
+RUNNER_SHUTDOWN_TIMEOUT_S = 1.0  # after our own drain: only stragglers such as idle keep-alives
 
 
 async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> int:
     """Serve until a signal (exit 0) or until the engine is dead or failed to start (exit 1)."""
     app = create_app(settings, engine_factory)
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its generation.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.drain_timeout_s)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
@@ -42,7 +43,14 @@ async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_
             await asyncio.wait_for(stop.wait(), WATCH_INTERVAL_S)
         except TimeoutError:
             pass
+    # Keep listening while draining: /readyz answers 503 (the load balancer stops sending) and
+    # new requests get a 503 to retry elsewhere, while requests in flight, streams too, finish.
     serving.draining = True
-    log.info("draining in-flight requests (up to %.0f s)", settings.drain_timeout_s)
+    log.info("draining %d in-flight requests (up to %.0f s)", serving.in_flight, settings.drain_timeout_s)
+    deadline = loop.time() + settings.drain_timeout_s
+    while serving.in_flight and loop.time() < deadline and exit_code == 0:
+        await asyncio.sleep(WATCH_INTERVAL_S / 5)
+    if serving.in_flight:
+        log.warning("drain ended with %d requests cut off", serving.in_flight)
     await runner.cleanup()
     return exit_code

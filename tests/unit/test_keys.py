@@ -192,8 +192,11 @@ def test_keyring_notices_a_same_size_rewrite_within_the_timestamp_granularity(tm
     old, _ = add_key(keys_file, "alice")
     ring = KeyRing(keys_file)
     before = keys_file.stat()
-    remove_keys(keys_file, user="alice")
-    new, _ = add_key(keys_file, "alice")
+    for _ in range(100):  # YAML quotes an id that reads as a number: draw until the size matches
+        remove_keys(keys_file, user="alice")
+        new, _ = add_key(keys_file, "alice")
+        if keys_file.stat().st_size == before.st_size:
+            break
     os.utime(keys_file, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert keys_file.stat().st_size == before.st_size
 
