@@ -192,7 +192,7 @@ def test_keyring_notices_a_same_size_rewrite_within_the_timestamp_granularity(tm
     old, _ = add_key(keys_file, "alice")
     ring = KeyRing(keys_file)
     before = keys_file.stat()
-    for _ in range(100):  # YAML quotes an id that reads as a number: draw until the size matches
+    for _ in range(1000):  # YAML quotes an id that reads as a number: draw until the size matches
         remove_keys(keys_file, user="alice")
         new, _ = add_key(keys_file, "alice")
         if keys_file.stat().st_size == before.st_size:
