@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 from adapters_manifest import layout
+from adapters_manifest.atomic_file import replacing
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import ProgressCallback
 
 
 def _atomic_copy(source: Path, dest: Path) -> None:
-    """Readers see the whole file or none of it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    os.close(fd)
-    try:
+    with replacing(dest) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _atomic_write(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with replacing(dest) as tmp:
+        tmp.write_bytes(data)
 
 
 class LocalFolderStore:

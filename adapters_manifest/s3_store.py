@@ -36,6 +36,7 @@ from botocore.exceptions import (
 )
 
 from adapters_manifest import layout
+from adapters_manifest.atomic_file import replacing
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import ProgressCallback, StoreAccessError, StoreUnavailableError
 
@@ -245,16 +246,13 @@ class S3Store:
                 raise FileNotFoundError(f"{key} is not in {self._where}") from exc
             raise
         # Like download_file: a temporary name, renamed once whole (a broken stream leaves nothing).
-        partial = dest.with_name(f".{dest.name}.{os.getpid()}.part")
         body = response["Body"]
         try:
-            with partial.open("wb") as out:
+            with replacing(dest) as partial, partial.open("wb") as out:
                 for chunk in body.iter_chunks(1 << 20):  # checks the length (and checksum) as it reads
                     out.write(chunk)
-            partial.replace(dest)
         finally:
             body.close()
-            partial.unlink(missing_ok=True)
 
     async def has_version(self, record: AdapterRecord) -> bool:
         return await self._run(self._has_version, record)

@@ -53,6 +53,9 @@ class AdapterCatalog:
     def seconds_since_sync(self) -> float | None:
         return None if self.last_success is None else time.monotonic() - self.last_success
 
+    def __len__(self) -> int:
+        return len(self._records)
+
     def records(self) -> list[AdapterRecord]:
         return sorted(self._records.values(), key=lambda r: r.ref)
 

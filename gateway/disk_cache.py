@@ -173,13 +173,15 @@ class DiskCache:
 
     def _shrink(self) -> None:
         """Drop least recently used unpinned versions until the cache fits its budget."""
+        used = self.used_bytes
         for key in list(self._versions):
-            if self.used_bytes <= self._max_bytes:
+            if used <= self._max_bytes:
                 return
             version = self._versions[key]
             if version.pins == 0 and version.ready.done():
                 log.info("disk cache: dropping %s (least recently used, %d bytes)", key, version.size)
                 self._delete(key)
+                used -= version.size
 
     def _delete(self, key: str) -> None:
         version = self._versions.pop(key)

@@ -32,9 +32,7 @@ class GatewayStateCollector(Collector):
             "1 while the last sync attempt failed (the store is unreachable), else 0.",
             value=0.0 if catalog.last_error is None else 1.0,
         )
-        yield GaugeMetricFamily(
-            "lora_gateway_adapters_known", "Adapters in the synced catalog.", value=len(catalog.records())
-        )
+        yield GaugeMetricFamily("lora_gateway_adapters_known", "Adapters in the synced catalog.", value=len(catalog))
         if DISK_CACHE in self._app:
             yield GaugeMetricFamily(
                 "lora_gateway_disk_cache_bytes",

@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +49,6 @@ class _Entry:
     loaded: asyncio.Future[None]
     holders: int = 0
     retired: bool = False
-    last_used: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,6 @@ class AdapterPool:
 
     def _release(self, entry: _Entry) -> None:
         entry.holders -= 1
-        entry.last_used = time.monotonic()
         name = entry.record.versioned_ref
         if entry.holders > 0 or self._entries.get(name) is not entry:
             return  # still in use, or already gone (a failed load wakes waiters itself)

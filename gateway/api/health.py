@@ -18,7 +18,7 @@ async def readyz(request: web.Request) -> web.Response:
     sync = {
         "seconds_since_success": None if since is None else round(since, 1),
         "last_error": catalog.last_error,
-        "adapters": len(catalog.records()),
+        "adapters": len(catalog),
     }
     reason = request.app[SERVING].not_ready_reason(catalog)
     if reason is not None:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from adapters_manifest.atomic_file import replacing
 from adapters_manifest.record import check_name
 
 log = logging.getLogger(__name__)
@@ -85,12 +84,9 @@ def parse_keys(content: bytes) -> KeysFileModel:
 
 def write_keys_file(path: Path, model: KeysFileModel) -> None:
     """Atomically, so a gateway re-reading it never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(model.model_dump(), f, sort_keys=False)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(yaml.safe_dump(model.model_dump(), sort_keys=False))
+        tmp.chmod(0o600)
 
 
 def add_key(path: Path, user: str, admin: bool = False, label: str = "") -> tuple[str, KeyEntry]:
