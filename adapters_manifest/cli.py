@@ -1,4 +1,4 @@
-"""`lora-gateway adapters push|list|show|rm|register`: manage the adapters in a store."""
+"""`lora-gateway adapters push|list|show|rm|register|train`: manage the adapters in a store, train new ones."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from adapter_training.dataset import DatasetError
 from adapters_manifest.open_store import open_store
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, AdapterRecord, check_name
@@ -29,18 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-gateway adapters", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    upload = argparse.ArgumentParser(add_help=False)
-    upload.add_argument("--owner", required=True)
-    upload.add_argument("--name", required=True)
-    upload.add_argument("--description", default="")
-    upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
-    upload.add_argument(
-        "--warm", action="store_true", help="gateways fetch it to disk at start, before the first request"
-    )
-    upload.add_argument("--model", type=Path, help="base model folder: also check modules and tensor shapes against it")
-    upload.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
-    upload.add_argument("--base-model", help="base model name for the record (default: from adapter_config.json)")
-
+    upload = _upload_options(required=True)
     push = commands.add_parser("push", parents=[common, upload], help="validate and upload an adapter folder")
     push.add_argument("folder", type=Path)
     register = commands.add_parser("register", parents=[common, upload], help="adopt adapter files already in S3")
@@ -51,11 +41,58 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("ref", help="owner/name")
     remove = commands.add_parser("rm", parents=[common], help="delete an adapter (record, then files)")
     remove.add_argument("ref", help="owner/name")
+    _add_train_command(commands, common)
     return parser
+
+
+def _upload_options(required: bool) -> argparse.ArgumentParser:
+    """Where a published adapter goes and what its record says (push, register, train --push)."""
+    upload = argparse.ArgumentParser(add_help=False)
+    upload.add_argument("--owner", required=required)
+    upload.add_argument("--name", required=required)
+    upload.add_argument("--description", default="")
+    upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
+    upload.add_argument(
+        "--warm", action="store_true", help="gateways fetch it to disk at start, before the first request"
+    )
+    upload.add_argument("--model", type=Path, help="base model folder: also check modules and tensor shapes against it")
+    upload.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
+    upload.add_argument("--base-model", help="base model name for the record (default: from adapter_config.json)")
+    return upload
+
+
+def _add_train_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    train = commands.add_parser(
+        "train",
+        parents=[common, _upload_options(required=False)],
+        help="train a LoRA adapter on a JSONL dataset (then --push it)",
+        description='Train a PEFT LoRA adapter. DATA is JSON lines of {"prompt", "completion"} or chat '
+        '{"messages": [{"role", "content"}, ...]}; the loss is on the completion (assistant) tokens only.',
+    )
+    train.add_argument("data", type=Path, help="the dataset (JSONL)")
+    train.add_argument("--base", type=Path, required=True, help="base model folder (Hugging Face layout)")
+    train.add_argument("--out", type=Path, required=True, help="folder the adapter is written to")
+    train.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8; at most the gateway's max rank)")
+    train.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    train.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="e.g. q_proj v_proj (default: every linear layer)",
+    )
+    train.add_argument("--epochs", type=int, default=3, help="passes over the data (default: 3)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    train.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    train.add_argument("--seed", type=int, default=0, help="same data + seed + machine = the same adapter (default: 0)")
+    train.add_argument("--push", action="store_true", help="then publish it to --store as --owner/--name")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str]) -> int:
     opts = _parser().parse_args(argv)
+    if opts.command == "train":
+        return _train(opts)
     try:
         store = open_store(opts.store)
         return asyncio.run(COMMANDS[opts.command](store, opts))
@@ -63,6 +100,51 @@ def main(argv: list[str]) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     except (StoreUnavailableError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train(opts: argparse.Namespace) -> int:
+    """Train (torch and PEFT imported only here), then optionally publish like `push` does."""
+    if opts.push and not (opts.owner and opts.name):
+        print("error: --push needs --owner and --name", file=sys.stderr)
+        return 2
+    try:
+        if opts.push:  # names and store checked before minutes of training, not after
+            check_name(opts.owner, "owner")
+            check_name(opts.name)
+            store = open_store(opts.store)
+        if opts.max_lora_rank is not None and opts.rank > opts.max_lora_rank:
+            raise ValueError(f"--rank {opts.rank} exceeds --max-lora-rank {opts.max_lora_rank}")
+        from adapter_training.trainer import TrainingOptions, train_adapter
+
+        options = TrainingOptions(
+            rank=opts.rank,
+            alpha=opts.alpha,
+            target_modules=tuple(opts.target_modules),
+            epochs=opts.epochs,
+            lr=opts.lr,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+        )
+        result = train_adapter(opts.data, opts.base, opts.out, options, progress=not opts.quiet)
+        losses = result.epoch_losses
+        print(
+            f"trained {opts.out} on {result.examples} examples ({result.target_tokens} target tokens) in "
+            f"{result.seconds:.1f} s; loss {losses[0]:.3f} (first epoch) -> {losses[-1]:.3f} (last)"
+        )
+        if opts.push:
+            opts.model = opts.model or opts.base  # check modules and shapes against the base it trained on
+            record = asyncio.run(_upload(store, opts.out, opts))
+            print(f"pushed {record.ref} version {record.version} to {store.url}")
+        return 0
+    except DatasetError as exc:
+        print(exc, file=sys.stderr)  # FILE:LINE: what is wrong
+        return 2
+    except (AdapterValidationError, ValueError) as exc:  # TrainingError too
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreUnavailableError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
