@@ -11,6 +11,8 @@ from functools import partial
 from pathlib import Path
 
 from aiohttp import web
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
 from adapters_manifest.open_store import open_store
 from adapters_manifest.record import AdapterRecord
@@ -26,10 +28,12 @@ from gateway.app_keys import (
     CATALOG,
     DISK_CACHE,
     LIMITER,
+    METRICS,
     METRICS_REGISTRY,
     SERVING,
     SETTINGS,
     STORE,
+    TRACER_PROVIDER,
     Serving,
 )
 from gateway.auth.keys import KeyRing
@@ -48,9 +52,12 @@ from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
 from gateway.errors import error_middleware
 from gateway.fair_share import UserLimiter
-from gateway.metrics import build_registry, metrics
+from gateway.metrics import metrics, register_state_collector
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
+from gateway.telemetry.http import server_span_middleware
+from gateway.telemetry.instruments import GatewayMetrics
+from gateway.telemetry.spans import tracer_of
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +84,19 @@ def _authenticator(settings: ServeSettings) -> Authenticator:
     return NoAuthenticator()
 
 
-def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> web.Application:
+def create_app(
+    settings: ServeSettings,
+    engine_factory: EngineFactory = _start_vllm,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> web.Application:
+    """`tracer_provider`: where this app's spans go (default: the global provider, which the server sets)."""
+    tracer_provider = tracer_provider or trace.get_tracer_provider()
     app = web.Application(
         client_max_size=settings.max_request_bytes,
-        middlewares=[error_middleware, drain_middleware, auth_middleware],
+        # The server span is outermost: it sees the status the error middleware gives every failure.
+        middlewares=[server_span_middleware(tracer_provider), error_middleware, drain_middleware, auth_middleware],
     )
+    app[TRACER_PROVIDER] = tracer_provider
     app[SETTINGS] = settings
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
@@ -96,8 +111,16 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = _start_v
         if DISK_CACHE in app:
             app[DISK_CACHE].retire(record)
 
-    app[CATALOG] = AdapterCatalog(app[STORE], settings.base_model_name, on_retired=retire)
-    app[METRICS_REGISTRY] = build_registry(app)
+    app[METRICS_REGISTRY] = CollectorRegistry(auto_describe=True)
+    app[METRICS] = GatewayMetrics(app[METRICS_REGISTRY])
+    app[CATALOG] = AdapterCatalog(
+        app[STORE],
+        settings.base_model_name,
+        on_retired=retire,
+        tracer=tracer_of(tracer_provider),
+        metrics=app[METRICS],
+    )
+    register_state_collector(app)
     app[OPENAPI] = build_openapi()
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
@@ -147,7 +170,12 @@ async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
         )
         root.mkdir(parents=True, exist_ok=True)
         app[DISK_CACHE] = DiskCache(
-            app[STORE], root, settings.cache_max_bytes, max_parallel=settings.download_parallelism
+            app[STORE],
+            root,
+            settings.cache_max_bytes,
+            max_parallel=settings.download_parallelism,
+            tracer=tracer_of(app[TRACER_PROVIDER]),
+            metrics=app[METRICS],
         )
         yield
 
@@ -205,6 +233,8 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
                 base=app[BASE_SPEC],
                 limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
             ),
+            tracer=tracer_of(app[TRACER_PROVIDER]),
+            metrics=app[METRICS],
         )
         if settings.base_via_zero_adapter:
             await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from adapters_manifest.store import AdapterStore
@@ -16,6 +17,7 @@ from gateway.errors import ServiceUnavailableError
 from gateway.fair_share import UserLimiter
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
+from gateway.telemetry.instruments import GatewayMetrics
 
 
 @dataclass
@@ -60,3 +62,5 @@ CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", UserLimiter)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+METRICS = web.AppKey("metrics", GatewayMetrics)  # the instruments, registered in METRICS_REGISTRY
+TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)  # the global one unless create_app got one

@@ -4,6 +4,7 @@ Sync: a full listing at start, then polling. Each poll is one cheap listing of r
 (ETags); only records whose stamp changed are read. A version that changed or a record that
 disappeared is handed to `on_retired`, which takes it out of the engine and off the disk once
 its last request ends. A failed poll changes nothing: what is known keeps being served.
+Each sync is a trace of its own (`adapter.sync`), linked to the request that asked for it, if any.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from adapters_manifest.record import AdapterRecord, check_name
 from adapters_manifest.store import AdapterStore
 from gateway.auth.keys import Principal
 from gateway.errors import ModelNotFoundError
+from gateway.telemetry import spans
+from gateway.telemetry.instruments import GatewayMetrics, detached_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ class AdapterCatalog:
         store: AdapterStore,
         base_model_name: str,
         on_retired: Callable[[AdapterRecord], None] = lambda record: None,
+        tracer: Tracer | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._store = store
         self.base_model_name = base_model_name
@@ -45,6 +53,8 @@ class AdapterCatalog:
         self._stamps: dict[str, str] = {}
         self.last_success: float | None = None  # time.monotonic() of the last good sync
         self.last_error: str | None = None
+        self._tracer = tracer or trace.NoOpTracer()
+        self._metrics = metrics or detached_metrics()
 
     @property
     def synced(self) -> bool:
@@ -61,6 +71,27 @@ class AdapterCatalog:
 
     async def sync(self) -> SyncResult:
         """One poll; raises (and remembers the error) when the store fails, changing nothing."""
+        context, links = spans.root_context_linked_to_current()
+        attributes = {spans.SYNC_SOURCE: spans.store_source(self._store.url)}
+        with self._tracer.start_as_current_span(spans.SYNC, context, links=links, attributes=attributes) as span:
+            try:
+                result = await self._sync()
+            except Exception:  # the span records the exception; its status says why
+                span.set_attribute(spans.SYNC_ERRORS, 1)
+                self._metrics.syncs.labels("error").inc()
+                raise
+            span.set_attributes(
+                {
+                    spans.SYNC_LISTED: result.listed,
+                    spans.SYNC_CHANGED: result.changed,
+                    spans.SYNC_REMOVED: result.removed,
+                    spans.SYNC_ERRORS: 0,
+                }
+            )
+        self._metrics.syncs.labels("ok").inc()
+        return result
+
+    async def _sync(self) -> SyncResult:
         try:
             # Judged by this listing: what a look-up adds while it runs is left to the next poll.
             known = set(self._records)

@@ -8,6 +8,9 @@ Guarantees:
 - a version the engine holds (pinned) is never deleted: vLLM may re-read its files;
 - unpinned versions are kept, least recently used first out, within `max_bytes`;
 - a retired version (superseded or deleted in the store) is deleted once unpinned.
+
+A download is an `adapter.fetch` span (source without secrets, bytes, retries, duration), a
+child of whatever started it: a request's `adapter.acquire`, or the warm prefetch.
 """
 
 from __future__ import annotations
@@ -15,14 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from adapters_manifest.adapter_dir import sha256_file
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
+from gateway.telemetry import spans
+from gateway.telemetry.instruments import TIER_DISK, GatewayMetrics, detached_metrics, elapsed_since
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,8 @@ class DiskCache:
         max_bytes: int,
         max_parallel: int = 4,
         attempts: int = 3,
+        tracer: Tracer | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._store = store
         self._root = root
@@ -56,6 +67,9 @@ class DiskCache:
         self._downloads = asyncio.Semaphore(max_parallel)
         self._versions: OrderedDict[str, _CachedVersion] = OrderedDict()  # LRU first
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tracer = tracer or trace.NoOpTracer()
+        self._metrics = metrics or detached_metrics()
+        self._source = spans.store_source(store.url)
         # Folders of an earlier process may be incomplete: only verified downloads are trusted.
         for stale in root.glob(".download-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -128,8 +142,7 @@ class DiskCache:
         try:
             # (The common case, no folder yet, skips a thread hop: it is on the cold path's clock.)
             if not version.path.is_dir() or not await asyncio.to_thread(_matches, version.path, record):
-                async with self._downloads:
-                    await self._fetch_verified(version.path, record)
+                await self._traced_fetch(version.path, record)
         except asyncio.CancelledError:  # the app is shutting down
             self._versions.pop(key, None)
             version.ready.cancel()
@@ -145,7 +158,26 @@ class DiskCache:
         else:
             self._shrink()
 
-    async def _fetch_verified(self, dest: Path, record: AdapterRecord) -> None:
+    async def _traced_fetch(self, dest: Path, record: AdapterRecord) -> None:
+        attributes = {
+            **spans.adapter_attributes(record),
+            spans.FETCH_SOURCE: self._source,
+            spans.FETCH_BYTES: sum(f.size for f in record.files),
+        }
+        with self._tracer.start_as_current_span(spans.FETCH, attributes=attributes) as span:
+            async with self._downloads:
+                started = time.perf_counter()
+                try:
+                    await self._fetch_verified(dest, record, span)
+                except Exception:
+                    self._metrics.load_finished(TIER_DISK, elapsed_since(started), ok=False)
+                    raise
+                finally:
+                    span.set_attribute(spans.FETCH_DURATION, elapsed_since(started))
+            self._metrics.load_finished(TIER_DISK, elapsed_since(started), ok=True)
+
+    async def _fetch_verified(self, dest: Path, record: AdapterRecord, span: trace.Span) -> None:
+        span.set_attribute(spans.FETCH_RETRIES, 0)
         for attempt in range(1, self._attempts + 1):
             staging = self._root / f".download-{uuid.uuid4().hex}"
             staging.mkdir(parents=True)
@@ -167,6 +199,8 @@ class DiskCache:
                 if attempt == self._attempts:
                     raise
                 log.warning("fetching %s failed (attempt %d): %s", record.versioned_ref, attempt, exc)
+                span.add_event("retry", {"attempt": attempt, "reason": f"{type(exc).__name__}: {exc}"})
+                span.set_attribute(spans.FETCH_RETRIES, attempt)
                 await asyncio.sleep(0.2 * 2**attempt)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

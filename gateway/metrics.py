@@ -1,18 +1,24 @@
-"""GET /metrics: Prometheus text, from a registry of this app's own (no process-wide state).
+"""GET /metrics: Prometheus text, the gateway's and the engine's.
 
-Gauges are read from the live objects at scrape time, so nothing has to be kept in step.
+The gateway's metrics live in a registry of this app's own (no process-wide state): gauges read
+from the live objects at scrape time, and the instruments in `telemetry/instruments.py`. vLLM's
+in-process AsyncLLM registers its own metrics (`vllm:*`, among them `vllm:lora_requests_info`)
+in prometheus_client's default registry; they are served from there, on the same endpoint.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.app_keys import CATALOG, DISK_CACHE, METRICS_REGISTRY, SERVING
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class GatewayStateCollector(Collector):
@@ -47,12 +53,20 @@ class GatewayStateCollector(Collector):
         )
 
 
-def build_registry(app: web.Application) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(GatewayStateCollector(app))
-    return registry
+def register_state_collector(app: web.Application) -> None:
+    """Once the objects it reads (catalog, serving state) are in the app."""
+    app[METRICS_REGISTRY].register(GatewayStateCollector(app))
+
+
+def engine_registry() -> CollectorRegistry:
+    """Where vLLM's in-process engine records its metrics (vllm.v1.metrics.prometheus does the same)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return REGISTRY
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS_REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    body = generate_latest(request.app[METRICS_REGISTRY]) + generate_latest(engine_registry())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -10,6 +10,12 @@ The gateway mirrors the engine's CPU adapter cache exactly (it never asks for mo
 - a version that fails to load fails fast for `failure_ttl_s`, and the engine serves on;
 - a retired version (superseded or deleted) leaves the engine when its last request ends.
 The files come from the disk tier (`AdapterFiles`), pinned while the engine holds them.
+
+Each acquire is an `adapter.acquire` span (outcome resident, disk, store or failed); a load runs
+in a task of its own, started in the context of the request that triggered it, so its
+`adapter.evict`, `adapter.fetch`, `adapter.verify` and `adapter.register` spans are children of
+that request's acquire. Requests that join a load in flight get their own acquire span, linked
+to the load's.
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanContext, Tracer
+
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
 from adapters_manifest.validation import AdapterValidationError
 from gateway.engine.interface import AdapterLoadError, Engine, EngineAdapter, EngineDeadError
 from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
+from gateway.telemetry import spans
+from gateway.telemetry.instruments import TIER_ENGINE, GatewayMetrics, detached_metrics, elapsed_since
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,9 @@ class AdapterFiles(Protocol):
 
     def unpin(self, record: AdapterRecord) -> None: ...
 
+    def is_cached(self, record: AdapterRecord) -> bool:
+        """Whether this version is on local disk already (a load from it skips the store)."""
+
 
 @dataclass
 class _Entry:
@@ -49,6 +63,8 @@ class _Entry:
     loaded: asyncio.Future[None]
     holders: int = 0
     retired: bool = False
+    source: str = spans.STORE  # where the load found the files: disk, or the store (fetched first)
+    load_span: SpanContext | None = None  # the acquire span of the request that started the load
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,8 @@ class AdapterPool:
         wait_timeout_s: float = 30.0,
         failure_ttl_s: float = 60.0,
         validate: Callable[[Path], None] | None = None,
+        tracer: Tracer | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -83,6 +101,8 @@ class AdapterPool:
         self._base_adapter: EngineAdapter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._removing = 0  # retired adapters out of the pool whose engine removal has not returned
+        self._tracer = tracer or trace.NoOpTracer()
+        self._metrics = metrics or detached_metrics()
 
     # -- base model ------------------------------------------------------------
 
@@ -95,23 +115,47 @@ class AdapterPool:
     # -- requests --------------------------------------------------------------
 
     @asynccontextmanager
-    async def acquire(self, record: AdapterRecord | None) -> AsyncIterator[EngineAdapter | None]:
-        """The engine adapter for `record` (None: the base model), held until the block exits."""
+    async def acquire(
+        self, record: AdapterRecord | None, on_outcome: Callable[[str], None] | None = None
+    ) -> AsyncIterator[EngineAdapter | None]:
+        """The engine adapter for `record` (None: the base model), held until the block exits.
+        `on_outcome` hears where it came from: resident, disk or store."""
         if record is None:
             yield self._base_adapter
             return
-        entry = await self._hold(record)
+        entry = await self._traced_hold(record, on_outcome)
         try:
             yield entry.adapter
         finally:
             self._release(entry)
 
-    async def _hold(self, record: AdapterRecord) -> _Entry:
+    async def _traced_hold(self, record: AdapterRecord, on_outcome: Callable[[str], None] | None) -> _Entry:
+        started = time.perf_counter()
+        with self._tracer.start_as_current_span(spans.ACQUIRE, attributes=spans.adapter_attributes(record)) as span:
+            try:
+                entry, outcome = await self._hold(record, span)
+            except Exception:  # the span records the exception and the reason as its status
+                span.set_attribute(spans.ACQUIRE_OUTCOME, spans.FAILED)
+                self._metrics.adapter_acquires.labels(spans.FAILED).inc()
+                raise
+            span.set_attribute(spans.ACQUIRE_OUTCOME, outcome)
+        self._metrics.adapter_acquires.labels(outcome).inc()
+        self._metrics.adapter_acquire_seconds.labels(outcome).observe(elapsed_since(started))
+        if on_outcome is not None:
+            on_outcome(outcome)
+        return entry
+
+    async def _hold(self, record: AdapterRecord, span: Span) -> tuple[_Entry, str]:
         name = record.versioned_ref
         self._raise_if_recently_failed(name)
         deadline = time.monotonic() + self._wait_timeout_s
         while True:
             entry = self._entries.get(name)
+            resident = entry is not None and entry.loaded.done()
+            if entry is not None and not resident:
+                span.set_attribute(spans.ACQUIRE_JOINED, True)
+                if entry.load_span is not None:
+                    span.add_link(entry.load_span)
             if entry is None and (self._occupied() < self._capacity or self._can_evict()):
                 entry = self._start_load(record)
             if entry is not None:
@@ -123,8 +167,10 @@ class AdapterPool:
                 except BaseException:
                     self._release(entry)
                     raise
-                return entry
-            await self._wait_for_free_slot(record, deadline)
+                return entry, spans.RESIDENT if resident else entry.source
+            span.add_event("waiting for a free adapter slot")
+            with self._metrics.waiting("adapter_slot"):
+                await self._wait_for_free_slot(record, deadline)
 
     def _release(self, entry: _Entry) -> None:
         entry.holders -= 1
@@ -173,7 +219,9 @@ class AdapterPool:
             victim = self._entries.pop(victim_name)
         adapter = EngineAdapter(next(self._engine_ids), record.versioned_ref, Path())
         entry = _Entry(record=record, adapter=adapter, loaded=asyncio.get_running_loop().create_future())
+        entry.load_span = trace.get_current_span().get_span_context()
         self._entries[record.versioned_ref] = entry
+        # The task copies this context: the load's spans are children of the triggering acquire.
         self._spawn(self._load(entry, victim))
         # A load that fails after every waiter left must not warn "exception never retrieved".
         entry.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -190,12 +238,14 @@ class AdapterPool:
         try:
             if victim is not None:
                 await self._evict(victim)
+            entry.source = spans.DISK if self._files.is_cached(record) else spans.STORE
             path = await self._files.pin(record)
             pinned = True
             if self._validate is not None:
-                await asyncio.to_thread(self._validate, path)
+                with self._tracer.start_as_current_span(spans.VERIFY, attributes=spans.adapter_attributes(record)):
+                    await asyncio.to_thread(self._validate, path)
             entry.adapter = EngineAdapter(entry.adapter.engine_id, name, path)
-            await self._engine.add_adapter(entry.adapter)
+            await self._register(entry.adapter, record)
         except (EngineDeadError, StoreUnavailableError) as exc:
             # Not the adapter's fault: nothing to remember, the client may retry.
             self._forget(name, record if pinned else None)
@@ -219,17 +269,37 @@ class AdapterPool:
                 # Every request for it left while it loaded: it is evictable only now.
                 self._wake_waiters()
 
+    async def _register(self, adapter: EngineAdapter, record: AdapterRecord) -> None:
+        started = time.perf_counter()
+        attributes = {**spans.adapter_attributes(record), spans.ENGINE_ID: adapter.engine_id}
+        with self._tracer.start_as_current_span(spans.REGISTER, attributes=attributes):
+            try:
+                await self._engine.add_adapter(adapter)
+            except Exception:
+                self._metrics.load_finished(TIER_ENGINE, elapsed_since(started), ok=False)
+                raise
+        self._metrics.load_finished(TIER_ENGINE, elapsed_since(started), ok=True)
+
     async def _evict(self, victim: _Entry) -> None:
+        reason = "retired" if victim.retired else "lru"
         why = "retired: a new version or deleted" if victim.retired else "least recently used, idle"
-        try:
-            await self._engine.remove_adapter(victim.adapter)
-            log.info("adapter %s evicted (%s)", victim.adapter.engine_name, why)
-        except EngineDeadError:
-            raise
-        except Exception:
-            log.exception("removing adapter %s from the engine failed", victim.adapter.engine_name)
-        finally:
-            self._files.unpin(victim.record)
+        attributes = {
+            **spans.adapter_attributes(victim.record),
+            spans.EVICT_REASON: reason,
+            spans.ENGINE_ID: victim.adapter.engine_id,
+        }
+        with self._tracer.start_as_current_span(spans.EVICT, attributes=attributes) as span:
+            try:
+                await self._engine.remove_adapter(victim.adapter)
+                self._metrics.adapter_evictions.labels(reason).inc()
+                log.info("adapter %s evicted (%s)", victim.adapter.engine_name, why)
+            except EngineDeadError:
+                raise
+            except Exception as exc:
+                spans.fail(span, f"{type(exc).__name__}: {exc}")
+                log.exception("removing adapter %s from the engine failed", victim.adapter.engine_name)
+            finally:
+                self._files.unpin(victim.record)
 
     def _evict_now(self, entry: _Entry) -> None:
         """Take an idle entry out of the pool at once and remove it from the engine in the background."""

@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.app import EngineFactory, _start_vllm, create_app
 from gateway.app_keys import SERVING
 from gateway.settings import ServeSettings
+from gateway.telemetry.tracing import install_global_tracer_provider
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ RUNNER_SHUTDOWN_TIMEOUT_S = 1.0  # after our own drain: only stragglers such as 
 
 async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> int:
     """Serve until a signal (exit 0) or until the engine is dead or failed to start (exit 1)."""
-    app = create_app(settings, engine_factory)
+    tracer_provider = install_global_tracer_provider()  # OTEL_* variables; exports only when configured
+    app = create_app(settings, engine_factory, tracer_provider)
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its generation.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
@@ -53,4 +55,5 @@ async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_
     if serving.in_flight:
         log.warning("drain ended with %d requests cut off", serving.in_flight)
     await runner.cleanup()
+    await asyncio.to_thread(tracer_provider.shutdown)  # export the spans still batched
     return exit_code

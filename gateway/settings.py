@@ -50,6 +50,12 @@ class ServeSettings(BaseSettings):
         "applying the last LoRA slot to LoRA-less requests in mixed batches on CPU).",
     )
 
+    engine_otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="Let vLLM export its own request spans to this OTLP endpoint; they join the gateway's "
+        "traces (the gateway's own spans follow the standard OTEL_* variables).",
+    )
+
     # Adapter store, sync and disk cache
     sync_interval_s: float = Field(default=10.0, gt=0, description="Seconds between polls of the adapter store.")
     cache_dir: Path | None = Field(

@@ -92,7 +92,8 @@ class Engine(Protocol):
         trace_headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[GenerationDelta]:
         """Stream deltas; closing the iterator early aborts the request. ValueError: the engine
-        refuses the request itself (e.g. a token id outside the vocabulary)."""
+        refuses the request itself (e.g. a token id outside the vocabulary). `trace_headers`: the
+        W3C context (traceparent) of the gateway's `engine.generate` span, for the engine's own spans."""
 
     async def add_adapter(self, adapter: EngineAdapter) -> None:
         """Load an adapter into the engine's CPU cache; AdapterLoadError when it cannot."""

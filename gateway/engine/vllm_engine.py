@@ -37,6 +37,8 @@ def build_engine_args(settings: ServeSettings, extra_lora_slots: int) -> Any:
         optional["gpu_memory_utilization"] = memory_fraction
     if settings.max_num_seqs is not None:
         optional["max_num_seqs"] = settings.max_num_seqs
+    if settings.engine_otlp_traces_endpoint is not None:
+        optional["otlp_traces_endpoint"] = settings.engine_otlp_traces_endpoint
     return AsyncEngineArgs(
         model=str(settings.model),
         served_model_name=[settings.base_model_name],
@@ -57,6 +59,8 @@ class VllmEngine:
         self._llm = llm
         self._tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
+        # vLLM warns on every request that carries trace context while its own tracing is off.
+        self._tracing: bool = llm.observability_config.otlp_traces_endpoint is not None
 
     @classmethod
     def start(cls, settings: ServeSettings, extra_lora_slots: int) -> VllmEngine:
@@ -107,7 +111,7 @@ class VllmEngine:
             params,
             request_id,
             lora_request=_lora_request(adapter),
-            trace_headers=trace_headers,
+            trace_headers=trace_headers if self._tracing else None,
         )
         try:
             async for output in stream:

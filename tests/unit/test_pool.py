@@ -35,6 +35,9 @@ class FakeFiles:
         assert self.pins.get(record.versioned_ref, 0) > 0, f"unpin without pin: {record.versioned_ref}"
         self.pins[record.versioned_ref] -= 1
 
+    def is_cached(self, record: AdapterRecord) -> bool:
+        return record.versioned_ref in self.pins  # pinned before: on disk since
+
 
 @pytest.fixture
 def make_pool() -> Iterator[Callable[..., tuple[AdapterPool, FakeEngine]]]:
