@@ -90,8 +90,18 @@ class GatewayMetrics:
             ["outcome"],
             registry=registry,
         )
+        # Series of the small fixed label sets exist (at 0) from the start: rates work from the first event.
         for waiting_for in ("fair_share", "adapter_slot"):
-            self.queued.labels(waiting_for)  # present (0) before the first wait
+            self.queued.labels(waiting_for)
+        for outcome in ("resident", "disk", "store", "failed"):
+            self.adapter_acquires.labels(outcome)
+        for tier in (TIER_DISK, TIER_ENGINE):
+            for outcome in ("ok", "error"):
+                self.adapter_loads.labels(tier, outcome)
+        for reason in ("lru", "retired"):
+            self.adapter_evictions.labels(reason)
+        for outcome in ("ok", "error"):
+            self.syncs.labels(outcome)
 
     def load_finished(self, tier: str, seconds: float, ok: bool) -> None:
         self.adapter_loads.labels(tier, "ok" if ok else "error").inc()

@@ -1,0 +1,211 @@
+"""/metrics as a scraper sees it, on the real app with a fake engine: request counts, latency and
+time to first token by outcome; adapter loads by tier; evictions; queued requests; label sets
+that stay the same however many adapters are served; the engine's metrics on the same page."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY, Gauge
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapters_manifest.local_store import LocalFolderStore
+from gateway.app import create_app
+from gateway.engine.interface import Engine
+from gateway.settings import ServeSettings
+from tests.fakes import FakeEngine, publish_adapter, write_base_model
+
+BASE = "fake-base"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(client: TestClient) -> Samples:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return parse(await resp.text())
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith(("LORA_GATEWAY_", "OTEL_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
+    engines: list[FakeEngine] = []
+
+    async def start_app(
+        adapters: int = 3, engine: FakeEngine | None = None, **settings: Any
+    ) -> tuple[TestClient, web.Application, FakeEngine]:
+        engine = engine or FakeEngine(max_model_len=256)
+        engines.append(engine)
+        store = LocalFolderStore(tmp_path / "store")
+        for i in range(adapters):
+            await publish_adapter(store, tmp_path, f"user{i}", f"adapter{i}", base_model=BASE)
+
+        def factory(serve_settings: ServeSettings, extra: int) -> Engine:
+            engine.capacity, engine.extra = serve_settings.max_cpu_loras, extra
+            return engine
+
+        app = create_app(
+            ServeSettings(
+                _env_file=None,
+                model=write_base_model(tmp_path / "base"),
+                store=str(store.root),
+                served_model_name=BASE,
+                insecure_no_auth=True,
+                **settings,
+            ),
+            engine_factory=factory,
+        )
+        client = await aiohttp_client(app)
+        deadline = time.monotonic() + 5
+        while (await client.get("/readyz")).status != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        return client, app, engine
+
+    yield start_app
+    for engine in engines:
+        engine.check()
+
+
+async def complete(client: TestClient, model: str, **body: Any) -> int:
+    resp = await client.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2, **body})
+    await resp.read()
+    return resp.status
+
+
+async def test_requests_loads_and_first_tokens_by_outcome(start: Any) -> None:
+    client, _, engine = await start(max_cpu_loras=1)
+    engine.fail_loads["user2/adapter2"] = "broken on purpose"
+    assert await complete(client, "user0/adapter0") == 200  # cold: from the store
+    assert await complete(client, "user0/adapter0", stream=True) == 200  # resident
+    assert await complete(client, BASE) == 200
+    assert await complete(client, "user1/adapter1") == 200  # evicts adapter0 (one slot)
+    assert await complete(client, "user0/adapter0") == 200  # back from disk, evicting adapter1
+    assert await complete(client, "user2/adapter2") == 422  # the engine refuses it
+    assert await complete(client, "nobody/nothing") == 404
+    assert await complete(client, BASE, max_tokens=0) == 400
+    metrics = await scrape(client)
+
+    def requests(outcome: str, stream: str = "false") -> float:
+        return value(metrics, "lora_gateway_requests_total", endpoint="completions", stream=stream, outcome=outcome)
+
+    assert (requests("ok"), requests("ok", "true")) == (4, 1)
+    assert (requests("adapter_failed"), requests("not_found"), requests("invalid")) == (1, 1, 1)
+    latency = "lora_gateway_request_duration_seconds_count"
+    assert value(metrics, latency, endpoint="completions", stream="false", outcome="ok") == 4
+    ttft = "lora_gateway_time_to_first_token_seconds_count"
+    for source, count in {"store": 2, "disk": 1, "base": 1}.items():
+        assert value(metrics, ttft, endpoint="completions", stream="false", adapter_source=source) == count
+    assert value(metrics, ttft, endpoint="completions", stream="true", adapter_source="resident") == 1
+
+    acquires = {o: value(metrics, "lora_gateway_adapter_acquires_total", outcome=o) for o in ("store", "disk")}
+    assert acquires == {"store": 2, "disk": 1}
+    assert value(metrics, "lora_gateway_adapter_acquires_total", outcome="resident") == 1
+    assert value(metrics, "lora_gateway_adapter_acquires_total", outcome="failed") == 1
+    assert value(metrics, "lora_gateway_adapter_acquire_seconds_count", outcome="store") == 2
+    # Moves into each tier: three versions fetched to disk; four add_lora calls, one refused.
+    assert value(metrics, "lora_gateway_adapter_loads_total", tier="disk", outcome="ok") == 3
+    assert value(metrics, "lora_gateway_adapter_loads_total", tier="engine", outcome="ok") == 3
+    assert value(metrics, "lora_gateway_adapter_loads_total", tier="engine", outcome="error") == 1
+    assert value(metrics, "lora_gateway_adapter_load_seconds_count", tier="disk") == 3
+    # adapter0 made room for adapter1, adapter1 for adapter0, adapter0 for the broken adapter2.
+    assert value(metrics, "lora_gateway_adapter_evictions_total", reason="lru") == 3
+    assert value(metrics, "lora_gateway_resident_adapters") == 0
+    assert value(metrics, "lora_gateway_disk_cache_bytes") > 0
+    assert value(metrics, "lora_gateway_adapter_syncs_total", outcome="ok") >= 1
+    assert 0 <= value(metrics, "lora_gateway_adapter_sync_age_seconds") < 60
+
+
+async def test_label_sets_do_not_grow_with_the_number_of_adapters(start: Any) -> None:
+    client, _, _ = await start(adapters=12, max_cpu_loras=2)
+    for i in range(3):  # cold loads and an eviction
+        assert await complete(client, f"user{i}/adapter{i}") == 200
+    before = {key for key in await scrape(client) if key[0].startswith("lora_gateway_")}
+    for i in range(3, 12):
+        assert await complete(client, f"user{i}/adapter{i}") == 200
+    after = await scrape(client)
+    assert {key for key in after if key[0].startswith("lora_gateway_")} == before
+    labels = {v for name, pairs in after if name.startswith("lora_gateway_") for _, v in pairs}
+    assert not [v for v in labels if v.startswith("user")]  # no user or adapter names
+
+
+async def test_requests_waiting_for_their_fair_share_are_counted(start: Any) -> None:
+    engine = FakeEngine(max_model_len=256, token_delay_s=0.05)
+    client, _, _ = await start(engine=engine, max_running_per_user=1)
+    queued = "lora_gateway_requests_queued"
+    metrics = await scrape(client)
+    assert value(metrics, queued, waiting_for="fair_share") == value(metrics, queued, waiting_for="adapter_slot") == 0
+
+    # Two requests of one user (without auth every caller is `dev`): the second waits for the running one.
+    first = asyncio.create_task(complete(client, "user0/adapter0", max_tokens=20))
+    await until(lambda: engine.active_generations == 1)
+    second = asyncio.create_task(complete(client, "user1/adapter1", max_tokens=1))
+    await asyncio.sleep(0.05)
+    metrics = await scrape(client)
+    assert value(metrics, queued, waiting_for="fair_share") == 1
+    assert value(metrics, queued, waiting_for="adapter_slot") == 0
+    assert await asyncio.gather(first, second) == [200, 200]
+    assert value(await scrape(client), queued, waiting_for="fair_share") == 0
+
+
+async def test_requests_waiting_for_an_engine_slot_are_counted(start: Any) -> None:
+    engine = FakeEngine(max_model_len=256, token_delay_s=0.05)
+    client, _, _ = await start(engine=engine, max_cpu_loras=1, adapter_wait_timeout_s=10)
+    queued = "lora_gateway_requests_queued"
+
+    # Another adapter while the only engine slot is in use: it waits for the slot.
+    busy = asyncio.create_task(complete(client, "user0/adapter0", max_tokens=20))
+    await until(lambda: engine.active_generations == 1)
+    other = asyncio.create_task(complete(client, "user1/adapter1", max_tokens=1))
+    await asyncio.sleep(0.05)
+    metrics = await scrape(client)
+    assert value(metrics, queued, waiting_for="adapter_slot") == 1
+    assert value(metrics, queued, waiting_for="fair_share") == 0
+    assert await asyncio.gather(busy, other) == [200, 200]
+    assert value(await scrape(client), queued, waiting_for="adapter_slot") == 0
+
+
+async def test_the_engines_default_registry_is_served_alongside(start: Any) -> None:
+    # vLLM's in-process engine records its metrics (vllm:*) in prometheus_client's default registry.
+    client, _, _ = await start(adapters=0)
+    engine_gauge = Gauge("lora_gateway_test_engine_side", "Stands for vLLM's metrics.", registry=REGISTRY)
+    try:
+        engine_gauge.set(7)
+        metrics = await scrape(client)
+    finally:
+        REGISTRY.unregister(engine_gauge)
+    assert value(metrics, "lora_gateway_test_engine_side") == 7
+    assert ("lora_gateway_resident_adapters", frozenset()) in metrics
