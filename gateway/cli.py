@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         return _usage()
     # The server logs its work; the other commands print their results and log only trouble.
-    level = logging.INFO if argv[0] == "serve" else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[0] == "serve":  # JSON lines with the trace and span ids of each record
+        from gateway.telemetry.logs import configure_json_logging
+
+        configure_json_logging(logging.INFO)
+    else:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return COMMANDS[argv[0]](argv[1:])
