@@ -1,0 +1,154 @@
+"""`lora-gateway bench compare`: the same prompts through the base model and each adapter, side by side.
+
+Greedy completions through one gateway: a table of prompt x model, and a plot of how many of each
+adapter's tokens agree with the base model's (position by position): what each adapter changes.
+By default the tiny model and three adapters made offline; `--base DIR --store URL --adapters
+owner/name,...` compares a real model's adapters from a store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gateway.bench.harness import (
+    BaseModel,
+    Client,
+    add_model_options,
+    admin_key,
+    gateway_server,
+    progress,
+    quiet_vllm,
+    running,
+    work_dir,
+    write_report,
+)
+from gateway.bench.report import config_of, markdown_table, raise_on_sigterm
+
+DEFAULT_PROMPTS = ("def parse(value):", "import os\n", "class Config:", "for item in items:")
+SHOWN_CHARS = 60
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: str
+    model: str
+    text: str
+    token_ids: list[int]
+    error: str = ""
+
+
+# -- pure helpers (unit-tested) ---------------------------------------------------------
+
+
+def agreement(ids: Sequence[int], base_ids: Sequence[int]) -> float:
+    """The fraction of positions where two completions have the same token (the longer one counts)."""
+    length = max(len(ids), len(base_ids))
+    return sum(a == b for a, b in zip(ids, base_ids)) / length if length else 1.0
+
+
+def shown(text: str) -> str:
+    """A completion as one table cell: escaped (newlines, control bytes), pipes too, and shortened."""
+    cell = repr(text)[1:-1].replace("|", "\\|")
+    return cell if len(cell) <= SHOWN_CHARS else cell[: SHOWN_CHARS - 1] + "…"
+
+
+def render(completions: Sequence[Completion], base_name: str) -> str:
+    base = {c.prompt: c for c in completions if c.model == base_name}
+    rows = []
+    for c in completions:
+        same = "" if c.model == base_name else f"{agreement(c.token_ids, base[c.prompt].token_ids):.0%}"
+        rows.append([shown(c.prompt), c.model, c.error or shown(c.text), same])
+    table = markdown_table(["prompt", "model", "completion (greedy)", "tokens as base"], rows)
+    return table.replace("|---|---:|---:|---:|", "|---|---|---|---:|", 1)  # text columns read left-aligned
+
+
+def plot(completions: Sequence[Completion], base_name: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    prompts = list(dict.fromkeys(c.prompt for c in completions))
+    models = [m for m in dict.fromkeys(c.model for c in completions) if m != base_name]
+    by = {(c.prompt, c.model): c for c in completions}
+    grid = [[agreement(by[(p, m)].token_ids, by[(p, base_name)].token_ids) for p in prompts] for m in models]
+    fig, ax = plt.subplots(figsize=(1.8 * len(prompts) + 3, 0.6 * len(models) + 2))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(prompts)), [shown(p)[:20] for p in prompts], rotation=20)
+    ax.set_yticks(range(len(models)), models)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    fig.colorbar(image, label="tokens equal to the base model's")
+    ax.set_title("What each adapter changes (greedy, same prompts)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- measurement ------------------------------------------------------------------------
+
+
+async def _complete_all(url: str, api_key: str, prompts: Sequence[str], models: Sequence[str],
+                        max_tokens: int) -> list[Completion]:  # fmt: skip
+    async with Client(url, api_key) as client:
+
+        async def one(prompt: str, model: str) -> Completion:
+            timed = await client.complete(model, prompt, max_tokens, stream=False, ids=True)
+            error = "" if timed.ok else f"error {timed.status} {timed.error}"
+            return Completion(prompt, model, timed.text, timed.token_ids, error)
+
+        return list(await asyncio.gather(*(one(p, m) for p in prompts for m in models)))
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lora-gateway bench compare", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add_model_options(p)
+    p.add_argument("--store", help="adapter store with --base: s3://bucket/prefix, file:///path or a path")
+    p.add_argument("--adapters", default="alice/chat,bob/chat,carol/code", help="comma-separated owner/name")
+    p.add_argument("--prompts", default="\x1f".join(DEFAULT_PROMPTS),
+                   help="prompts separated by the unit separator \\x1f (or use --prompt, repeatable)")  # fmt: skip
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; replaces the defaults)")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    opts = p.parse_args(argv)
+    if (opts.base is None) != (opts.store is None):
+        p.error("--base and --store go together (without them: the tiny model and its adapters)")
+    if not [r for r in opts.adapters.split(",") if r.strip()]:
+        p.error("--adapters names at least one adapter")
+    opts.prompt_list = opts.prompt or [x for x in opts.prompts.split("\x1f") if x]
+    return opts
+
+
+def main(argv: list[str]) -> int:
+    opts = _parse(argv)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    quiet_vllm()
+    refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
+    with work_dir("compare") as tmp:
+        work = Path(tmp)
+        if opts.base is None:
+            from gateway.dev.tiny_model import BASE_MODEL_NAME, make_model
+
+            progress("building the tiny model and its adapters")
+            made = make_model(work / "tiny", refs)
+            model, store = BaseModel(made.base.resolve(), BASE_MODEL_NAME, opts.dtype or "float32"), str(made.store)
+        else:
+            path = opts.base.resolve()
+            model, store = BaseModel(path, opts.served_model_name or path.name, opts.dtype or "auto"), opts.store
+        keys_file, api_key = admin_key(work)
+        models = [model.served_name, *refs]
+        server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log", max_loras=len(refs),
+                                max_cpu_loras=len(refs), max_lora_rank=opts.max_lora_rank)  # fmt: skip
+        progress("gateway starting")
+        with running(server, opts.startup_timeout):
+            completions = asyncio.run(_complete_all(server.base_url, api_key, opts.prompt_list, models,
+                                                    opts.max_tokens))  # fmt: skip
+    completions.sort(key=lambda c: (opts.prompt_list.index(c.prompt), models.index(c.model)))
+    report = {"config": config_of(opts), "model": str(model.path), "completions": [asdict(c) for c in completions]}
+    write_report(opts.out, "compare", report, render(completions, model.served_name),
+                 lambda path: plot(completions, model.served_name, path))  # fmt: skip
+    return 1 if any(c.error for c in completions) else 0

@@ -1,0 +1,196 @@
+"""`lora-gateway bench rank`: what an adapter's rank costs in speed and in memory.
+
+One gateway (`--max-lora-rank` the largest rank, room in the engine for every adapter), started
+alone. First the base model's speed; then, per rank (8, 16, 64 by default): the host RSS of the
+gateway and its engine core processes (GPU memory too where there is a GPU) before and after
+`--per-rank` adapters of that rank are loaded into the engine, one request each, and the speed of
+a stream over `--max-loras` of them (so the stream measures the rank, not engine loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gateway.bench.harness import (
+    Client,
+    add_model_options,
+    admin_key,
+    base_model,
+    gateway_server,
+    gpu_memory_bytes,
+    median,
+    progress,
+    publish_synthetic,
+    quiet_vllm,
+    running,
+    tree_rss_bytes,
+    work_dir,
+    write_report,
+)
+from gateway.bench.report import config_of, markdown_table, raise_on_sigterm, ratio_of
+from gateway.bench.scale import run_stream
+from gateway.settings import MAX_LORA_RANKS
+
+SETTLE_S = 1.0  # after loads, before reading memory: the allocator and the engine settle
+
+
+@dataclass(frozen=True)
+class RankResult:
+    rank: int  # 0: the base model
+    adapter_bytes: int  # the weights file of one adapter
+    loaded: int  # adapters of this rank loaded into the engine
+    rss_added_bytes: int
+    gpu_added_bytes: int | None
+    tokens_per_s: float
+    p50_s: float
+    errors: int
+
+    @property
+    def rss_per_adapter(self) -> float:
+        return self.rss_added_bytes / self.loaded if self.loaded else float("nan")
+
+    @property
+    def gpu_per_adapter(self) -> float | None:
+        return None if self.gpu_added_bytes is None or not self.loaded else self.gpu_added_bytes / self.loaded
+
+
+# -- pure helpers (unit-tested) ---------------------------------------------------------
+
+
+def render(results: Sequence[RankResult]) -> str:
+    base = next((r for r in results if r.rank == 0), None)
+    rows = []
+    for r in results:
+        speed = f"{ratio_of(r.tokens_per_s, base.tokens_per_s):.2f}x" if base else "n/a"
+        if r.rank == 0:
+            rows.append(["base", "", "", f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", speed, "", "", str(r.errors)])
+            continue
+        gpu = "n/a (no GPU)" if r.gpu_per_adapter is None else f"{r.gpu_per_adapter / 1024:.0f}"
+        rows.append([str(r.rank), f"{r.adapter_bytes / 1024:.0f}", str(r.loaded), f"{r.tokens_per_s:.0f}",
+                     f"{r.p50_s:.3f}", speed, f"{r.rss_per_adapter / 1024:.0f}", gpu, str(r.errors)])  # fmt: skip
+    return markdown_table(["rank", "file (KiB)", "adapters loaded", "tokens/s", "p50 (s)", "vs base",
+                           "host RSS per adapter (KiB)", "GPU per adapter (KiB)", "errors"], rows)  # fmt: skip
+
+
+def plot(results: Sequence[RankResult], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ranked = [r for r in results if r.rank]
+    labels = [str(r.rank) for r in ranked]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    base = next((r for r in results if r.rank == 0), None)
+    left.bar(labels, [r.tokens_per_s for r in ranked])
+    if base is not None:
+        left.axhline(base.tokens_per_s, color="grey", linestyle="--", label="base model")
+        left.legend()
+    left.set(xlabel="adapter rank", ylabel="tokens/s", title="Speed")
+    right.bar(labels, [r.rss_per_adapter / 1024 for r in ranked], label="host RSS")
+    right.plot(labels, [r.adapter_bytes / 1024 for r in ranked], "ko--", label="weights file")
+    right.set(xlabel="adapter rank", ylabel="KiB per resident adapter", title="Memory")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- measurement ------------------------------------------------------------------------
+
+
+async def _memory(pid: int) -> tuple[int, int | None]:
+    """(host RSS of the gateway's process tree, GPU memory in use), each a median of 3 reads."""
+    await asyncio.sleep(SETTLE_S)
+    rss, gpu = [], []
+    for _ in range(3):
+        rss.append(tree_rss_bytes(pid))
+        gpu.append(gpu_memory_bytes())
+        await asyncio.sleep(0.2)
+    gpus = [g for g in gpu if g is not None]
+    return int(median(rss)), int(median(gpus)) if gpus else None
+
+
+async def _measure(
+    opts: argparse.Namespace, url: str, api_key: str, pid: int, served: str, refs: dict[int, list[str]],
+    sizes: dict[int, int],
+) -> list[RankResult]:  # fmt: skip
+    results = []
+    async with Client(url, api_key, connections=opts.concurrency) as client:
+
+        async def speed(models: list[str]) -> tuple[float, float, int]:
+            await run_stream(client, models, opts.concurrency, opts.concurrency, opts.max_tokens, seed=0)  # warm
+            done, duration = await run_stream(client, models, opts.requests, opts.concurrency, opts.max_tokens, 1)
+            ok = [d for d in done if d.ok]
+            return sum(d.tokens for d in ok) / duration, median([d.latency_s for d in ok]), len(done) - len(ok)
+
+        tokens_s, p50, errors = await speed([served])
+        results.append(RankResult(0, 0, 0, 0, None, tokens_s, p50, errors))
+        progress(f"base: {tokens_s:.0f} tokens/s")
+        for rank in opts.ranks:
+            rss_before, gpu_before = await _memory(pid)
+            failed = 0
+            for ref in refs[rank]:  # one request each: loaded into the engine, and resident after
+                failed += 0 if (await client.complete(ref, "x", 1, stream=False)).ok else 1
+            rss_after, gpu_after = await _memory(pid)
+            tokens_s, p50, errors = await speed(refs[rank][: opts.max_loras])
+            gpu = None if gpu_before is None or gpu_after is None else gpu_after - gpu_before
+            results.append(RankResult(rank, sizes[rank], len(refs[rank]) - failed, rss_after - rss_before, gpu,
+                                      tokens_s, p50, errors + failed))  # fmt: skip
+            progress(f"rank {rank}: {tokens_s:.0f} tokens/s, host RSS +{(rss_after - rss_before) / 1024:.0f} KiB "
+                     f"for {len(refs[rank]) - failed} adapters")  # fmt: skip
+    return results
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lora-gateway bench rank", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add_model_options(p)
+    p.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 64])
+    p.add_argument("--per-rank", type=int, default=32, help="adapters of each rank loaded (memory per adapter)")
+    p.add_argument("--max-loras", type=int, default=4, help="engine slots; the speed stream uses this many adapters")
+    p.add_argument("--requests", type=int, default=128, help="measured requests per speed stream")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="ranks 8 and 64, 4 adapters each, 32 requests (for tests)")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.ranks, opts.per_rank, opts.requests, opts.concurrency = [8, 64], 4, 32, 8
+    if max(opts.ranks) > MAX_LORA_RANKS[-1] or min(opts.ranks) < 1 or opts.per_rank < opts.max_loras:
+        p.error(f"ranks must be within 1..{MAX_LORA_RANKS[-1]}, --per-rank at least --max-loras")
+    return opts
+
+
+def main(argv: list[str]) -> int:
+    opts = _parse(argv)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    quiet_vllm()
+    started = time.monotonic()
+    with work_dir("rank") as tmp:
+        work = Path(tmp)
+        model = base_model(opts, work)
+        keys_file, api_key = admin_key(work)
+        store = str(work / "store")
+        refs = {rank: [f"bench/r{rank}-{i:03d}" for i in range(opts.per_rank)] for rank in opts.ranks}
+        sizes = {}
+        for rank in opts.ranks:
+            progress(f"publishing {opts.per_rank} rank-{rank} adapters")
+            records = asyncio.run(publish_synthetic(store, model, refs[rank], rank, work))
+            sizes[rank] = next(f.size for f in records[0].record.files if f.name.endswith(".safetensors"))
+        loaded = opts.per_rank * len(opts.ranks)  # every adapter stays resident: memory adds up
+        max_rank = min(r for r in MAX_LORA_RANKS if r >= max(opts.ranks))
+        server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log", max_loras=opts.max_loras,
+                                max_cpu_loras=loaded, max_lora_rank=max_rank)  # fmt: skip
+        progress("gateway starting")
+        with running(server, opts.startup_timeout):
+            assert server.process is not None
+            results = asyncio.run(_measure(opts, server.base_url, api_key, server.process.pid, model.served_name,
+                                           refs, sizes))  # fmt: skip
+    report = {"config": config_of(opts), "model": str(model.path), "duration_s": time.monotonic() - started,
+              "results": [asdict(r) | {"rss_per_adapter_bytes": r.rss_per_adapter,
+                                       "gpu_per_adapter_bytes": r.gpu_per_adapter} for r in results]}  # fmt: skip
+    write_report(opts.out, "rank", report, render(results), lambda path: plot(results, path))
+    return 1 if any(r.errors for r in results) else 0

@@ -1,0 +1,237 @@
+"""`lora-gateway bench scale`: how many adapters one base model serves before throughput falls.
+
+For each engine configuration of the grid (`--max-loras`:`--max-cpu-loras`) one gateway is started
+(alone), and a mixed stream of greedy completions is measured: first base-model requests only (the
+denominator, same server, same run), then streams spread uniformly at random over 1, 4, 16, 64
+and 256 distinct adapters. Each stream is warmed up unmeasured (files on disk, adapters resident
+where they fit), so beyond max_cpu_loras it measures the steady churn of engine loads. Reported:
+requests/s, tokens/s, p50/p99 latency and errors, and throughput as a ratio to base-only.
+Target: 64 adapters keep >= 0.7x base throughput with max_loras >= 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import random
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.bench.harness import (
+    PROMPTS,
+    BaseModel,
+    Client,
+    Timed,
+    add_model_options,
+    admin_key,
+    base_model,
+    gateway_server,
+    progress,
+    publish_synthetic,
+    quiet_vllm,
+    running,
+    work_dir,
+    write_report,
+)
+from gateway.bench.report import config_of, markdown_table, percentile, raise_on_sigterm, ratio_of
+
+TARGET = {"adapters": 64, "min_max_loras": 8, "throughput_vs_base_min": 0.7}
+BASE = 0  # "0 adapters": the base model only
+
+
+@dataclass(frozen=True)
+class Point:
+    max_loras: int
+    max_cpu_loras: int
+    adapters: int  # 0: base only
+    requests: int
+    errors: int
+    duration_s: float
+    requests_per_s: float
+    tokens_per_s: float
+    p50_s: float
+    p99_s: float
+    first_errors: tuple[str, ...] = ()
+
+
+# -- pure helpers (unit-tested) ---------------------------------------------------------
+
+
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    """`8:16,16:64` -> [(8, 16), (16, 64)]; max_cpu_loras must be at least max_loras."""
+    grid = []
+    for item in text.split(","):
+        loras, _, cpu = item.strip().partition(":")
+        pair = (int(loras), int(cpu))
+        if pair[0] < 1 or pair[1] < pair[0]:
+            raise ValueError(f"grid point {item!r}: need 1 <= max_loras <= max_cpu_loras")
+        grid.append(pair)
+    return grid
+
+
+def point_of(max_loras: int, max_cpu_loras: int, adapters: int, results: Sequence[Timed], duration_s: float) -> Point:
+    ok = [r for r in results if r.ok]
+    latencies = [r.latency_s for r in ok]
+    errors = [f"{r.status} {r.error}" for r in results if not r.ok]
+    return Point(
+        max_loras=max_loras, max_cpu_loras=max_cpu_loras, adapters=adapters, requests=len(results),
+        errors=len(errors), duration_s=duration_s,
+        requests_per_s=len(ok) / duration_s if duration_s > 0 else 0.0,
+        tokens_per_s=sum(r.tokens for r in ok) / duration_s if duration_s > 0 else 0.0,
+        p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99), first_errors=tuple(errors[:3]),
+    )  # fmt: skip
+
+
+def vs_base(points: Sequence[Point]) -> dict[tuple[int, int, int], float]:
+    """Each point's throughput over the base-only throughput of the same engine configuration."""
+    base = {(p.max_loras, p.max_cpu_loras): p.requests_per_s for p in points if p.adapters == BASE}
+    return {
+        (p.max_loras, p.max_cpu_loras, p.adapters): ratio_of(
+            p.requests_per_s, base.get((p.max_loras, p.max_cpu_loras), 0)
+        )
+        for p in points
+    }
+
+
+def target_met(points: Sequence[Point]) -> bool | None:
+    """64 adapters >= 0.7x base on every configuration with max_loras >= 8 (None: none measured)."""
+    ratio = vs_base(points)
+    judged = [p for p in points if p.adapters == TARGET["adapters"] and p.max_loras >= TARGET["min_max_loras"]]
+    if not judged:
+        return None
+    return all(
+        ratio[(p.max_loras, p.max_cpu_loras, p.adapters)] >= TARGET["throughput_vs_base_min"] and not p.errors
+        for p in judged
+    )
+
+
+def render(points: Sequence[Point]) -> str:
+    ratio = vs_base(points)
+    rows = [[f"{p.max_loras}:{p.max_cpu_loras}", "base only" if p.adapters == BASE else str(p.adapters),
+             f"{p.requests_per_s:.1f}", f"{p.tokens_per_s:.0f}", f"{p.p50_s:.3f}", f"{p.p99_s:.3f}", str(p.errors),
+             f"{ratio[(p.max_loras, p.max_cpu_loras, p.adapters)]:.2f}x"] for p in points]  # fmt: skip
+    table = markdown_table(["max_loras:max_cpu_loras", "adapters", "requests/s", "tokens/s", "p50 (s)", "p99 (s)",
+                            "errors", "vs base"], rows)  # fmt: skip
+    met = target_met(points)
+    verdict = "not measured (no max_loras >= 8 with 64 adapters)" if met is None else ("met" if met else "MISSED")
+    return table + f"\n\nTarget: {TARGET['adapters']} adapters >= {TARGET['throughput_vs_base_min']}x base with " \
+        f"max_loras >= {TARGET['min_max_loras']}: {verdict}"  # fmt: skip
+
+
+def plot(points: Sequence[Point], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ratio = vs_base(points)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (loras, cpu), group in itertools.groupby(points, key=lambda p: (p.max_loras, p.max_cpu_loras)):
+        pts = [p for p in group if p.adapters != BASE]
+        label = f"max_loras {loras}, max_cpu_loras {cpu}"
+        left.plot([p.adapters for p in pts], [ratio[(loras, cpu, p.adapters)] for p in pts], marker="o", label=label)
+        right.plot([p.adapters for p in pts], [p.p99_s for p in pts], marker="o", label=label)
+    left.axhline(TARGET["throughput_vs_base_min"], color="grey", linestyle="--", label="target (64 adapters)")
+    left.set(xscale="log", xlabel="distinct adapters in the stream", ylabel="throughput / base-only", ylim=(0, None))
+    right.set(xscale="log", xlabel="distinct adapters in the stream", ylabel="p99 latency (s)")
+    left.legend(fontsize=8)
+    fig.suptitle("Many adapters on one base model")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- measurement ------------------------------------------------------------------------
+
+
+async def run_stream(
+    client: Client, models: Sequence[str], requests: int, concurrency: int, max_tokens: int, seed: int
+) -> tuple[list[Timed], float]:
+    """`requests` whole completions from `concurrency` workers, each naming a model drawn at random."""
+    rng = random.Random(seed)
+    plan = [(rng.choice(models), PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
+    results: list[Timed] = []
+    jobs = iter(plan)
+
+    async def worker() -> None:
+        for model, prompt in jobs:
+            results.append(await client.complete(model, prompt, max_tokens, stream=False))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - started
+
+
+async def _measure_config(
+    opts: argparse.Namespace, url: str, api_key: str, model: BaseModel, refs: list[str], grid: tuple[int, int]
+) -> list[Point]:
+    points = []
+    async with Client(url, api_key, connections=opts.concurrency) as client:
+        for n in [BASE, *opts.adapters]:
+            models = [model.served_name] if n == BASE else refs[:n]
+            # Warm-up: every adapter of the stream on disk (and resident where it fits), the engine compiled.
+            await run_stream(client, models, max(2 * opts.concurrency, n), opts.concurrency, opts.max_tokens, seed=n)
+            results, duration = await run_stream(client, models, opts.requests, opts.concurrency, opts.max_tokens,
+                                                 seed=1000 + n)  # fmt: skip
+            points.append(point_of(*grid, n, results, duration))
+            p = points[-1]
+            what = "base" if n == BASE else f"{n} adapters"
+            progress(f"{grid[0]}:{grid[1]} {what}: {p.requests_per_s:.1f} req/s, p50 {p.p50_s:.3f} s, "
+                     f"p99 {p.p99_s:.3f} s, errors {p.errors} {list(p.first_errors[:1])}")  # fmt: skip
+    return points
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lora-gateway bench scale", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add_model_options(p)
+    p.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64, 256],
+                   help="distinct adapters per stream")  # fmt: skip
+    p.add_argument("--grid", type=parse_grid, default=parse_grid("8:16,8:64,16:64"),
+                   help="engine configurations max_loras:max_cpu_loras, each one gateway start")  # fmt: skip
+    p.add_argument("--requests", type=int, default=256, help="measured requests per stream")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="1 and 4 adapters, grid 2:4, 32 requests (for tests)")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.adapters, opts.grid, opts.requests, opts.concurrency = [1, 4], [(2, 4)], 32, 8
+    if opts.requests < 1 or opts.concurrency < 1 or min(opts.adapters) < 1:
+        p.error("--requests, --concurrency and each adapter count must be at least 1")
+    return opts
+
+
+def main(argv: list[str]) -> int:
+    opts = _parse(argv)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    quiet_vllm()
+    started = time.monotonic()
+    points: list[Point] = []
+    with work_dir("scale") as tmp:
+        work = Path(tmp)
+        model = base_model(opts, work)
+        keys_file, api_key = admin_key(work)
+        store = str(work / "store")
+        refs = [f"bench/a{i:03d}" for i in range(max(opts.adapters))]
+        progress(f"publishing {len(refs)} rank-{opts.rank} adapters")
+        asyncio.run(publish_synthetic(store, model, refs, opts.rank, work))
+        for grid in opts.grid:
+            log_path = opts.out / "logs" / f"gateway-{grid[0]}-{grid[1]}.log"
+            log_path.unlink(missing_ok=True)
+            server = gateway_server(model, store, keys_file, log_path, max_loras=grid[0], max_cpu_loras=grid[1],
+                                    max_lora_rank=max(8, opts.rank))  # fmt: skip
+            progress(f"max_loras {grid[0]}, max_cpu_loras {grid[1]}: gateway starting (log: {log_path})")
+            with running(server, opts.startup_timeout):
+                points += asyncio.run(_measure_config(opts, server.base_url, api_key, model, refs, grid))
+    report: dict[str, Any] = {
+        "config": config_of(opts), "model": str(model.path), "duration_s": time.monotonic() - started,
+        "points": [asdict(p) for p in points],
+        "vs_base": [{"max_loras": k[0], "max_cpu_loras": k[1], "adapters": k[2], "ratio": v}
+                    for k, v in vs_base(points).items()],
+        "target": TARGET, "target_met": target_met(points),
+    }  # fmt: skip
+    write_report(opts.out, "scale", report, render(points), lambda path: plot(points, path))
+    return 1 if target_met(points) is False or any(p.errors for p in points) else 0

@@ -1,0 +1,238 @@
+"""The pure parts of `lora-gateway bench swap|scale|rank|compare|soak`: summaries, ratios, targets,
+tables, plots, the synthetic adapters they run on, and the soak's verdicts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+
+from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
+from gateway.bench import compare, rank, scale, soak, swap
+from gateway.bench.harness import Timed, sse_payloads, token_ids_of, write_synthetic_adapter
+from gateway.dev.tiny_model import build_base_model, build_tokenizer
+
+# -- swap ---------------------------------------------------------------------------------
+
+
+def swap_samples(running: float, cache: float, base: float) -> swap.Samples:
+    s = swap.Samples()
+    s.ttft_s = {"running": [running] * 3, "cpu cache": [cache] * 3, "disk": [0.02] * 3, "store": [0.05] * 3,
+                "base": [base] * 3}  # fmt: skip
+    s.restart_s = [20.0, 22.0]
+    return s
+
+
+def test_swap_summary_ratios_and_targets() -> None:
+    summary = swap.summarize(swap_samples(running=0.0104, cache=0.0130, base=0.0100))
+    assert summary["running_vs_base"] == pytest.approx(1.04)
+    assert summary["cpu_cache_swap_added_ms"] == pytest.approx(2.6)
+    assert summary["restart_to_first_token_s"] == pytest.approx(21.0)
+    assert summary["restart_vs_cpu_cache_swap"] == pytest.approx(21.0 / 0.013)
+    assert swap.targets_met(summary) == {"running_vs_base": True, "cpu_cache_swap": True}
+    slow = swap.summarize(swap_samples(running=0.0110, cache=0.0170, base=0.0100))
+    assert swap.targets_met(slow) == {"running_vs_base": False, "cpu_cache_swap": False}
+
+
+def test_swap_without_samples_misses_its_targets() -> None:
+    summary = swap.summarize(swap.Samples())
+    assert math.isnan(summary["running_vs_base"])
+    assert swap.targets_met(summary) == {"running_vs_base": False, "cpu_cache_swap": False}
+
+
+def test_swap_table_and_plot(tmp_path: Path) -> None:
+    samples = swap_samples(running=0.0104, cache=0.0130, base=0.0100)
+    summary = swap.summarize(samples)
+    table = swap.render(samples, summary)
+    assert "| cpu cache | 3 | 13.0 | 13.0 | 13.0 | +2.6 |" in table
+    assert "| engine restart (process start -> first token) | 2 | 21000.0 |" in table
+    assert "running / base TTFT: 1.040x (target <= 1.05x: met)" in table
+    swap.plot(samples, summary, tmp_path / "swap.png")
+    assert (tmp_path / "swap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- scale --------------------------------------------------------------------------------
+
+
+def timed(latency: float, ok: bool = True, tokens: int = 16) -> Timed:
+    return Timed(ok=ok, status=200 if ok else 503, latency_s=latency, tokens=tokens if ok else 0,
+                 error="" if ok else "adapter_capacity_exhausted")  # fmt: skip
+
+
+def test_scale_grid_parsing() -> None:
+    assert scale.parse_grid("8:16, 16:64") == [(8, 16), (16, 64)]
+    with pytest.raises(ValueError, match="max_loras <= max_cpu_loras"):
+        scale.parse_grid("8:4")
+
+
+def test_scale_points_ratios_and_target(tmp_path: Path) -> None:
+    base = scale.point_of(8, 64, scale.BASE, [timed(0.1)] * 100, 1.0)
+    many = scale.point_of(8, 64, 64, [timed(0.2)] * 75 + [timed(0.3)] * 5, 1.0)
+    few_slots = scale.point_of(2, 64, 64, [timed(0.5)] * 10, 1.0)
+    few_slots_base = scale.point_of(2, 64, scale.BASE, [timed(0.1)] * 100, 1.0)
+    assert many.requests_per_s == 80 and many.tokens_per_s == 80 * 16 and many.errors == 0
+    ratio = scale.vs_base([base, many, few_slots_base, few_slots])
+    assert ratio[(8, 64, 64)] == pytest.approx(0.8)
+    assert ratio[(2, 64, 64)] == pytest.approx(0.1)
+    # Only max_loras >= 8 is judged: the 2-slot engine's 0.1x does not fail the target.
+    assert scale.target_met([base, many, few_slots_base, few_slots]) is True
+    slow = scale.point_of(8, 64, 64, [timed(0.2)] * 60, 1.0)
+    assert scale.target_met([base, slow]) is False
+    failing = scale.point_of(8, 64, 64, [timed(0.2)] * 90 + [timed(0, ok=False)], 1.0)
+    assert failing.errors == 1 and failing.first_errors == ("503 adapter_capacity_exhausted",)
+    assert scale.target_met([base, failing]) is False
+    assert scale.target_met([few_slots_base, few_slots]) is None
+    table = scale.render([base, many])
+    assert "| 8:64 | base only | 100.0 | 1600 | 0.100 | 0.100 | 0 | 1.00x |" in table
+    assert "| 8:64 | 64 | 80.0 |" in table and "0.80x |" in table
+    assert table.endswith("max_loras >= 8: met")
+    scale.plot([base, many, few_slots_base, few_slots], tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").stat().st_size > 1000
+
+
+# -- rank ---------------------------------------------------------------------------------
+
+
+def test_rank_table_per_adapter_memory_and_speed(tmp_path: Path) -> None:
+    results = [
+        rank.RankResult(0, 0, 0, 0, None, 1000.0, 0.3, 0),
+        rank.RankResult(8, 48 * 1024, 32, 32 * 100 * 1024, None, 950.0, 0.31, 0),
+        rank.RankResult(64, 355 * 1024, 32, 32 * 700 * 1024, 32 * 400 * 1024, 800.0, 0.4, 0),
+    ]
+    assert results[1].rss_per_adapter == 100 * 1024
+    assert results[1].gpu_per_adapter is None and results[2].gpu_per_adapter == 400 * 1024
+    table = rank.render(results)
+    assert "| base |  |  | 1000 | 0.300 | 1.00x |" in table
+    assert "| 8 | 48 | 32 | 950 | 0.310 | 0.95x | 100 | n/a (no GPU) | 0 |" in table
+    assert "| 64 | 355 | 32 | 800 | 0.400 | 0.80x | 700 | 400 | 0 |" in table
+    rank.plot(results, tmp_path / "rank.png")
+    assert (tmp_path / "rank.png").stat().st_size > 1000
+
+
+# -- compare ------------------------------------------------------------------------------
+
+
+def test_compare_agreement_cells_and_table(tmp_path: Path) -> None:
+    assert compare.agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert compare.agreement([1, 2], [1, 2, 3, 4]) == 0.5  # a shorter completion differs where it stops
+    assert compare.agreement([], []) == 1.0
+    assert compare.shown("a|b\n") == "a\\|b\\n"
+    assert len(compare.shown("x" * 500)) == compare.SHOWN_CHARS
+    completions = [
+        compare.Completion("def f():", "tiny", " return 1", [1, 2, 3]),
+        compare.Completion("def f():", "alice/chat", " pass", [1, 5, 6]),
+        compare.Completion("def f():", "bob/chat", "", [], "error 422 adapter_load_failed"),
+    ]
+    table = compare.render(completions, "tiny")
+    assert "| def f(): | tiny |  return 1 |  |" in table
+    assert "| def f(): | alice/chat |  pass | 33% |" in table
+    assert "| def f(): | bob/chat | error 422 adapter_load_failed | 0% |" in table
+    compare.plot(completions, "tiny", tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+# -- soak ---------------------------------------------------------------------------------
+
+
+def outcome(ok: bool = True, status: int = 200, error: str = "", retry_after: str | None = None,
+            ids: tuple[int, ...] = (1, 2)) -> soak.Outcome:  # fmt: skip
+    return soak.Outcome(0, "a/x", "p", False, True, 0.0, 1.0, ok, status, error, retry_after, ids)
+
+
+def test_soak_error_kinds() -> None:
+    assert soak.error_kind(outcome()) == "ok"
+    assert soak.error_kind(outcome(False, 503, "service_unavailable", "5")) == "clear: 503 service_unavailable"
+    # A 503 without Retry-After does not tell the client what to do: not a clear error.
+    assert soak.error_kind(outcome(False, 503, "service_unavailable")) == "unexpected: 503 service_unavailable"
+    assert soak.error_kind(outcome(False, 500, "error", "1")) == "unexpected: 500 error"
+    assert soak.error_kind(outcome(False, 0, "ClientConnectionError")) == "lost: 0 ClientConnectionError"
+    assert soak.error_kind(outcome(False, 502, "no JSON error body")) == "lost: 502 no JSON error body"
+    assert soak.error_kind(outcome(False, 200, "stream cut off before [DONE]")).startswith("lost")
+    assert soak.error_kind(outcome(False, 200, "stream error event: service_unavailable")).startswith("clear")
+
+
+def test_soak_acceptable_versions_around_a_switch() -> None:
+    inf = float("inf")
+    versions = [soak.VersionEvent("a/x", "v1", -inf, -inf), soak.VersionEvent("a/x", "v2", 10.0, 12.0)]
+    assert soak.acceptable_versions(versions, 5.0, 9.0) == ["v1"]  # before the push
+    assert soak.acceptable_versions(versions, 9.0, 11.0) == ["v1", "v2"]  # across it
+    assert soak.acceptable_versions(versions, 11.0, 11.5) == ["v1", "v2"]  # pushed, not yet seen served
+    assert soak.acceptable_versions(versions, 12.5, 13.0) == ["v2"]  # seen served before it began
+    never_seen = [versions[0], soak.VersionEvent("a/x", "v2", 10.0, inf)]
+    assert soak.acceptable_versions(never_seen, 100.0, 101.0) == ["v1", "v2"]
+
+
+def test_soak_rss_growth_after_warm_up() -> None:
+    samples = [(0.0, 0, 500), (1.0, 10, 1000), (2.0, 50, 1050), (3.0, 90, 1020)]
+    assert soak.rss_growth(samples, 10) == (1000, 1050, pytest.approx(0.05))
+    assert math.isnan(soak.rss_growth(samples, 1000)[2])
+
+
+def soak_opts(**overrides: object) -> argparse.Namespace:
+    return argparse.Namespace(**({"requests": 4, "min_ok": 0.5, "rss_tolerance": 0.1} | overrides))
+
+
+def test_soak_summary_targets_and_table() -> None:
+    outcomes = [outcome(), outcome(), outcome(), outcome(False, 503, "service_unavailable", "5")]
+    figures = soak.summarize(outcomes, [], 3, (1000, 1050, 0.05), soak_opts(), 2.0)
+    assert figures["ok"] == 3 and figures["lost"] == 0 and figures["requests_per_s"] == 1.5
+    assert figures["errors_by_type"] == {"clear: 503 service_unavailable": 1}
+    assert all(figures["targets_met"].values())
+    table = soak.render(figures, soak_opts())
+    assert "| wrong outputs (oracle-checked) | 0 of 3 checked | met |" in table
+    assert "| error: clear: 503 service_unavailable | 1 |  |" in table
+    lost = soak.summarize([*outcomes[:3], outcome(False, 0, "ServerDisconnectedError")], [], 3, (1, 1, 0.0),
+                          soak_opts(), 2.0)  # fmt: skip
+    assert lost["targets_met"]["no_lost_requests"] is False
+    wrong = soak.summarize(outcomes, [{"request": 1}], 3, (1, 1, 0.0), soak_opts(), 2.0)
+    assert wrong["targets_met"]["no_wrong_outputs"] is False
+    unchecked = soak.summarize(outcomes, [], 0, (1, 1, 0.0), soak_opts(), 2.0)
+    assert unchecked["targets_met"]["no_wrong_outputs"] is False  # nothing checked proves nothing
+    grew = soak.summarize(outcomes, [], 3, (1000, 1200, 0.2), soak_opts(), 2.0)
+    assert grew["targets_met"]["rss_flat"] is False
+    short = soak.summarize(outcomes[:3], [], 3, (1, 1, 0.0), soak_opts(), 2.0)
+    assert short["targets_met"]["all_requests_answered"] is False
+
+
+# -- the harness ---------------------------------------------------------------------------
+
+
+def test_sse_payloads_and_token_ids() -> None:
+    raw = b'data: {"choices": [{"text": "a"}]}\n\ndata: {"error": {"code": "x"}}\n\ndata: [DONE]\n\n'
+    assert sse_payloads(raw) == [{"choices": [{"text": "a"}]}, {"error": {"code": "x"}}]
+    assert token_ids_of(["token_id:5", "token_id:17"]) == [5, 17]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("base")
+    build_tokenizer(base)
+    build_base_model(base)
+    return base
+
+
+@pytest.mark.parametrize("rank_", [8, 64])
+def test_synthetic_adapters_pass_validation_and_differ_by_seed(tiny_base: Path, tmp_path: Path, rank_: int) -> None:
+    from safetensors.numpy import load_file
+
+    write_synthetic_adapter(tiny_base, tmp_path / "a", rank_, seed=1)
+    write_synthetic_adapter(tiny_base, tmp_path / "b", rank_, seed=2)
+    summary = validate_adapter_dir(tmp_path / "a", BaseModelSpec.from_model_dir(tiny_base, max_lora_rank=64))
+    assert summary.rank == rank_ and set(summary.target_modules) == {"q_proj", "v_proj", "o_proj"}
+    a, b = (
+        load_file(str(tmp_path / "a" / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "b" / "adapter_model.safetensors")),
+    )
+    assert a.keys() == b.keys() and len(a) == 2 * 3 * 2  # A and B, 3 modules, 2 layers
+    assert any((a[k] != b[k]).any() for k in a)
+
+
+def test_synthetic_adapter_loads_in_peft_and_changes_the_output(tiny_base: Path, tmp_path: Path) -> None:
+    from gateway.dev.oracle import ReferenceModel
+
+    write_synthetic_adapter(tiny_base, tmp_path / "a", 8, seed=1)
+    oracle = ReferenceModel(tiny_base)
+    prompt = oracle.prompt_ids("def parse(value):")
+    assert oracle.greedy_ids(tmp_path / "a", prompt, 8) != oracle.greedy_ids(None, prompt, 8)
