@@ -1,4 +1,4 @@
-"""`lora-gateway`: serve, adapters, keys, dev make-model, bench serve|load|fairness, demo."""
+"""`lora-gateway`: serve, adapters, keys, dev make-model, bench serve|load|fairness|swap|scale|rank|compare|soak, demo."""
 
 from __future__ import annotations
 
@@ -38,20 +38,16 @@ def _make_model(args: list[str]) -> int:
     return 0
 
 
+BENCHMARKS = ("serve", "load", "fairness", "swap", "scale", "rank", "compare", "soak")
+
+
 def _bench(args: list[str]) -> int:
-    if args[:1] == ["serve"]:
-        from gateway.bench.serve import main as bench_serve
+    if args[:1] and args[0] in BENCHMARKS:
+        import importlib
 
-        return bench_serve(args[1:])
-    if args[:1] == ["load"]:
-        from gateway.bench.load import main as bench_load
-
-        return bench_load(args[1:])
-    if args[:1] == ["fairness"]:
-        from gateway.bench.fairness import main as bench_fairness
-
-        return bench_fairness(args[1:])
-    print("usage: lora-gateway bench {serve,load,fairness} [options]", file=sys.stderr)
+        # One module per benchmark, imported only when run: most pull in vLLM or matplotlib.
+        return int(importlib.import_module(f"gateway.bench.{args[0]}").main(args[1:]))
+    print(f"usage: lora-gateway bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
     return 2
 
 
@@ -84,7 +80,7 @@ COMMANDS = {
 
 
 def _usage() -> int:
-    commands = "serve,adapters,keys,dev make-model,bench serve|load|fairness,demo"
+    commands = "serve,adapters,keys,dev make-model,bench " + "|".join(BENCHMARKS) + ",demo"
     print(f"usage: lora-gateway {{{commands}}} ...", file=sys.stderr)
     return 2
 
