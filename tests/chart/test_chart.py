@@ -392,3 +392,15 @@ def test_notes_say_what_to_do_next() -> None:
     notes = result.output.split("NOTES:", 1)[1]
     assert "kubectl -n serving port-forward service/lgw-lora-gateway 8000:8000" in notes
     assert "no API keys yet" in notes and "store.url is empty" in notes
+
+
+def test_trusted_header_mode_has_no_keys(monkeypatch) -> None:
+    rendered = render(None, ("auth.mode=trustedHeader", "auth.trustedHeader.userHeader=X-Forwarded-User"))
+    assert rendered.of_kind("Secret") == []
+    assert "keys" not in {v["name"] for v in rendered.pod["volumes"]}
+    for var in [v for v in os.environ if v.startswith("LORA_GATEWAY_")]:
+        monkeypatch.delenv(var)
+    for key, value in rendered.config().items():
+        monkeypatch.setenv(key, value)
+    settings = ServeSettings(_env_file=None)
+    assert settings.trusted_user_header == "X-Forwarded-User" and settings.keys_file is None
