@@ -208,3 +208,33 @@ def test_build_context_holds_what_the_image_copies() -> None:
     for stage in ("cpu-build", "gpu-build"):
         sources = {args.split()[0] for args in STAGES[stage].all("COPY")}
         assert packages <= sources, stage
+
+
+def test_cpu_image_project_install_works_on_the_build_context(tmp_path: Path) -> None:
+    """The cpu-build stage's project install, run on what its COPY lines take from the context
+    (into a target folder instead of the image's venv): every package and the console script."""
+    context = tmp_path / "src"
+    context.mkdir()
+    for args in STAGES["cpu-build"].all("COPY"):
+        *sources, destination = args.split()
+        for source in sources:
+            target = context / (source if destination in {".", "./"} else destination)
+            if (REPO / source).is_dir():
+                shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / source, target)
+    [project_install] = [args for args in pip_installs(STAGES["cpu-build"].all("RUN")) if "-r" not in args]
+    site = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", *project_install, "--target", str(site)],
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    includes = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for package in (pattern.rstrip("*") for pattern in includes["include"]):
+        assert (site / package / "__init__.py").is_file(), package
+    assert "gateway.cli" in (site / "bin" / "lora-gateway").read_text()
