@@ -51,6 +51,7 @@ def configure_json_logging(level: int) -> None:
         root.removeHandler(old)
     root.addHandler(json_handler())
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings (e.g. a library's FutureWarning) as JSON records too
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(_write_vllm_logging_config(level))
 
