@@ -143,6 +143,8 @@ def tokenize(path: Path, examples: list[Example], tokenizer: Tokenizer, max_leng
             target_ids = tokenizer.encode(example.completion, add_special_tokens=False) + eos
             sequences.append(TokenizedExample(example.line, prompt_ids, target_ids))
     for sequence in sequences:
+        if not sequence.prompt_ids:  # the first answer token would have nothing to be predicted from
+            raise DatasetError(path, sequence.line, "the prompt is empty (0 tokens): give the text the answer follows")
         if sequence.length > max_length:
             raise DatasetError(
                 path,

@@ -56,7 +56,7 @@ def train_adapter(
     import transformers
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()  # one progress bar: the training's
     started = time.monotonic()
@@ -66,8 +66,9 @@ def train_adapter(
     targets = _target_modules(spec, options.target_modules)
     examples = read_examples(data)  # the data first: a bad line fails before a model is loaded
     tokenizer = AutoTokenizer.from_pretrained(base)
+    context = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None) or tokenizer.model_max_length
+    sequences = tokenize(data, examples, tokenizer, context)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    sequences = tokenize(data, examples, tokenizer, model.config.max_position_embeddings)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     torch.manual_seed(options.seed)  # the LoRA A matrices' initialisation and the batch order

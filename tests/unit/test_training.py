@@ -91,6 +91,12 @@ BAD_DATASETS = [
     ("prompt not a string", [{"prompt": 42, "completion": "x"}], 1, 'field "prompt" must be a string, got a number'),
     ("completion null", [{"prompt": "x", "completion": None}], 1, 'field "completion" must be a string, got null'),
     ("empty completion", [GOOD, {"prompt": "x", "completion": ""}], 2, 'empty "completion": there is nothing to learn'),
+    (
+        "empty prompt",
+        [GOOD, GOOD, {"prompt": "", "completion": "x"}],
+        3,
+        "the prompt is empty (0 tokens): give the text the answer follows",
+    ),
     ("messages not a list", [{"messages": "hi"}], 1, 'field "messages" must be a non-empty list, got a string'),
     ("message without role", [{"messages": [{"content": "hi"}]}], 1, 'messages[0]: missing field "role"'),
     (
