@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.5
 RUNNER_SHUTDOWN_TIMEOUT_S = 1.0  # after our own drain: only stragglers such as idle keep-alives
+# The engine died: requests in flight are failing with it; this long for their 503s and stream error
+# events to reach their clients before the process exits (they take milliseconds).
+ENGINE_DEAD_GRACE_S = 5.0
 
 
 async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> int:
@@ -47,10 +50,12 @@ async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_
             pass
     # Keep listening while draining: /readyz answers 503 (the load balancer stops sending) and
     # new requests get a 503 to retry elsewhere, while requests in flight, streams too, finish.
-    serving.draining = True
-    log.info("draining %d in-flight requests (up to %.0f s)", serving.in_flight, settings.drain_timeout_s)
-    deadline = loop.time() + settings.drain_timeout_s
-    while serving.in_flight and loop.time() < deadline and exit_code == 0:
+    # With a dead engine /readyz keeps saying so, and in-flight requests only get their errors out.
+    grace_s = settings.drain_timeout_s if exit_code == 0 else min(settings.drain_timeout_s, ENGINE_DEAD_GRACE_S)
+    serving.draining = exit_code == 0
+    log.info("draining %d in-flight requests (up to %.0f s)", serving.in_flight, grace_s)
+    deadline = loop.time() + grace_s
+    while serving.in_flight and loop.time() < deadline:
         await asyncio.sleep(WATCH_INTERVAL_S / 5)
     if serving.in_flight:
         log.warning("drain ended with %d requests cut off", serving.in_flight)

@@ -170,8 +170,8 @@ def render(figures: dict[str, Any], opts: argparse.Namespace) -> str:
         ["requests answered", f"{figures['requests']} of {opts.requests}", met["all_requests_answered"]],
         ["succeeded", f"{figures['ok']} ({figures['ok'] / max(1, figures['requests']):.1%}; "
                       f"{figures['requests_per_s']:.1f}/s)", f"{met['ok_fraction']} (>= {opts.min_ok:.0%})"],
-        ["wrong outputs (oracle-checked)", f"{figures['wrong']} of {figures['checked']} checked",
-         met["no_wrong_outputs"]],
+        ["wrong outputs (oracle-checked)", f"{figures['wrong']} of {figures['checked']} checked "
+         f"({figures.get('checked_on_new_versions', 0)} on versions pushed during the run)", met["no_wrong_outputs"]],
         ["lost requests (no response, no JSON error)", str(figures["lost"]), met["no_lost_requests"]],
         ["unexpected errors", str(figures["unexpected_errors"]), met["no_unexpected_errors"]],
         ["host RSS after warm-up -> max", f"{figures['rss_after_warmup_bytes'] / 2**20:.0f} -> "
@@ -305,8 +305,9 @@ class Soak:
             sampler.cancel()
             return duration
 
-    def check(self) -> tuple[int, list[dict[str, Any]]]:
-        """Every checked success against the reference for the versions it may rightly have."""
+    def check(self) -> tuple[int, int, list[dict[str, Any]]]:
+        """Every checked success against the reference for the versions it may rightly have:
+        (checked, of them equal to a version pushed during the run, the wrong ones)."""
         from gateway.dev.oracle import ReferenceModel
 
         oracle = ReferenceModel(self.model.path)
@@ -321,7 +322,8 @@ class Soak:
         by_ref = collections.defaultdict(list)
         for v in self.timeline.versions:
             by_ref[v.ref].append(v)
-        checked, wrong = 0, []
+        initial = {v.ref: v.version for v in self.timeline.versions if v.pushed == float("-inf")}
+        checked, on_new_versions, wrong = 0, 0, []
         # Grouped by adapter: the reference keeps few models in memory at once.
         for o in sorted((o for o in self.outcomes if o.ok and o.checked), key=lambda o: o.model):
             checked += 1
@@ -330,11 +332,14 @@ class Soak:
             else:
                 allowed = {v: reference(self.folders[(o.model, v)], o.prompt)
                            for v in acceptable_versions(by_ref[o.model], o.started, o.ended)}  # fmt: skip
-            if list(o.token_ids) not in allowed.values():
+            matched = [v for v, ids in allowed.items() if ids == list(o.token_ids)]
+            if matched and o.model in initial and initial[o.model] not in matched:
+                on_new_versions += 1
+            if not matched:
                 allowed_ids = {str(k): v for k, v in allowed.items()}
                 wrong.append({"request": o.index, "model": o.model, "prompt": o.prompt, "stream": o.stream,
                               "got": list(o.token_ids), "allowed": allowed_ids})  # fmt: skip
-        return checked, wrong
+        return checked, on_new_versions, wrong
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -390,9 +395,10 @@ def main(argv: list[str]) -> int:
         if exit_code is not None:
             soak.timeline.note(soak.started, f"the gateway exited with {exit_code} during the soak")
         progress("checking outputs against the reference (transformers + PEFT)")
-        checked, wrong = soak.check()
+        checked, on_new_versions, wrong = soak.check()
     rss = rss_growth(soak.timeline.rss, int(opts.warmup_fraction * opts.requests))
     figures = summarize(soak.outcomes, wrong, checked, rss, opts, duration)
+    figures["checked_on_new_versions"] = on_new_versions
     report = {"config": config_of(opts), "model": str(model.path), "figures": figures,
               "events": soak.timeline.events, "versions": [asdict(v) for v in soak.timeline.versions],
               "wrong": wrong[:20], "rss_samples": soak.timeline.rss}  # fmt: skip

@@ -122,10 +122,11 @@ def plot(samples: Samples, summary: dict[str, Any], path: Path) -> None:
     labels = [*TIERS, "engine restart"]
     values = [[v * 1000 for v in samples.ttft_s[t]] for t in TIERS] + [[v * 1000 for v in samples.restart_s]]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, vs in enumerate(values):
-        ax.scatter([i] * len(vs), vs, s=12, alpha=0.6)
     medians = [*(summary["median_ttft_s"][t] * 1000 for t in TIERS), summary["restart_to_first_token_s"] * 1000]
-    ax.bar(range(len(labels)), medians, alpha=0.3)
+    ax.bar(range(len(labels)), medians, color="lightgrey", label="median")
+    for i, vs in enumerate(values):
+        ax.scatter([i] * len(vs), vs, s=12, alpha=0.6, color="tab:blue", label="samples" if i == 0 else None)
+    ax.legend()
     ax.set_xticks(range(len(labels)), labels, rotation=20)
     ax.set(yscale="log", ylabel="time to first token (ms, log)", title="Adapter swap: TTFT by tier vs engine restart")
     fig.tight_layout()

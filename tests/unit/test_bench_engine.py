@@ -181,7 +181,7 @@ def test_soak_summary_targets_and_table() -> None:
     assert figures["errors_by_type"] == {"clear: 503 service_unavailable": 1}
     assert all(figures["targets_met"].values())
     table = soak.render(figures, soak_opts())
-    assert "| wrong outputs (oracle-checked) | 0 of 3 checked | met |" in table
+    assert "| wrong outputs (oracle-checked) | 0 of 3 checked (0 on versions pushed during the run) | met |" in table
     assert "| error: clear: 503 service_unavailable | 1 |  |" in table
     lost = soak.summarize([*outcomes[:3], outcome(False, 0, "ServerDisconnectedError")], [], 3, (1, 1, 0.0),
                           soak_opts(), 2.0)  # fmt: skip

@@ -1,0 +1,105 @@
+"""The engine core process dies mid-load: requests in flight get a clear 503, /readyz says 503,
+and the gateway exits non-zero so its supervisor (Kubernetes) restarts it.
+
+What is accepted, and why: a whole (non-streamed) response has sent nothing when the engine dies,
+so it must be a 503 with OpenAI's JSON error and Retry-After. A stream has already sent its 200
+and some tokens: the status cannot change, so it must end with an error event in OpenAI's shape
+(code service_unavailable) and then `data: [DONE]`, never just a cut connection.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+import pytest
+import requests
+
+from gateway.dev.process import ServerProcess
+from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from tests.e2e.conftest import ADMIN, Keys, start_gateway
+
+pytestmark = pytest.mark.e2e
+
+LONG = 1900  # tokens (the context is 2048): seconds of generation here, still running at the kill
+STREAMS = 4
+WHOLE = 4
+
+
+def engine_core(server: ServerProcess) -> psutil.Process:
+    """vLLM's engine core: the gateway's child process that runs the model."""
+    assert server.process is not None
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    cores = [c for c in children if "EngineCore" in c.name() or "EngineCore" in " ".join(c.cmdline())]
+    assert len(cores) == 1, [(c.pid, c.name(), c.cmdline()) for c in children]
+    return cores[0]
+
+
+def sse_events(body: str) -> list[Any]:
+    return [line[5:].strip() for line in body.splitlines() if line.startswith("data:")]
+
+
+def test_engine_core_killed_mid_load(tiny: TinyModel, keys: Keys, tmp_path) -> None:
+    server = start_gateway(tiny, keys, tmp_path, max_loras=2, max_cpu_loras=2)
+    headers = {"Authorization": f"Bearer {keys.by_user[ADMIN]}"}
+    url = server.base_url
+    models = [BASE_MODEL_NAME, "alice/chat", "bob/chat"]
+    try:
+        started_streams = threading.Barrier(STREAMS + 1, timeout=120)
+
+        def whole(i: int) -> requests.Response:
+            body = {"model": models[i % 3], "prompt": "def f(x):", "max_tokens": LONG, "temperature": 0}
+            return requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+
+        def stream(i: int) -> tuple[int, str]:
+            body = {"model": models[i % 3], "prompt": "import os", "max_tokens": LONG, "temperature": 0, "stream": True}
+            with requests.post(f"{url}/v1/completions", json=body, headers=headers, stream=True, timeout=120) as r:
+                lines = r.iter_lines(decode_unicode=True)
+                received = [next(lines)]  # the first token: the stream has begun
+                started_streams.wait()
+                received += list(lines)
+                return r.status_code, "\n".join(received)
+
+        with ThreadPoolExecutor(WHOLE + STREAMS) as pool:
+            wholes = [pool.submit(whole, i) for i in range(WHOLE)]
+            streams = [pool.submit(stream, i) for i in range(STREAMS)]
+            started_streams.wait()  # every stream is generating, and the whole requests went in before them
+            core = engine_core(server)
+            readyz: list[tuple[int, dict[str, Any]]] = []
+            core.send_signal(signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            assert server.process is not None
+            while server.process.poll() is None and time.monotonic() < deadline:
+                try:
+                    r = requests.get(f"{url}/readyz", timeout=5)
+                    readyz.append((r.status_code, r.json()))
+                except requests.ConnectionError:
+                    break  # the gateway stopped listening on its way out
+                time.sleep(0.02)
+
+            for future in wholes:
+                response = future.result(timeout=60)
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "service_unavailable"
+                assert int(response.headers["Retry-After"]) >= 1
+            for future in streams:
+                status, body = future.result(timeout=60)
+                assert status == 200
+                events = sse_events(body)
+                assert events[-1] == "[DONE]", body[-500:]
+                error = json.loads(events[-2])
+                assert error["error"]["code"] == "service_unavailable", error
+
+        # Before the engine's death is noticed /readyz may still say 200; after, never again.
+        dead = [i for i, (status, body) in enumerate(readyz) if status == 503 and body.get("reason") == "engine dead"]
+        assert dead, readyz
+        assert all(status == 503 for status, _ in readyz[dead[0] :]), readyz
+        assert server.process.wait(30) == 1, server.log_tail()
+        assert "exiting so the process is restarted" in server.log_tail(200)
+    finally:
+        server.stop()
