@@ -33,6 +33,7 @@ from gateway.app_keys import (
     SERVING,
     SETTINGS,
     STORE,
+    TRACER,
     TRACER_PROVIDER,
     Serving,
 )
@@ -97,6 +98,7 @@ def create_app(
         middlewares=[server_span_middleware(tracer_provider), error_middleware, drain_middleware, auth_middleware],
     )
     app[TRACER_PROVIDER] = tracer_provider
+    app[TRACER] = tracer_of(tracer_provider)
     app[SETTINGS] = settings
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
@@ -117,7 +119,7 @@ def create_app(
         app[STORE],
         settings.base_model_name,
         on_retired=retire,
-        tracer=tracer_of(tracer_provider),
+        tracer=app[TRACER],
         metrics=app[METRICS],
     )
     register_state_collector(app)
@@ -174,7 +176,7 @@ async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
             root,
             settings.cache_max_bytes,
             max_parallel=settings.download_parallelism,
-            tracer=tracer_of(app[TRACER_PROVIDER]),
+            tracer=app[TRACER],
             metrics=app[METRICS],
         )
         yield
@@ -233,7 +235,7 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
                 base=app[BASE_SPEC],
                 limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
             ),
-            tracer=tracer_of(app[TRACER_PROVIDER]),
+            tracer=app[TRACER],
             metrics=app[METRICS],
         )
         if settings.base_via_zero_adapter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
-from opentelemetry.trace import TracerProvider
+from opentelemetry.trace import Tracer, TracerProvider
 from prometheus_client import CollectorRegistry
 
 from adapters_manifest.store import AdapterStore
@@ -64,3 +64,4 @@ LIMITER = web.AppKey("limiter", UserLimiter)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", GatewayMetrics)  # the instruments, registered in METRICS_REGISTRY
 TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)  # the global one unless create_app got one
+TRACER = web.AppKey("tracer", Tracer)  # the gateway's tracer from TRACER_PROVIDER (got once: it is not free)

@@ -26,7 +26,7 @@ from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
 from gateway.api.formats import ChatFormat, ChoiceState, CompletionFormat, ResponseFormat
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from gateway.app_keys import CATALOG, LIMITER, METRICS, SERVING, SETTINGS, TRACER_PROVIDER
+from gateway.app_keys import CATALOG, LIMITER, METRICS, SERVING, SETTINGS, TRACER
 from gateway.auth.middleware import PRINCIPAL
 from gateway.engine.interface import Engine, EngineAdapter, EngineDeadError, GenerationDelta, SamplingOptions
 from gateway.errors import (
@@ -192,8 +192,9 @@ async def _generate(
         with metrics.waiting("fair_share"):
             await held.enter_async_context(request.app[LIMITER].admit(principal.user))
         adapter = await held.enter_async_context(serving.pool_or_raise().acquire(record, on_outcome=heard))
-        tracer = spans.tracer_of(request.app[TRACER_PROVIDER])
-        deltas = _engine_deltas(tracer, serving.engine_or_raise(), prompt_ids, options, adapter, observation, request)
+        deltas = _engine_deltas(
+            request.app[TRACER], serving.engine_or_raise(), prompt_ids, options, adapter, observation, request
+        )
         async with contextlib.aclosing(deltas):
             # The first delta comes before any byte is sent: an early failure is a plain error.
             first = await anext(deltas, None)

@@ -3,7 +3,7 @@ to a receiver on loopback, /metrics with the gateway's and vLLM's metrics, JSON 
 
 One engine slot for user adapters, so the second user's first request swaps the first one out:
 a cold load and an eviction, each a named span with a duration, in the trace of the request that
-caused it."""
+caused it. vLLM's own tracing is on too: its request span joins the gateway's trace."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def traced_gateway(
     tiny: TinyModel, keys: Keys, receiver: TraceReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     port = free_port()
-    command = gateway_command(tiny.base, tiny.store, port, **ENGINE, keys_file=keys.file, max_loras=1, max_cpu_loras=1)
+    flags = {"keys_file": keys.file, "max_loras": 1, "max_cpu_loras": 1, "engine_otlp_traces_endpoint": receiver.url}
+    command = gateway_command(tiny.base, tiny.store, port, **ENGINE, **flags)
     env = {
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
@@ -98,6 +99,10 @@ def test_cold_load_swap_and_eviction_are_named_spans_and_metrics(
         assert child.parent_span_id == acquire.span_id and child.duration_s > 0, child
     generate = one(found, spans.GENERATE)
     assert [name for name, _ in generate.events] == [spans.FIRST_TOKEN_EVENT]
+    # The context went into vLLM (trace_headers): vLLM's own span of this request is a child of engine.generate.
+    vllm_request = one(trace_of(receiver, cold, {"llm_request"}), "llm_request")
+    assert vllm_request.parent_span_id == generate.span_id
+    assert vllm_request.attributes["gen_ai.usage.completion_tokens"] == 4
     assert request.resource["service.name"] == "lora-gateway"
     assert request.resource["deployment.environment.name"] == "e2e"
 
