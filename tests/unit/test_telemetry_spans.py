@@ -355,3 +355,27 @@ async def test_s3_error_during_fetch_is_an_error_fetch_span_with_retries(
     resp, trace_id, _ = await traced.complete("alice/coding")
     assert resp.status == 200
     assert one(traced.trace(trace_id), spans.ACQUIRE).attributes[spans.ACQUIRE_OUTCOME] == "store"
+
+
+async def test_streamed_chat_request_span_describes_the_call(start_traced: StartTraced) -> None:
+    traced = await start_traced()
+    trace_id = secrets.token_hex(16)
+    resp = await traced.client.post(
+        "/v1/chat/completions",
+        json={"model": "alice/poems", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True},
+        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+    )
+    assert resp.status == 200
+    await resp.read()
+    await until(lambda: any(s.kind == SpanKind.SERVER for s in traced.trace(trace_id)))
+    found = traced.trace(trace_id)
+    request = server_span(found)
+    assert request.name == "POST /v1/chat/completions"
+    assert request.attributes["gen_ai.operation.name"] == "chat"
+    assert request.attributes["gen_ai.usage.output_tokens"] == 4
+    assert tuple(request.attributes["gen_ai.response.finish_reasons"]) == ("length",)
+    assert request.attributes["gen_ai.response.id"].startswith("chatcmpl-")
+    generate = one(found, spans.GENERATE)
+    assert generate.parent.span_id == request.context.span_id
+    assert [e.name for e in generate.events] == [spans.FIRST_TOKEN_EVENT]
+    assert generate.events[0].timestamp <= generate.end_time
