@@ -19,8 +19,8 @@ from typing import Any, TextIO
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
-FIELDS = "{asctime}{levelname}{name}{message}{trace_id}{span_id}"
-RENAMED = {"asctime": "time", "levelname": "level", "name": "logger"}
+FIELDS = "{levelname}{name}{message}{trace_id}{span_id}"
+RENAMED = {"timestamp": "time", "levelname": "level", "name": "logger"}  # time: ISO 8601, UTC
 
 
 class TraceContextFilter(logging.Filter):
@@ -34,7 +34,7 @@ class TraceContextFilter(logging.Filter):
 
 
 def json_formatter() -> logging.Formatter:
-    return JsonFormatter(FIELDS, style="{", rename_fields=RENAMED)
+    return JsonFormatter(FIELDS, style="{", rename_fields=RENAMED, timestamp=True)
 
 
 def json_handler(stream: TextIO | None = None) -> logging.Handler:

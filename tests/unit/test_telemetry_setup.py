@@ -11,6 +11,7 @@ import logging.config
 import os
 import secrets
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,4 @@ def test_vllm_loggers_write_json_with_trace_ids(capsys: pytest.CaptureFixture[st
     assert record["message"] == "engine started with 3 slots"
     assert record["logger"] == "vllm.engine" and record["level"] == "INFO"
     assert record["trace_id"] is None and record["span_id"] is None  # outside any span
+    assert datetime.fromisoformat(record["time"]).utcoffset() == timedelta(0)  # ISO 8601, UTC
