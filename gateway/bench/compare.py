@@ -141,8 +141,9 @@ def main(argv: list[str]) -> int:
             model, store = BaseModel(path, opts.served_model_name or path.name, opts.dtype or "auto"), opts.store
         keys_file, api_key = admin_key(work)
         models = [model.served_name, *refs]
-        server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log", max_loras=len(refs),
-                                max_cpu_loras=len(refs), max_lora_rank=opts.max_lora_rank)  # fmt: skip
+        server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log",
+                                kv_cache_gib=opts.kv_cache_gib, max_loras=len(refs), max_cpu_loras=len(refs),
+                                max_lora_rank=opts.max_lora_rank)  # fmt: skip
         progress("gateway starting")
         with running(server, opts.startup_timeout):
             completions = asyncio.run(_complete_all(server.base_url, api_key, opts.prompt_list, models,

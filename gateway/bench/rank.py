@@ -182,8 +182,9 @@ def main(argv: list[str]) -> int:
             sizes[rank] = next(f.size for f in records[0].record.files if f.name.endswith(".safetensors"))
         loaded = opts.per_rank * len(opts.ranks)  # every adapter stays resident: memory adds up
         max_rank = min(r for r in MAX_LORA_RANKS if r >= max(opts.ranks))
-        server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log", max_loras=opts.max_loras,
-                                max_cpu_loras=loaded, max_lora_rank=max_rank)  # fmt: skip
+        server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log",
+                                kv_cache_gib=opts.kv_cache_gib, max_loras=opts.max_loras, max_cpu_loras=loaded,
+                                max_lora_rank=max_rank)  # fmt: skip
         progress("gateway starting")
         with running(server, opts.startup_timeout):
             assert server.process is not None

@@ -221,7 +221,8 @@ def main(argv: list[str]) -> int:
         for grid in opts.grid:
             log_path = opts.out / "logs" / f"gateway-{grid[0]}-{grid[1]}.log"
             log_path.unlink(missing_ok=True)
-            server = gateway_server(model, store, keys_file, log_path, max_loras=grid[0], max_cpu_loras=grid[1],
+            server = gateway_server(model, store, keys_file, log_path, kv_cache_gib=opts.kv_cache_gib,
+                                    max_loras=grid[0], max_cpu_loras=grid[1],
                                     max_lora_rank=max(8, opts.rank))  # fmt: skip
             progress(f"max_loras {grid[0]}, max_cpu_loras {grid[1]}: gateway starting (log: {log_path})")
             with running(server, opts.startup_timeout):

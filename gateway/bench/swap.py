@@ -231,8 +231,8 @@ def main(argv: list[str]) -> int:
         progress(f"publishing {len(refs)} rank-{opts.rank} adapters to moto S3")
         os.environ.update(s3.env)
         asyncio.run(publish_synthetic(store, model, refs, opts.rank, work))
-        flags = {"max_loras": MAX_LORAS, "max_cpu_loras": MAX_CPU_LORAS, "max_lora_rank": max(8, opts.rank),
-                 "sync_interval_s": 60}  # fmt: skip
+        flags = {"kv_cache_gib": opts.kv_cache_gib, "max_loras": MAX_LORAS, "max_cpu_loras": MAX_CPU_LORAS,
+                 "max_lora_rank": max(8, opts.rank), "sync_interval_s": 60}  # fmt: skip
         for start_no in range(1 + opts.restarts):
             log_path = opts.out / "logs" / f"gateway-{start_no}.log"
             log_path.unlink(missing_ok=True)

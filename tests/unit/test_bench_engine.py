@@ -171,7 +171,7 @@ def test_soak_rss_growth_after_warm_up() -> None:
 
 
 def soak_opts(**overrides: object) -> argparse.Namespace:
-    return argparse.Namespace(**({"requests": 4, "min_ok": 0.5, "rss_tolerance": 0.1} | overrides))
+    return argparse.Namespace(**({"requests": 4, "min_ok": 0.5, "rss_tolerance": 0.1, "check_every": 1} | overrides))
 
 
 def test_soak_summary_targets_and_table() -> None:
@@ -190,6 +190,11 @@ def test_soak_summary_targets_and_table() -> None:
     assert wrong["targets_met"]["no_wrong_outputs"] is False
     unchecked = soak.summarize(outcomes, [], 0, (1, 1, 0.0), soak_opts(), 2.0)
     assert unchecked["targets_met"]["no_wrong_outputs"] is False  # nothing checked proves nothing
+    check_off = soak.summarize(outcomes, [], 0, (1, 1, 0.0), soak_opts(check_every=0), 2.0)
+    assert "no_wrong_outputs" not in check_off["targets_met"]  # not judged, and the table says so
+    assert "| 0 of 0 checked (0 on versions pushed during the run) | not checked (--check-every 0) |" in soak.render(
+        check_off, soak_opts(check_every=0)
+    )
     grew = soak.summarize(outcomes, [], 3, (1000, 1200, 0.2), soak_opts(), 2.0)
     assert grew["targets_met"]["rss_flat"] is False
     short = soak.summarize(outcomes[:3], [], 3, (1, 1, 0.0), soak_opts(), 2.0)
