@@ -106,7 +106,7 @@ async def _complete_all(url: str, api_key: str, prompts: Sequence[str], models: 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lora-gateway bench compare", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add_model_options(p)
+    add_model_options(p, "compare")
     p.add_argument("--store", help="adapter store with --base: s3://bucket/prefix, file:///path or a path")
     p.add_argument("--adapters", default="alice/chat,bob/chat,carol/code", help="comma-separated owner/name")
     p.add_argument("--prompts", default="\x1f".join(DEFAULT_PROMPTS),

@@ -49,12 +49,13 @@ class BaseModel:
     dtype: str  # float32 on the tiny model (exact against the reference); the model's own otherwise
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--base", type=Path, help="a real base model folder (default: build the tiny model offline)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder's name)")
     p.add_argument("--dtype", default=None, help="engine dtype (default: float32 on the tiny model, else auto)")
     p.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB, help="the gateway's KV-cache memory")
-    p.add_argument("--out", type=Path, required=True, help="folder for the JSON, the Markdown table and the PNG")
+    p.add_argument("--out", type=Path, default=Path(f"artifacts/bench-{name}"),
+                   help=f"folder for {name}.json, {name}.md (the table) and {name}.png (the plot)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until a gateway must be ready")
 
 

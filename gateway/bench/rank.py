@@ -148,7 +148,7 @@ async def _measure(
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lora-gateway bench rank", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add_model_options(p)
+    add_model_options(p, "rank")
     p.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 64])
     p.add_argument("--per-rank", type=int, default=32, help="adapters of each rank loaded (memory per adapter)")
     p.add_argument("--max-loras", type=int, default=4, help="engine slots; the speed stream uses this many adapters")

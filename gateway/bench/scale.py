@@ -186,7 +186,7 @@ async def _measure_config(
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lora-gateway bench scale", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add_model_options(p)
+    add_model_options(p, "scale")
     p.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64, 256],
                    help="distinct adapters per stream")  # fmt: skip
     p.add_argument("--grid", type=parse_grid, default=parse_grid("8:16,8:64,16:64"),

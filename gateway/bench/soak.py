@@ -347,7 +347,7 @@ class Soak:
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lora-gateway bench soak", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add_model_options(p)
+    add_model_options(p, "soak")
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--max-cpu-loras", type=int, default=4)

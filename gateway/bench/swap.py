@@ -201,7 +201,7 @@ async def _measure(opts: argparse.Namespace, url: str, api_key: str, model: Base
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lora-gateway bench swap", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add_model_options(p)
+    add_model_options(p, "swap")
     p.add_argument("--repeats", type=int, default=20, help="timed requests per tier")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured repeats first")
     p.add_argument("--restarts", type=int, default=1, help="engine restarts timed after the first start")
