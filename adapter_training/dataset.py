@@ -161,7 +161,8 @@ def _chat_prompt(path: Path, example: Example, turn: int, tokenizer: Tokenizer) 
             list(example.messages[:turn]), add_generation_prompt=True, tokenize=False
         )
     except Exception as exc:  # noqa: BLE001 - no template, or a template that refuses these roles
-        raise DatasetError(path, example.line, f"the base model's chat template cannot render it: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line, whatever the template says
+        raise DatasetError(path, example.line, f"the base model's chat template cannot render it: {reason}") from None
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 

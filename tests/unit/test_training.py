@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,16 @@ def test_push_publishes_the_trained_adapter_to_the_store(
     assert record is not None
     assert (record.rank, record.target_modules, record.description) == (4, ["q_proj", "v_proj"], "upper case")
     assert record.base_model == base.name
+
+
+def test_chat_lines_need_a_chat_template(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD, EXAMPLES[-1]])
+    assert train_cli(data, bare, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{data}:2: the base model's chat template cannot render it: ") and err.count("\n") == 1
