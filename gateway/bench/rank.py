@@ -1,10 +1,10 @@
 """`lora-gateway bench rank`: what an adapter's rank costs in speed and in memory.
 
 One gateway (`--max-lora-rank` the largest rank, room in the engine for every adapter), started
-alone. First the base model's speed; then, per rank (8, 16, 64 by default): the host RSS of the
-gateway and its engine core processes (GPU memory too where there is a GPU) before and after
-`--per-rank` adapters of that rank are loaded into the engine, one request each, and the speed of
-a stream over `--max-loras` of them (so the stream measures the rank, not engine loads).
+alone. Per rank (8, 16, 64 by default): the host RSS of the gateway and its engine core processes
+(GPU memory too where there is a GPU) before and after `--per-rank` adapters of that rank are
+loaded into the engine, one request each; then the speed of a stream over `--max-loras` of them
+(so the stream measures the rank, not engine loads) next to a base-model stream just before it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class RankResult:
     tokens_per_s: float
     p50_s: float
     errors: int
+    base_tokens_per_s: float = float("nan")  # the base model's, measured just before: the speed's yardstick
 
     @property
     def rss_per_adapter(self) -> float:
@@ -64,17 +65,16 @@ class RankResult:
 
 
 def render(results: Sequence[RankResult]) -> str:
-    base = next((r for r in results if r.rank == 0), None)
     rows = []
     for r in results:
-        speed = f"{ratio_of(r.tokens_per_s, base.tokens_per_s):.2f}x" if base else "n/a"
         if r.rank == 0:
-            rows.append(["base", "", "", f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", speed, "", "", str(r.errors)])
+            rows.append(["base", "", "", f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", "1.00x", "", "", str(r.errors)])
             continue
+        speed = f"{ratio_of(r.tokens_per_s, r.base_tokens_per_s):.2f}x"
         gpu = "n/a (no GPU)" if r.gpu_per_adapter is None else f"{r.gpu_per_adapter / 1024:.0f}"
         rows.append([str(r.rank), f"{r.adapter_bytes / 1024:.0f}", str(r.loaded), f"{r.tokens_per_s:.0f}",
                      f"{r.p50_s:.3f}", speed, f"{r.rss_per_adapter / 1024:.0f}", gpu, str(r.errors)])  # fmt: skip
-    return markdown_table(["rank", "file (KiB)", "adapters loaded", "tokens/s", "p50 (s)", "vs base",
+    return markdown_table(["rank", "file (KiB)", "adapters loaded", "tokens/s", "p50 (s)", "vs base (paired)",
                            "host RSS per adapter (KiB)", "GPU per adapter (KiB)", "errors"], rows)  # fmt: skip
 
 
@@ -127,22 +127,23 @@ async def _measure(
             ok = [d for d in done if d.ok]
             return sum(d.tokens for d in ok) / duration, median([d.latency_s for d in ok]), len(done) - len(ok)
 
-        tokens_s, p50, errors = await speed([served])
-        results.append(RankResult(0, 0, 0, 0, None, tokens_s, p50, errors))
-        progress(f"base: {tokens_s:.0f} tokens/s")
+        bases = []
         for rank in opts.ranks:
             rss_before, gpu_before = await _memory(pid)
             failed = 0
             for ref in refs[rank]:  # one request each: loaded into the engine, and resident after
                 failed += 0 if (await client.complete(ref, "x", 1, stream=False)).ok else 1
             rss_after, gpu_after = await _memory(pid)
+            bases.append(await speed([served]))  # just before the rank's own: the host's load drifts
             tokens_s, p50, errors = await speed(refs[rank][: opts.max_loras])
             gpu = None if gpu_before is None or gpu_after is None else gpu_after - gpu_before
             results.append(RankResult(rank, sizes[rank], len(refs[rank]) - failed, rss_after - rss_before, gpu,
-                                      tokens_s, p50, errors + failed))  # fmt: skip
-            progress(f"rank {rank}: {tokens_s:.0f} tokens/s, host RSS +{(rss_after - rss_before) / 1024:.0f} KiB "
+                                      tokens_s, p50, errors + failed, bases[-1][0]))  # fmt: skip
+            progress(f"rank {rank}: {tokens_s:.0f} tokens/s (base {bases[-1][0]:.0f}), host RSS +{(rss_after - rss_before) / 1024:.0f} KiB "
                      f"for {len(refs[rank]) - failed} adapters")  # fmt: skip
-    return results
+    base = RankResult(0, 0, 0, 0, None, median([b[0] for b in bases]), median([b[1] for b in bases]),
+                      sum(b[2] for b in bases))  # fmt: skip
+    return [base, *results]
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
