@@ -139,8 +139,8 @@ async def _measure(
             gpu = None if gpu_before is None or gpu_after is None else gpu_after - gpu_before
             results.append(RankResult(rank, sizes[rank], len(refs[rank]) - failed, rss_after - rss_before, gpu,
                                       tokens_s, p50, errors + failed, bases[-1][0]))  # fmt: skip
-            progress(f"rank {rank}: {tokens_s:.0f} tokens/s (base {bases[-1][0]:.0f}), host RSS +{(rss_after - rss_before) / 1024:.0f} KiB "
-                     f"for {len(refs[rank]) - failed} adapters")  # fmt: skip
+            progress(f"rank {rank}: {tokens_s:.0f} tokens/s (base {bases[-1][0]:.0f}), host RSS "
+                     f"+{(rss_after - rss_before) / 1024:.0f} KiB for {len(refs[rank]) - failed} adapters")  # fmt: skip
     base = RankResult(0, 0, 0, 0, None, median([b[0] for b in bases]), median([b[1] for b in bases]),
                       sum(b[2] for b in bases))  # fmt: skip
     return [base, *results]
