@@ -103,6 +103,18 @@ def test_scale_points_ratios_and_target(tmp_path: Path) -> None:
     assert (tmp_path / "scale.png").stat().st_size > 1000
 
 
+def test_scale_ratios_pair_each_stream_with_the_base_stream_before_it() -> None:
+    """The host slowed to half speed midway: each adapter stream is judged against its own neighbour."""
+    streams = ((scale.BASE, 100), (4, 80), (scale.BASE, 50), (64, 40), (scale.BASE, 60), (256, 30))
+    points = [scale.point_of(8, 64, n, [timed(0.1)] * rps, 1.0) for n, rps in streams]
+    ratio = scale.vs_base(points)
+    assert ratio[(8, 64, 4)] == pytest.approx(0.8) and ratio[(8, 64, 64)] == pytest.approx(0.8)
+    assert ratio[(8, 64, 256)] == pytest.approx(0.5)
+    assert scale.target_met(points) is True  # against the first base stream, 64 adapters would read 0.4x
+    table = scale.render(points)
+    assert table.count("base only") == 1 and "| 8:64 | base only | 60.0 |" in table  # the median base stream
+
+
 # -- rank ---------------------------------------------------------------------------------
 
 
