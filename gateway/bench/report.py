@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,3 +43,21 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 def raise_on_sigterm(signum: int, frame: Any) -> None:
     """A SIGTERM handler: unwind like Ctrl-C, so servers and engines started in `with` blocks stop."""
     raise KeyboardInterrupt
+
+
+def cpu_seconds(pgids: set[int]) -> tuple[float, float]:
+    """(busy CPU time of the whole host, of the process groups `pgids` plus this process), Linux only."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return 0.0, 0.0
+    host = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    ours = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            rest = stat.read_text().rpartition(")")[2].split()  # the name may hold spaces
+            if int(rest[2]) in pgids and int(stat.parent.name) != os.getpid():
+                ours += int(rest[11]) + int(rest[12])
+    own = os.times()
+    return host / tick, ours / tick + own.user + own.system

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import os
 import signal
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.auth.keys import add_key
-from gateway.bench.report import config_of, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway.bench.report import config_of, cpu_seconds, percentile, raise_on_sigterm, ratio_of, write_json
 from gateway.bench.report import markdown_table as table
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 
@@ -166,24 +165,6 @@ def running(server: ServerProcess, startup_timeout_s: float) -> Iterator[str]:
         server.stop()
 
 
-def _cpu_seconds(pgids: set[int]) -> tuple[float, float]:
-    """(busy CPU time of the whole host, of the process groups `pgids` plus this process), Linux only."""
-    tick = os.sysconf("SC_CLK_TCK")
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except OSError:
-        return 0.0, 0.0
-    host = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    ours = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            rest = stat.read_text().rpartition(")")[2].split()  # the name may hold spaces
-            if int(rest[2]) in pgids and int(stat.parent.name) != os.getpid():
-                ours += int(rest[11]) + int(rest[12])
-    own = os.times()
-    return host / tick, ours / tick + own.user + own.system
-
-
 # -- load -------------------------------------------------------------------------------
 
 
@@ -302,11 +283,11 @@ def main(argv: list[str]) -> int:
                     assert server.process is not None
                     pgids = {server.process.pid}  # the server leads its process group (engine processes too)
                     asyncio.run(run_load(url, models, opts.warmup, opts.concurrency, opts.max_tokens, api_key))
-                    host_before, ours_before = _cpu_seconds(pgids)
+                    host_before, ours_before = cpu_seconds(pgids)
                     result = asyncio.run(
                         run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key)
                     )
-                    host_after, ours_after = _cpu_seconds(pgids)
+                    host_after, ours_after = cpu_seconds(pgids)
                 result.other_cpu_s = max(0.0, (host_after - host_before) - (ours_after - ours_before))
                 results[name].append(result)
                 s = summarize([result])
