@@ -4,11 +4,17 @@ The gateway's metrics live in a registry of this app's own (no process-wide stat
 from the live objects at scrape time, and the instruments in `telemetry/instruments.py`. vLLM's
 in-process AsyncLLM registers its own metrics (`vllm:*`, among them `vllm:lora_requests_info`)
 in prometheus_client's default registry; they are served from there, on the same endpoint.
+
+`lora_gateway:lora_requests_info` restates vLLM's LoRA gauge with the names clients send
+(`owner/name`) instead of the engine's (`owner/name@version`), so that the Gateway API Inference
+Extension's endpoint picker (`--lora-info-metric=lora_gateway:lora_requests_info`) can match a
+request's `model` to the pods already serving that adapter.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 from aiohttp import web
@@ -16,7 +22,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, mult
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.app_keys import CATALOG, DISK_CACHE, METRICS_REGISTRY, SERVING
+from gateway.app_keys import CATALOG, DISK_CACHE, METRICS_REGISTRY, SERVING, SETTINGS
+from gateway.pool import AdapterPool
+
+LORA_REQUESTS_INFO = "lora_gateway:lora_requests_info"
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -51,6 +60,29 @@ class GatewayStateCollector(Collector):
             "User adapters registered in the engine.",
             value=0 if pool is None else len(pool.resident()),
         )
+        yield lora_requests_info(pool, self._app[SETTINGS].max_loras)
+
+
+def lora_requests_info(pool: AdapterPool | None, max_lora: int) -> GaugeMetricFamily:
+    """vLLM's `vllm:lora_requests_info` format (labels `max_lora`, `running_lora_adapters`,
+    `waiting_lora_adapters`, comma-joined; value: the current unix time), with `owner/name` refs.
+    Made afresh at each scrape, so there is one series at a time: the picker takes the newest anyway."""
+    activity = None if pool is None else pool.lora_activity()
+    family = GaugeMetricFamily(
+        LORA_REQUESTS_INFO,
+        "Adapters (owner/name) with requests running or waiting, in vLLM's lora_requests_info format "
+        "(the Inference Extension's --lora-info-metric); the value is the unix time of the scrape.",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    family.add_metric(
+        [
+            str(max_lora),
+            "" if activity is None else ",".join(sorted(activity.running)),
+            "" if activity is None else ",".join(sorted(activity.waiting)),
+        ],
+        time.time(),
+    )
+    return family
 
 
 def register_state_collector(app: web.Application) -> None:

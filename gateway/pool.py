@@ -24,9 +24,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +74,14 @@ class ResidentAdapter:
     loaded: bool
 
 
+@dataclass(frozen=True)
+class LoraActivity:
+    """Adapter refs (`owner/name`, as clients name them) with requests in flight, by state."""
+
+    running: frozenset[str]  # held by a request and registered: generating, or queued in the engine
+    waiting: frozenset[str]  # requests waiting for a free slot, or for the adapter's load
+
+
 class AdapterPool:
     def __init__(
         self,
@@ -101,6 +109,7 @@ class AdapterPool:
         self._base_adapter: EngineAdapter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._removing = 0  # retired adapters out of the pool whose engine removal has not returned
+        self._slot_waiters: Counter[str] = Counter()  # ref -> requests waiting for a free slot
         self._tracer = tracer or trace.NoOpTracer()
         self._metrics = metrics or detached_metrics()
 
@@ -169,7 +178,7 @@ class AdapterPool:
                     raise
                 return entry, spans.RESIDENT if resident else entry.source
             span.add_event("waiting for a free adapter slot")
-            with self._metrics.waiting("adapter_slot"):
+            with self._metrics.waiting("adapter_slot"), self._waiting_for_slot(record.ref):
                 await self._wait_for_free_slot(record, deadline)
 
     def _release(self, entry: _Entry) -> None:
@@ -197,6 +206,16 @@ class AdapterPool:
             await asyncio.wait_for(slot_freed.wait(), remaining)
         except TimeoutError:
             pass  # the loop above raises AdapterCapacityError
+
+    @contextmanager
+    def _waiting_for_slot(self, ref: str) -> Iterator[None]:
+        self._slot_waiters[ref] += 1
+        try:
+            yield
+        finally:
+            self._slot_waiters[ref] -= 1
+            if self._slot_waiters[ref] <= 0:
+                del self._slot_waiters[ref]  # keyed by ref: don't keep one entry per adapter ever seen
 
     def _wake_waiters(self) -> None:
         self._slot_freed.set()
@@ -349,6 +368,14 @@ class AdapterPool:
         return [
             ResidentAdapter(name=name, holders=e.holders, loaded=e.loaded.done()) for name, e in self._entries.items()
         ]
+
+    def lora_activity(self) -> LoraActivity:
+        """Which adapters have requests running or waiting now (for vLLM-style `lora_requests_info`)."""
+        held = [e for e in self._entries.values() if e.holders > 0]
+        # An entry in the pool whose future is done loaded fine: a failed load leaves the pool first.
+        running = frozenset(e.record.ref for e in held if e.loaded.done())
+        loading = frozenset(e.record.ref for e in held if not e.loaded.done())
+        return LoraActivity(running=running, waiting=loading | frozenset(self._slot_waiters))
 
 
 def _failure_error(versioned_name: str, reason: str) -> AdapterLoadFailedError:

@@ -318,6 +318,9 @@ BAD_VALUES = {
     "download without a repository": (("--set", "model.download.enabled=true"), "repoId"),
     "negative GPU count": (("--set", "gpu.count=-1"), "count"),
     "OTLP endpoint without a scheme": (("--set", "otel.endpoint=collector:4317"), "endpoint"),
+    "a LoRA info metric the gateway does not serve": (
+        ("--set", "inferencePool.loraInfoMetric=vllm:lora_requests_info"), "loraInfoMetric"
+    ),
 }  # fmt: skip
 
 
@@ -392,6 +395,18 @@ def test_notes_say_what_to_do_next() -> None:
     notes = result.output.split("NOTES:", 1)[1]
     assert "kubectl -n serving port-forward service/lgw-lora-gateway 8000:8000" in notes
     assert "no API keys yet" in notes and "store.url is empty" in notes
+
+
+
+def test_notes_tell_how_to_run_the_endpoint_picker_for_lora_affinity() -> None:
+    """The picker must read the gateway's LoRA gauge (owner/name), not vLLM's (owner/name@version)."""
+    values = str(CASES["autoscaling"])
+    result = helm("install", "lgw", str(CHART), "--dry-run=client", "--namespace", NAMESPACE, "-f", values)
+    assert result.returncode == 0, result.output
+    notes = result.output.split("NOTES:", 1)[1]
+    flags = "--pool-name lgw-lora-gateway --pool-namespace serving --lora-info-metric=lora_gateway:lora_requests_info"
+    assert flags in notes
+    assert "owner/name" in notes
 
 
 def test_trusted_header_mode_has_no_keys(monkeypatch) -> None:

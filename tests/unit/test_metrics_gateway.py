@@ -1,13 +1,15 @@
 """/metrics as a scraper sees it, on the real app with a fake engine: request counts, latency and
 time to first token by outcome; adapter loads by tier; evictions; queued requests; label sets
-that stay the same however many adapters are served; the engine's metrics on the same page."""
+that stay the same however many adapters are served; the engine's metrics on the same page;
+`lora_gateway:lora_requests_info`, the adapters in flight in vLLM's format, for the Inference Extension."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_manifest.local_store import LocalFolderStore
 from gateway.app import create_app
-from gateway.engine.interface import Engine
+from gateway.engine.interface import Engine, GenerationDelta
 from gateway.settings import ServeSettings
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 
@@ -158,6 +160,7 @@ async def test_label_sets_do_not_grow_with_the_number_of_adapters(start: Any) ->
         assert await complete(client, f"user{i}/adapter{i}") == 200
     after = await scrape(client)
     assert {key for key in after if key[0].startswith("lora_gateway_")} == before
+    # (Not `lora_gateway:lora_requests_info`: it names adapters for the picker, one series at a time.)
     labels = {v for name, pairs in after if name.startswith("lora_gateway_") for _, v in pairs}
     assert not [v for v in labels if v.startswith("user")]  # no user or adapter names
 
@@ -209,3 +212,77 @@ async def test_the_engines_default_registry_is_served_alongside(start: Any) -> N
         REGISTRY.unregister(engine_gauge)
     assert value(metrics, "lora_gateway_test_engine_side") == 7
     assert ("lora_gateway_resident_adapters", frozenset()) in metrics
+
+
+@dataclass
+class GatedEngine(FakeEngine):
+    """Holds every generation open, before its first token, until `release` is set."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenerationDelta]:
+        first = True
+        async for delta in super().generate(*args, **kwargs):
+            if first:
+                await self.release.wait()
+                first = False
+            yield delta
+
+
+LORA_INFO = "lora_gateway:lora_requests_info"
+
+
+def lora_info(samples: Samples) -> tuple[dict[str, str], float]:
+    """The one series of the LoRA info gauge: its labels and value."""
+    series = [(dict(labels), v) for (name, labels), v in samples.items() if name == LORA_INFO]
+    assert len(series) == 1, series  # one series at a time, however the adapters in flight change
+    return series[0]
+
+
+async def test_lora_requests_info_names_the_adapters_in_flight_as_clients_do(start: Any, tmp_path: Path) -> None:
+    # The endpoint picker matches a request's `model` (`owner/name`) with these names.
+    await publish_adapter(LocalFolderStore(tmp_path / "store"), tmp_path, "alice", "chat", base_model=BASE)
+    engine = GatedEngine(max_model_len=256)
+    client, _, _ = await start(adapters=0, engine=engine, max_loras=3)
+    labels, _ = lora_info(await scrape(client))
+    assert labels == {"max_lora": "3", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+
+    request = asyncio.create_task(complete(client, "alice/chat"))
+    await until(lambda: engine.active_generations == 1)
+    labels, stamp = lora_info(await scrape(client))
+    assert labels == {"max_lora": "3", "running_lora_adapters": "alice/chat", "waiting_lora_adapters": ""}
+    assert abs(stamp - time.time()) < 60  # a unix timestamp, as vLLM sets it
+
+    engine.release.set()
+    assert await request == 200
+    labels, _ = lora_info(await scrape(client))
+    assert labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == ""
+
+
+async def test_lora_requests_info_lists_adapters_waiting_for_a_slot_or_their_load(start: Any) -> None:
+    engine = GatedEngine(max_model_len=256)
+    client, _, _ = await start(engine=engine, max_cpu_loras=1, adapter_wait_timeout_s=10)
+
+    def adapters(samples: Samples) -> tuple[str, str]:
+        labels, _ = lora_info(samples)
+        return labels["running_lora_adapters"], labels["waiting_lora_adapters"]
+
+    busy = asyncio.create_task(complete(client, "user0/adapter0"))
+    await until(lambda: engine.active_generations == 1)
+    # The only engine slot is busy: both others wait for it (sorted, comma-joined, once each).
+    refs = ("user2/adapter2", "user1/adapter1", "user1/adapter1")
+    others = [asyncio.create_task(complete(client, ref)) for ref in refs]
+    await asyncio.sleep(0.05)
+    assert adapters(await scrape(client)) == ("user0/adapter0", "user1/adapter1,user2/adapter2")
+
+    # Once the slot frees, the next adapter's load is in flight: its requests still wait.
+    engine.add_gate = asyncio.Event()
+    engine.release.set()
+    assert await busy == 200
+    await until(lambda: engine.add_calls[-1].startswith(("user1/", "user2/")))
+    running, waiting = adapters(await scrape(client))
+    assert running == "" and waiting == "user1/adapter1,user2/adapter2"
+
+    engine.add_gate.set()
+    assert await asyncio.gather(*others) == [200, 200, 200]
+    assert adapters(await scrape(client)) == ("", "")

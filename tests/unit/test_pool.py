@@ -634,3 +634,29 @@ async def test_a_retired_idle_version_keeps_its_slot_until_the_engine_removed_it
         ("add", new.versioned_ref),
     ]
     assert engine.peak_resident == 2
+
+
+async def test_lora_activity_names_adapters_by_ref_while_loading_waiting_and_running(make_pool) -> None:
+    gate = asyncio.Event()
+    pool, engine = make_pool(capacity=1, add_gate=gate)
+    release = asyncio.Event()
+
+    async def request(record: AdapterRecord) -> None:
+        async with pool.acquire(record):
+            await release.wait()
+
+    idle = pool.lora_activity()
+    assert (idle.running, idle.waiting) == (frozenset(), frozenset())
+    a = asyncio.create_task(request(A))
+    await until(lambda: engine.add_calls == [A.versioned_ref])
+    b = asyncio.create_task(request(B))  # the only slot is A's: B waits for it
+    await asyncio.sleep(0.02)
+    loading = pool.lora_activity()
+    assert (loading.running, loading.waiting) == (frozenset(), {"alice/a", "alice/b"})  # refs, not versions
+    gate.set()
+    await until(lambda: pool.lora_activity().running == {"alice/a"})
+    assert pool.lora_activity().waiting == {"alice/b"}
+    release.set()
+    await asyncio.gather(a, b)
+    done = pool.lora_activity()
+    assert (done.running, done.waiting) == (frozenset(), frozenset())
