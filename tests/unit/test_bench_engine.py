@@ -98,7 +98,7 @@ def test_scale_points_ratios_and_target(tmp_path: Path) -> None:
     table = scale.render([base, many])
     assert "| 8:64 | base only | 100.0 | 1600 | 0.100 | 0.100 | 0 | 1.00x |" in table
     assert "| 8:64 | 64 | 80.0 |" in table and "0.80x |" in table
-    assert table.endswith("max_loras >= 8: met")
+    assert table.endswith("max_loras >= 8: met. Rows: medians over rounds.")
     scale.plot([base, many, few_slots_base, few_slots], tmp_path / "scale.png")
     assert (tmp_path / "scale.png").stat().st_size > 1000
 
@@ -113,6 +113,16 @@ def test_scale_ratios_pair_each_stream_with_the_base_stream_before_it() -> None:
     assert scale.target_met(points) is True  # against the first base stream, 64 adapters would read 0.4x
     table = scale.render(points)
     assert table.count("base only") == 1 and "| 8:64 | base only | 60.0 |" in table  # the median base stream
+
+
+def test_scale_takes_the_median_of_rounds_so_one_stalled_stream_does_not_decide() -> None:
+    streams = ((scale.BASE, 100), (64, 30), (scale.BASE, 100), (64, 80), (scale.BASE, 40), (64, 90))
+    points = [scale.point_of(8, 64, n, [timed(0.1)] * rps, 1.0) for n, rps in streams]
+    assert scale.paired_ratios(points)[(8, 64, 64)] == pytest.approx([0.3, 0.8, 2.25])
+    assert scale.vs_base(points)[(8, 64, 64)] == pytest.approx(0.8)
+    assert scale.target_met(points) is True
+    rows = scale.aggregate(points)
+    assert [(p.adapters, p.requests_per_s, p.requests) for p in rows] == [(0, 100.0, 240), (64, 80.0, 200)]
 
 
 # -- rank ---------------------------------------------------------------------------------
