@@ -54,8 +54,12 @@ def add_model_options(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder's name)")
     p.add_argument("--dtype", default=None, help="engine dtype (default: float32 on the tiny model, else auto)")
     p.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB, help="the gateway's KV-cache memory")
-    p.add_argument("--out", type=Path, default=Path(f"artifacts/bench-{name}"),
-                   help=f"folder for {name}.json, {name}.md (the table) and {name}.png (the plot)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(f"artifacts/bench-{name}"),
+        help=f"folder for {name}.json, {name}.md (the table) and {name}.png (the plot)",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until a gateway must be ready")
 
 
