@@ -50,6 +50,13 @@ class ServeSettings(BaseSettings):
         "applying the last LoRA slot to LoRA-less requests in mixed batches on CPU).",
     )
 
+    engine_niceness: int | None = Field(
+        default=None,
+        ge=0,
+        le=19,
+        description="CPU priority (nice) of vLLM's engine processes, whose loops busy-poll: a higher value keeps "
+        "the HTTP side answering on a host with few cores (default: 10 on the CPU build, 0 on GPU).",
+    )
     engine_otlp_traces_endpoint: str | None = Field(
         default=None,
         description="Let vLLM export its own request spans to this OTLP endpoint; they join the gateway's "

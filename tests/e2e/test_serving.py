@@ -148,3 +148,17 @@ def test_health_and_readiness(gateway: ServerProcess) -> None:
         with urllib.request.urlopen(gateway.base_url + path) as response:
             assert response.status == 200
             assert json.load(response)["status"] in ("ok", "ready")
+
+
+def test_engine_processes_run_below_the_gateways_priority(gateway: ServerProcess) -> None:
+    """On the CPU build the busy-polling engine processes yield to the HTTP side (--engine-niceness, 10)."""
+    import os
+
+    import psutil
+
+    assert gateway.process is not None
+    children = psutil.Process(gateway.process.pid).children(recursive=True)
+    assert children, "vLLM's engine core runs in a child process"
+    assert os.getpriority(os.PRIO_PROCESS, gateway.process.pid) == 0
+    for child in children:
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in child.threads()} == {10}, child.cmdline()
