@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,14 +19,13 @@ from gateway.bench.harness import (
     Client,
     add_model_options,
     admin_key,
+    bench_work_dir,
     gateway_server,
     progress,
-    quiet_vllm,
     running,
-    work_dir,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table, raise_on_sigterm
+from gateway.bench.report import config_of, markdown_table
 
 DEFAULT_PROMPTS = ("def parse(value):", "import os\n", "class Config:", "for item in items:")
 SHOWN_CHARS = 60
@@ -125,11 +123,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     opts = _parse(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    quiet_vllm()
     refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
-    with work_dir("compare") as tmp:
-        work = Path(tmp)
+    with bench_work_dir("compare") as work:
         if opts.base is None:
             from gateway.dev.tiny_model import BASE_MODEL_NAME, make_model
 

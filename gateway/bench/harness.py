@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ import aiohttp
 import numpy as np
 
 from adapters_manifest.record import AdapterRecord
-from gateway.bench.report import percentile, write_json
+from gateway.bench.report import percentile, raise_on_sigterm, write_json
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 
 KV_CACHE_GIB = 1.0
@@ -343,8 +344,14 @@ def write_report(out: Path, name: str, report: dict[str, Any], table: str, plot:
     progress(f"wrote {out / name}.json, .md and .png")
 
 
-def work_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix=f"bench-{prefix}-")
+@contextlib.contextmanager
+def bench_work_dir(name: str) -> Iterator[Path]:
+    """What every engine bench starts with: SIGTERM unwinds through its `with` blocks (servers stop),
+    vLLM's logs stay off stdout (the table's), and a temporary folder for model, adapters and logs."""
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    quiet_vllm()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        yield Path(tmp)
 
 
 def quiet_vllm() -> None:

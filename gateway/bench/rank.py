@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,18 +21,17 @@ from gateway.bench.harness import (
     add_model_options,
     admin_key,
     base_model,
+    bench_work_dir,
     gateway_server,
     gpu_memory_bytes,
     median,
     progress,
     publish_synthetic,
-    quiet_vllm,
     running,
     tree_rss_bytes,
-    work_dir,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table, raise_on_sigterm, ratio_of
+from gateway.bench.report import config_of, markdown_table, ratio_of
 from gateway.bench.scale import run_stream
 from gateway.settings import MAX_LORA_RANKS
 
@@ -175,11 +173,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     opts = _parse(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    quiet_vllm()
     started = time.monotonic()
-    with work_dir("rank") as tmp:
-        work = Path(tmp)
+    with bench_work_dir("rank") as work:
         model = base_model(opts, work)
         keys_file, api_key = admin_key(work)
         store = str(work / "store")

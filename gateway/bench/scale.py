@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import itertools
 import random
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,16 +33,15 @@ from gateway.bench.harness import (
     add_model_options,
     admin_key,
     base_model,
+    bench_work_dir,
     gateway_server,
     median,
     progress,
     publish_synthetic,
-    quiet_vllm,
     running,
-    work_dir,
     write_report,
 )
-from gateway.bench.report import config_of, cpu_seconds, markdown_table, percentile, raise_on_sigterm, ratio_of
+from gateway.bench.report import config_of, cpu_seconds, markdown_table, percentile, ratio_of
 
 TARGET = {"adapters": 64, "min_max_loras": 8, "throughput_vs_base_min": 0.7}
 BASE = 0  # "0 adapters": the base model only
@@ -247,12 +245,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     opts = _parse(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    quiet_vllm()
     started = time.monotonic()
     points: list[Point] = []
-    with work_dir("scale") as tmp:
-        work = Path(tmp)
+    with bench_work_dir("scale") as work:
         model = base_model(opts, work)
         keys_file, api_key = admin_key(work)
         store = str(work / "store")

@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import math
 import os
 import random
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,16 +42,15 @@ from gateway.bench.harness import (
     add_model_options,
     admin_key,
     base_model,
+    bench_work_dir,
     gateway_server,
     progress,
     publish_synthetic,
-    quiet_vllm,
     running,
     tree_rss_bytes,
-    work_dir,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table, raise_on_sigterm
+from gateway.bench.report import config_of, markdown_table
 from gateway.bench.s3_process import S3Process
 
 BUCKET = "bench-soak"
@@ -223,6 +222,7 @@ class Soak:
         self.outcomes: list[Outcome] = []
         self.refs = list(adapters)
         self.started = 0.0
+        self.faults_done = asyncio.Event()
 
     def plan(self) -> list[tuple[str, str, bool, bool]]:
         """(model, prompt, stream, checked) per request: adapters uniformly, the base now and then."""
@@ -234,11 +234,25 @@ class Soak:
             plan.append((model, PROMPTS[i % len(PROMPTS)], i % 2 == 0, checked))
         return plan
 
+    def fault_schedule(self) -> list[tuple[float, str, list[str]]]:
+        """(fraction of the requests done, "outage" or "versions", the adapters to push), in order."""
+        rounds = max(1, self.opts.outages)
+        schedule = [((2 * k + 1) / (2 * rounds + 2), "outage", []) for k in range(self.opts.outages)]
+        chunks = [self.refs[: self.opts.new_versions][k::rounds] for k in range(rounds)]
+        schedule += [((k + 1) / (rounds + 1), "versions", chunk) for k, chunk in enumerate(chunks) if chunk]
+        return sorted(schedule)
+
     async def load(self, client: Client) -> None:
         jobs = iter(enumerate(self.plan()))
+        # The requests after the last fault's mark wait for the faults to be over (S3 back, new versions
+        # seen served): however fast the engine, the run ends with requests on the new versions.
+        schedule = self.fault_schedule()
+        tail_start = math.ceil(schedule[-1][0] * self.opts.requests) if schedule else self.opts.requests
 
         async def worker() -> None:
             for i, (model, prompt, stream, checked) in jobs:
+                if i >= tail_start:
+                    await self.faults_done.wait()
                 t0 = time.perf_counter()
                 r: Timed = await client.complete(model, prompt, self.opts.max_tokens, stream=stream, ids=checked)
                 self.outcomes.append(Outcome(i, model, prompt, stream, checked, t0, time.perf_counter(), r.ok,
@@ -248,21 +262,20 @@ class Soak:
 
     async def faults(self, client: Client) -> None:
         """S3 outages and version pushes in turn, spread over the run by requests done."""
-        rounds = max(1, self.opts.outages)
-        schedule = [((2 * k + 1) / (2 * rounds + 2), "outage", []) for k in range(self.opts.outages)]
-        chunks = [self.refs[: self.opts.new_versions][k::rounds] for k in range(rounds)]
-        schedule += [((k + 1) / (rounds + 1), "versions", chunk) for k, chunk in enumerate(chunks) if chunk]
-        for fraction, what, refs in sorted(schedule):
-            while len(self.outcomes) < fraction * self.opts.requests:
-                await asyncio.sleep(0.1)
-            if what == "outage":
-                await asyncio.to_thread(self.s3.stop)
-                self.timeline.note(self.started, f"S3 stopped ({len(self.outcomes)} requests done)")
-                await asyncio.sleep(self.opts.outage_s)
-                await asyncio.to_thread(self.s3.start)
-                self.timeline.note(self.started, "S3 started again")
-            else:
-                await self.push_versions(client, refs)
+        try:
+            for fraction, what, refs in self.fault_schedule():
+                while len(self.outcomes) < fraction * self.opts.requests:
+                    await asyncio.sleep(0.1)
+                if what == "outage":
+                    await asyncio.to_thread(self.s3.stop)
+                    self.timeline.note(self.started, f"S3 stopped ({len(self.outcomes)} requests done)")
+                    await asyncio.sleep(self.opts.outage_s)
+                    await asyncio.to_thread(self.s3.start)
+                    self.timeline.note(self.started, "S3 started again")
+                else:
+                    await self.push_versions(client, refs)
+        finally:
+            self.faults_done.set()
 
     async def push_versions(self, client: Client, refs: list[str]) -> None:
         pushed_at = time.perf_counter()
@@ -375,10 +388,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     opts = _parse(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    quiet_vllm()
-    with work_dir("soak") as tmp, S3Process(BUCKET) as s3:
-        work = Path(tmp)
+    with bench_work_dir("soak") as work, S3Process(BUCKET) as s3:
         os.environ.update(s3.env)  # this process publishes into the store too
         model = base_model(opts, work)
         keys_file, api_key = admin_key(work)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,17 +34,16 @@ from gateway.bench.harness import (
     add_model_options,
     admin_key,
     base_model,
+    bench_work_dir,
     gateway_server,
     median,
     ms,
     progress,
     publish_synthetic,
-    quiet_vllm,
     running,
-    work_dir,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table, raise_on_sigterm, ratio_of
+from gateway.bench.report import config_of, markdown_table, ratio_of
 from gateway.bench.s3_process import S3Process
 
 TIERS = ("running", "cpu cache", "disk", "store", "base")
@@ -223,11 +221,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     opts = _parse(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    quiet_vllm()
     samples = Samples()
-    with work_dir("swap") as tmp, S3Process(BUCKET) as s3:
-        work = Path(tmp)
+    with bench_work_dir("swap") as work, S3Process(BUCKET) as s3:
         model = base_model(opts, work)
         keys_file, api_key = admin_key(work)
         store = f"s3://{BUCKET}/swap"
