@@ -149,14 +149,19 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return error
 
 
+def known_error(exc: BaseException) -> GatewayError | None:
+    """The API error an exception from the serving path stands for; None for a bug (a 500)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, StoreUnavailableError):  # serving from cache goes on; this request needed the store
+        return ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5)
+    return None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
-    except GatewayError as error:
-        return error_response(error)
-    except StoreUnavailableError as exc:  # serving from cache goes on; this request needed the store
-        return error_response(ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -164,6 +169,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(GatewayError("The server had an error while processing your request."))
+    except Exception as exc:
+        error = known_error(exc)
+        if error is None:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            error = GatewayError("The server had an error while processing your request.")
+        return error_response(error)

@@ -23,7 +23,6 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ge
 from opentelemetry.trace import Span, StatusCode
 
 from adapters_manifest.record import AdapterRecord
-from adapters_manifest.store import StoreUnavailableError
 from gateway.api.formats import ChatFormat, ChoiceState, CompletionFormat, ResponseFormat
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from gateway.app_keys import CATALOG, LIMITER, METRICS, SERVING, SETTINGS, TRACER
@@ -36,9 +35,10 @@ from gateway.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
     error_body,
+    known_error,
 )
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import elapsed_since
+from gateway.telemetry.instruments import GatewayMetrics, elapsed_since
 
 TEXT_COMPLETION = gen_ai.GenAiOperationNameValues.TEXT_COMPLETION.value
 CHAT = gen_ai.GenAiOperationNameValues.CHAT.value
@@ -59,6 +59,10 @@ class Observation:
     outcome: str = "ok"  # a stream that fails after its headers were sent sets its own
     adapter_source: str = BASE_SOURCE
 
+    @property
+    def stream_label(self) -> str:
+        return "true" if self.stream else "false"
+
 
 def outcome_of(status: int) -> str:
     return OUTCOMES.get(status, "invalid" if 400 <= status < 500 else "error")
@@ -72,21 +76,16 @@ async def _observed(
     observation = Observation(endpoint, time.perf_counter())
     try:
         return await handler(request, observation)
-    except GatewayError as error:
-        observation.outcome = outcome_of(error.status)
-        raise
-    except StoreUnavailableError:  # errors.py answers 503
-        observation.outcome = "unavailable"
-        raise
     except asyncio.CancelledError:  # the client hung up
         observation.outcome = "cancelled"
         raise
-    except Exception:
-        observation.outcome = "error"
+    except Exception as exc:  # errors.py answers it: the outcome follows its status
+        error = known_error(exc)
+        observation.outcome = "error" if error is None else outcome_of(error.status)
         raise
     finally:
         metrics = request.app[METRICS]
-        labels = (endpoint, "true" if observation.stream else "false", observation.outcome)
+        labels = (endpoint, observation.stream_label, observation.outcome)
         metrics.requests.labels(*labels).inc()
         metrics.request_seconds.labels(*labels).observe(elapsed_since(observation.started))
 
@@ -193,7 +192,7 @@ async def _generate(
             await held.enter_async_context(request.app[LIMITER].admit(principal.user))
         adapter = await held.enter_async_context(serving.pool_or_raise().acquire(record, on_outcome=heard))
         deltas = _engine_deltas(
-            request.app[TRACER], serving.engine_or_raise(), prompt_ids, options, adapter, observation, request
+            request.app[TRACER], metrics, serving.engine_or_raise(), prompt_ids, options, adapter, observation
         )
         async with contextlib.aclosing(deltas):
             # The first delta comes before any byte is sent: an early failure is a plain error.
@@ -246,12 +245,12 @@ def _describe_result(span: Span, prompt_tokens: int, choices: list[ChoiceState])
 
 async def _engine_deltas(
     tracer: trace.Tracer,
+    metrics: GatewayMetrics,
     engine: Engine,
     prompt_ids: list[int],
     options: SamplingOptions,
     adapter: EngineAdapter | None,
     observation: Observation,
-    request: web.Request,
 ) -> AsyncIterator[GenerationDelta]:
     # Not the current span: this generator yields to its caller, which must not run inside it.
     span = tracer.start_span(spans.GENERATE, attributes={spans.ENGINE_ID: adapter.engine_id} if adapter else {})
@@ -264,8 +263,8 @@ async def _engine_deltas(
             if first:
                 first = False
                 span.add_event(spans.FIRST_TOKEN_EVENT)
-                request.app[METRICS].time_to_first_token.labels(
-                    observation.endpoint, "true" if observation.stream else "false", observation.adapter_source
+                metrics.time_to_first_token.labels(
+                    observation.endpoint, observation.stream_label, observation.adapter_source
                 ).observe(elapsed_since(observation.started))
             yield delta
     except EngineDeadError as exc:
