@@ -20,18 +20,27 @@ def _serve(args: list[str]) -> int:
 
 
 def _make_model(args: list[str]) -> int:
-    from gateway.dev.tiny_model import make_model
+    from gateway.dev.models import BASES, make_model
+    from gateway.dev.smollm2 import ModelPackageMissing
 
     parser = argparse.ArgumentParser(
-        prog="lora-gateway dev make-model", description="Build a tiny model and adapters offline."
+        prog="lora-gateway dev make-model",
+        description="Build a base model (the tiny random one, or SmolLM2-135M-Instruct from its PyPI wheel) "
+        "and seeded random adapters into OUT/base and OUT/store, offline.",
     )
     parser.add_argument("out", type=Path, help="folder to write base/ and store/ into")
+    parser.add_argument("--base", choices=BASES, default="tiny", help="which base model (default: tiny)")
     parser.add_argument("--adapters", default="alice/chat,bob/chat", help="comma-separated owner/name list")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
     opts = parser.parse_args(args)
     refs = [ref.strip() for ref in opts.adapters.split(",") if ref.strip()]
-    made = make_model(opts.out, refs, rank=opts.rank)
-    print(f"base model: {made.base}")
+    try:
+        made = make_model(opts.out, refs, rank=opts.rank, base=opts.base, dtype=opts.dtype)
+    except (ModelPackageMissing, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"base model: {made.base} (serve it as {made.served_name})")
     print(f"store:      {made.store}")
     for record in made.adapters:
         print(f"adapter:    {record.ref} version {record.version} rank {record.rank}")

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.auth.keys import add_key
+from gateway.dev.models import make_model
 from gateway.dev.process import ServerProcess, free_port, gateway_command
-from gateway.dev.tiny_model import BASE_MODEL_NAME, make_model
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 
 ADAPTER_NAME = "style"
 SIGNATURE = " -- Bob"

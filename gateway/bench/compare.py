@@ -126,7 +126,8 @@ def main(argv: list[str]) -> int:
     refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
     with bench_work_dir("compare") as work:
         if opts.base is None:
-            from gateway.dev.tiny_model import BASE_MODEL_NAME, make_model
+            from gateway.dev.models import make_model
+            from gateway.dev.tiny_model import BASE_MODEL_NAME
 
             progress("building the tiny model and its adapters")
             made = make_model(work / "tiny", refs)

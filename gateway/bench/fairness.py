@@ -428,7 +428,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from gateway.dev.tiny_model import make_model
+    from gateway.dev.models import make_model
 
     opts = _parse(argv)
     signal.signal(signal.SIGTERM, raise_on_sigterm)  # unwinds through `running` and `Flood`

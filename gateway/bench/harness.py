@@ -69,7 +69,8 @@ def base_model(opts: argparse.Namespace, work: Path) -> BaseModel:
     if opts.base is not None:
         path = opts.base.resolve()
         return BaseModel(path, opts.served_model_name or path.name, opts.dtype or "auto")
-    from gateway.dev.tiny_model import BASE_MODEL_NAME, make_model
+    from gateway.dev.models import make_model
+    from gateway.dev.tiny_model import BASE_MODEL_NAME
 
     progress("building the tiny model")
     return BaseModel(make_model(work / "tiny", []).base.resolve(), BASE_MODEL_NAME, opts.dtype or "float32")

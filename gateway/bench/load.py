@@ -177,7 +177,7 @@ def s3_server(bucket: str) -> Iterator[dict[str, str]]:
 def make_adapters(work_dir: Path, ranks: list[int]) -> tuple[Path, list[BenchAdapter]]:
     """The tiny model and one adapter per rank, on local disk."""
     from adapters_manifest import layout
-    from gateway.dev.tiny_model import make_model
+    from gateway.dev.models import make_model
 
     adapters = []
     for rank in ranks:

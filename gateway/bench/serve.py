@@ -213,7 +213,7 @@ def _inputs(opts: argparse.Namespace, work_dir: Path) -> tuple[Path, str, dict[s
 
     refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
     if opts.model is None:
-        from gateway.dev.tiny_model import make_model
+        from gateway.dev.models import make_model
 
         made = make_model(work_dir, refs)
         base, store_url = made.base.resolve(), str(made.store.resolve())

@@ -1,21 +1,12 @@
 """A tiny Llama-architecture model and LoRA adapters, built offline and deterministically.
 
-Used by the demo, the tests and the benchmarks: no download, a few seconds on a CPU.
+The fast base of the tests: no download, a few seconds on a CPU, outputs are token soup.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sysconfig
-import tempfile
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
-
-from adapters_manifest.local_store import LocalFolderStore
-from adapters_manifest.publish import publish, validated_record
-from adapters_manifest.record import AdapterRecord
-from adapters_manifest.validation import BaseModelSpec
 
 BASE_MODEL_NAME = "tiny-llama"
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -25,15 +16,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-LORA_TARGET_MODULES = ["q_proj", "v_proj", "o_proj"]
 SEED = 1234
-
-
-@dataclass(frozen=True)
-class TinyModel:
-    base: Path
-    store: Path
-    adapters: list[AdapterRecord]
 
 
 def _training_text(limit: int = 120) -> list[str]:
@@ -90,42 +73,3 @@ def build_base_model(out: Path) -> None:
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
-
-
-def build_adapter(base: Path, out: Path, seed: int, rank: int, lora_b_std: float = 0.5) -> None:
-    """A PEFT LoRA whose B matrices are random, so it visibly changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGET_MODULES)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, lora_b_std)
-    peft_model.save_pretrained(out, safe_serialization=True)
-
-
-def make_model(out: Path, adapters: list[str], rank: int = 8) -> TinyModel:
-    """Write OUT/base and OUT/store with one adapter per `owner/name`."""
-    base = out / "base"
-    store_root = out / "store"
-    if not (base / "config.json").is_file():
-        base.mkdir(parents=True, exist_ok=True)
-        build_tokenizer(base)
-        build_base_model(base)
-    store = LocalFolderStore(store_root)
-    spec = BaseModelSpec.from_model_dir(base)
-    records = []
-    for ref in adapters:
-        owner, _, name = ref.partition("/")
-        if not name:
-            raise ValueError(f"adapter {ref!r} must be named owner/name")
-        with tempfile.TemporaryDirectory() as tmp:
-            build_adapter(base, Path(tmp), seed=zlib.crc32(f"{ref}:{rank}".encode()), rank=rank)
-            record = validated_record(Path(tmp), owner, name, base=spec, base_model=BASE_MODEL_NAME)
-            records.append(asyncio.run(publish(store, Path(tmp), record)))
-    return TinyModel(base=base, store=store_root, adapters=records)

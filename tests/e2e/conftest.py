@@ -12,25 +12,26 @@ import pytest
 from adapters_manifest import layout
 from adapters_manifest.record import AdapterRecord
 from gateway.auth.keys import add_key
+from gateway.dev.models import DevModel, make_model
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess, free_port, gateway_command
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel, make_model
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 
 ADAPTERS = ["alice/chat", "bob/chat", "carol/chat", "dave/notes", "erin/notes", "frank/notes"]
 ENGINE = {"served_model_name": BASE_MODEL_NAME, "dtype": "float32", "max_lora_rank": 8}
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> DevModel:
     return make_model(tmp_path_factory.mktemp("tiny"), ADAPTERS)
 
 
 @pytest.fixture(scope="session")
-def oracle(tiny: TinyModel) -> ReferenceModel:
+def oracle(tiny: DevModel) -> ReferenceModel:
     return ReferenceModel(tiny.base)
 
 
-def adapter_dir(tiny: TinyModel, ref: str) -> Path | None:
+def adapter_dir(tiny: DevModel, ref: str) -> Path | None:
     """The files of an adapter as the store holds them; None for the base model."""
     if ref == BASE_MODEL_NAME:
         return None
@@ -56,14 +57,14 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return Keys(path, by_user)
 
 
-def start_gateway(tiny: TinyModel, keys: Keys, logs: Path, **flags: object) -> ServerProcess:
+def start_gateway(tiny: DevModel, keys: Keys, logs: Path, **flags: object) -> ServerProcess:
     port = free_port()
     command = gateway_command(tiny.base, tiny.store, port, **ENGINE, keys_file=keys.file, **flags)
     return ServerProcess(command, port, logs / f"gateway-{port}.log").start()
 
 
 @pytest.fixture(scope="session")
-def gateway(tiny: TinyModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gateway(tiny: DevModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One shared gateway: room for every test adapter in the engine at once."""
     server = start_gateway(tiny, keys, tmp_path_factory.mktemp("logs"), max_loras=4, max_cpu_loras=8)
     yield server
@@ -80,7 +81,7 @@ def client(gateway: ServerProcess, keys: Keys) -> openai.OpenAI:
     return client_for(gateway, keys.by_user[ADMIN])
 
 
-def record_of(tiny: TinyModel, ref: str) -> AdapterRecord:
+def record_of(tiny: DevModel, ref: str) -> AdapterRecord:
     return next(r for r in tiny.adapters if r.ref == ref)
 
 

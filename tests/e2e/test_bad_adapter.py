@@ -15,8 +15,9 @@ from safetensors.numpy import load_file, save_file
 from adapters_manifest import layout
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for
+from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import adapter_dir, complete_ids, record_of
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +69,7 @@ BREAKAGES = {
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
 def test_broken_adapter_gets_an_error_and_others_keep_serving(
-    breakage: str, client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel, tmp_path: Path
+    breakage: str, client: openai.OpenAI, tiny: DevModel, oracle: ReferenceModel, tmp_path: Path
 ) -> None:
     break_it, reason = BREAKAGES[breakage]
     folder = tmp_path / breakage

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import TinyModel
 from tests.e2e.conftest import ADAPTERS, ADMIN, Keys, adapter_dir, client_for, complete_ids, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +20,7 @@ MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def small_gateway(tiny: TinyModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def small_gateway(tiny: DevModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_gateway(
         tiny, keys, tmp_path_factory.mktemp("churn-logs"), max_loras=2, max_cpu_loras=2, adapter_wait_timeout_s=3
     )
@@ -29,7 +29,7 @@ def small_gateway(tiny: TinyModel, keys: Keys, tmp_path_factory: pytest.TempPath
 
 
 def test_six_adapters_through_two_engine_slots_stay_correct(
-    small_gateway: ServerProcess, tiny: TinyModel, oracle: ReferenceModel, keys: Keys
+    small_gateway: ServerProcess, tiny: DevModel, oracle: ReferenceModel, keys: Keys
 ) -> None:
     assert len(ADAPTERS) == 6
     client = client_for(small_gateway, keys.by_user[ADMIN])

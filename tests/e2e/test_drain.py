@@ -10,7 +10,8 @@ import time
 import pytest
 import requests
 
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.models import DevModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import ADMIN, Keys, client_for, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.e2e
 STREAM_TOKENS = 1500  # several seconds of generation here
 
 
-def test_sigterm_drains_streams_and_refuses_new_work(tiny: TinyModel, keys: Keys, tmp_path) -> None:
+def test_sigterm_drains_streams_and_refuses_new_work(tiny: DevModel, keys: Keys, tmp_path) -> None:
     server = start_gateway(tiny, keys, tmp_path, drain_timeout_s=120)
     try:
         client = client_for(server, keys.by_user[ADMIN])

@@ -20,8 +20,9 @@ import psutil
 import pytest
 import requests
 
+from gateway.dev.models import DevModel
 from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import ADMIN, Keys, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +45,7 @@ def sse_events(body: str) -> list[Any]:
     return [line[5:].strip() for line in body.splitlines() if line.startswith("data:")]
 
 
-def test_engine_core_killed_mid_load(tiny: TinyModel, keys: Keys, tmp_path) -> None:
+def test_engine_core_killed_mid_load(tiny: DevModel, keys: Keys, tmp_path) -> None:
     server = start_gateway(tiny, keys, tmp_path, max_loras=2, max_cpu_loras=2)
     headers = {"Authorization": f"Bearer {keys.by_user[ADMIN]}"}
     url = server.base_url

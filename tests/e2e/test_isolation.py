@@ -11,9 +11,10 @@ import openai
 import pytest
 import requests
 
+from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import Keys, adapter_dir, client_for, complete_ids
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +52,7 @@ def not_found_body(model: str) -> dict[str, Any]:
 
 
 def test_concurrent_tenants_get_exactly_what_they_are_entitled_to(
-    gateway: ServerProcess, keys: Keys, tiny: TinyModel, oracle: ReferenceModel
+    gateway: ServerProcess, keys: Keys, tiny: DevModel, oracle: ReferenceModel
 ) -> None:
     clients = {user: client_for(gateway, keys.by_user[user]) for user in ("alice", "bob")}
     entitled = {ref for _, _, ref in ASKS if ref is not FORBIDDEN}

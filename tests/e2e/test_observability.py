@@ -17,8 +17,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.dev.models import DevModel
 from gateway.dev.process import ServerProcess, free_port, gateway_command
-from gateway.dev.tiny_model import TinyModel
 from gateway.telemetry import spans
 from gateway.telemetry.receiver import ReceivedSpan, TraceReceiver
 from tests.e2e.conftest import ENGINE, Keys, record_of
@@ -34,7 +34,7 @@ def receiver() -> Iterator[TraceReceiver]:
 
 @pytest.fixture(scope="module")
 def traced_gateway(
-    tiny: TinyModel, keys: Keys, receiver: TraceReceiver, tmp_path_factory: pytest.TempPathFactory
+    tiny: DevModel, keys: Keys, receiver: TraceReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     port = free_port()
     flags = {"keys_file": keys.file, "max_loras": 1, "max_cpu_loras": 1, "engine_otlp_traces_endpoint": receiver.url}
@@ -78,7 +78,7 @@ def one(found: list[ReceivedSpan], name: str) -> ReceivedSpan:
 
 
 def test_cold_load_swap_and_eviction_are_named_spans_and_metrics(
-    traced_gateway: ServerProcess, receiver: TraceReceiver, keys: Keys, tiny: TinyModel
+    traced_gateway: ServerProcess, receiver: TraceReceiver, keys: Keys, tiny: DevModel
 ) -> None:
     alice, bob = record_of(tiny, "alice/chat"), record_of(tiny, "bob/chat")
     cold, swap = secrets.token_hex(16), secrets.token_hex(16)

@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import adapter_dir, complete_ids, token_ids
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +21,7 @@ PROMPTS = ["def parse(value):", "import os\n", "class Config:", "    return self
 MAX_TOKENS = 12
 
 
-def expected_outputs(tiny: TinyModel, oracle: ReferenceModel) -> dict[tuple[str, str], list[int]]:
+def expected_outputs(tiny: DevModel, oracle: ReferenceModel) -> dict[tuple[str, str], list[int]]:
     return {
         (model, prompt): oracle.greedy_ids(adapter_dir(tiny, model), oracle.prompt_ids(prompt), MAX_TOKENS)
         for model in MODELS
@@ -29,7 +30,7 @@ def expected_outputs(tiny: TinyModel, oracle: ReferenceModel) -> dict[tuple[str,
 
 
 def test_mixed_concurrent_requests_each_get_exactly_their_adapters_output(
-    client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel
+    client: openai.OpenAI, tiny: DevModel, oracle: ReferenceModel
 ) -> None:
     expected = expected_outputs(tiny, oracle)
     jobs = [(model, prompt) for model in MODELS for prompt in PROMPTS] * 4  # 80 requests
@@ -45,7 +46,7 @@ def test_mixed_concurrent_requests_each_get_exactly_their_adapters_output(
 
 
 def test_base_requests_batched_with_adapters_get_the_base_output(
-    client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel
+    client: openai.OpenAI, tiny: DevModel, oracle: ReferenceModel
 ) -> None:
     """vLLM's CPU kernels apply the last LoRA slot to LoRA-less requests in a mixed batch."""
     prompt = PROMPTS[0]
@@ -62,7 +63,7 @@ def test_base_requests_batched_with_adapters_get_the_base_output(
 
 
 def test_streamed_chat_in_mixed_batches_matches_the_reference(
-    client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel
+    client: openai.OpenAI, tiny: DevModel, oracle: ReferenceModel
 ) -> None:
     conversations = [[{"role": "user", "content": text}] for text in ("hi", "what is 2+2?", "tell me a story")]
     jobs = [(model, i) for model in MODELS for i in range(len(conversations))] * 2

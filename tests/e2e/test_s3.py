@@ -20,10 +20,11 @@ from adapters_manifest import layout
 from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.s3_store import S3Store
+from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 from gateway.dev.s3_server import S3Server
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import ADMIN, ENGINE, Keys, adapter_dir, client_for, complete_ids
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +36,7 @@ PROMPT = "def parse(value):"
 
 
 @pytest.fixture(scope="module")
-def s3(s3_server: S3Server, tiny: TinyModel) -> Iterator[S3Server]:
+def s3(s3_server: S3Server, tiny: DevModel) -> Iterator[S3Server]:
     """The bucket, seeded with alice/chat and bob/chat; this process, too, reaches it by the AWS settings."""
     with pytest.MonkeyPatch.context() as env:
         for key, value in s3_server.client_env().items():
@@ -55,7 +56,7 @@ def put_adapter(folder: Path, owner: str, name: str) -> AdapterRecord:
 
 @pytest.fixture(scope="module")
 def replicas(
-    s3: S3Server, tiny: TinyModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+    s3: S3Server, tiny: DevModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[ServerProcess]]:
     logs = tmp_path_factory.mktemp("s3-logs")
     servers = []
@@ -97,7 +98,7 @@ def eventually(check: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def test_seeded_adapters_serve_exactly_on_both_replicas(
-    replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel, keys: Keys
+    replicas: list[ServerProcess], tiny: DevModel, oracle: ReferenceModel, keys: Keys
 ) -> None:
     for server in replicas:
         for ref in ("alice/chat", "bob/chat", BASE_MODEL_NAME):
@@ -109,7 +110,7 @@ def test_seeded_adapters_serve_exactly_on_both_replicas(
 
 
 def test_cli_push_new_version_and_rm_reach_a_running_replica_by_polling(
-    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, oracle: ReferenceModel, keys: Keys
+    s3: S3Server, replicas: list[ServerProcess], tiny: DevModel, oracle: ReferenceModel, keys: Keys
 ) -> None:
     first, second = adapter_dir(tiny, "carol/chat"), adapter_dir(tiny, "dave/notes")
     expect_first = oracle.greedy_ids(first, oracle.prompt_ids(PROMPT), 8)
@@ -150,7 +151,7 @@ def test_cli_push_new_version_and_rm_reach_a_running_replica_by_polling(
 def test_store_outage_serves_cached_adapters_and_recovers(
     s3: S3Server,
     replicas: list[ServerProcess],
-    tiny: TinyModel,
+    tiny: DevModel,
     oracle: ReferenceModel,
     keys: Keys,
     admin: dict[str, str],
@@ -199,7 +200,7 @@ def test_store_outage_serves_cached_adapters_and_recovers(
 
 
 def test_corrupted_object_is_refused_never_served(
-    s3: S3Server, replicas: list[ServerProcess], tiny: TinyModel, keys: Keys, admin: dict[str, str]
+    s3: S3Server, replicas: list[ServerProcess], tiny: DevModel, keys: Keys, admin: dict[str, str]
 ) -> None:
     folder = adapter_dir(tiny, "frank/notes")
     record = put_adapter(folder, "frank", "tampered")

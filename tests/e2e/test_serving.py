@@ -8,9 +8,10 @@ import urllib.request
 import openai
 import pytest
 
+from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import adapter_dir, complete_ids
 
 pytestmark = pytest.mark.e2e
@@ -18,9 +19,7 @@ pytestmark = pytest.mark.e2e
 PROMPT = "def parse(value):"
 
 
-def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(
-    client: openai.OpenAI, tiny: TinyModel
-) -> None:
+def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(client: openai.OpenAI, tiny: DevModel) -> None:
     models = {m.id: m for m in client.models.list()}
     assert BASE_MODEL_NAME in models
     for record in tiny.adapters:
@@ -28,7 +27,7 @@ def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(
         assert models[record.ref].owned_by == record.owner
 
 
-def test_completion_is_the_adapters_output(client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel) -> None:
+def test_completion_is_the_adapters_output(client: openai.OpenAI, tiny: DevModel, oracle: ReferenceModel) -> None:
     expected = oracle.greedy_ids(adapter_dir(tiny, "alice/chat"), oracle.prompt_ids(PROMPT), 10)
     assert complete_ids(client, "alice/chat", PROMPT, 10) == expected
     result = client.completions.create(model="alice/chat", prompt=PROMPT, max_tokens=10, temperature=0)
@@ -68,7 +67,7 @@ def test_streamed_completion_equals_the_whole_one(client: openai.OpenAI) -> None
 
 
 def test_chat_completion_follows_the_chat_template(
-    client: openai.OpenAI, tiny: TinyModel, oracle: ReferenceModel
+    client: openai.OpenAI, tiny: DevModel, oracle: ReferenceModel
 ) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     result = client.chat.completions.create(model="carol/chat", messages=messages, max_tokens=8, temperature=0)

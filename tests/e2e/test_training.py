@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from gateway.dev.models import DevModel
 from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME, TinyModel
+from gateway.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import Keys, client_for
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +29,7 @@ CHAT_EXAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def trained(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> str:
+def trained(tiny: DevModel, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Train on completion and chat lines in one file and push it: the adapter's model name."""
     work = tmp_path_factory.mktemp("training")
     data = work / "caps.jsonl"

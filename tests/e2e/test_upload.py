@@ -10,9 +10,9 @@ import pytest
 import requests
 
 from adapters_manifest.record import ADAPTER_FILES
+from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import TinyModel
 from tests.e2e.conftest import Keys, adapter_dir, client_for, complete_ids
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def test_upload_serve_replace_delete(
-    gateway: ServerProcess, keys: Keys, tiny: TinyModel, oracle: ReferenceModel
+    gateway: ServerProcess, keys: Keys, tiny: DevModel, oracle: ReferenceModel
 ) -> None:
     uma = keys.by_user["uma"]
     client = client_for(gateway, uma)
@@ -61,7 +61,7 @@ def test_upload_serve_replace_delete(
 
 
 def test_bad_upload_is_refused_and_nothing_is_stored(
-    gateway: ServerProcess, keys: Keys, tiny: TinyModel, tmp_path: Path
+    gateway: ServerProcess, keys: Keys, tiny: DevModel, tmp_path: Path
 ) -> None:
     folder = tmp_path / "bad"
     folder.mkdir()

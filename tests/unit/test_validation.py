@@ -20,7 +20,8 @@ from adapters_manifest.validation import (
     ValidationLimits,
     validate_adapter_dir,
 )
-from gateway.dev.tiny_model import LORA_TARGET_MODULES, build_adapter, build_base_model, build_tokenizer
+from gateway.dev.models import LORA_TARGET_MODULES, build_adapter
+from gateway.dev.tiny_model import build_base_model, build_tokenizer
 from gateway.engine.zero_adapter import write_zero_adapter
 
 CONFIG = "adapter_config.json"
