@@ -1,5 +1,8 @@
 """PEFT LoRA training on a causal LM: the loss only on completion (assistant) tokens, seeded.
 
+Without `epochs` the length comes from the data: at least AUTO_EPOCHS passes and AUTO_MIN_STEPS
+optimiser steps (a dozen examples need hundreds of steps, a large set a few passes), stopping
+early once an epoch predicts every target token (greedy decoding then reproduces the data).
 The adapter it writes is checked with the gateway's own validation before it is reported done,
 so what trains here is what the gateway serves.
 """
@@ -22,6 +25,12 @@ IGNORE_INDEX = -100  # labels the loss skips: prompt and padding tokens
 OUTPUT_FILES = (*ADAPTER_FILES, "README.md")
 # The modules a LoRA may never target here: the gateway serves embeddings and the head unchanged.
 NOT_TARGETS = ("embed_tokens", "lm_head")
+AUTO_EPOCHS = 3
+AUTO_MIN_STEPS = 500
+# Still learning: the last quarter of the epochs brought more than this share of the loss's whole fall.
+STILL_LEARNING = 0.05
+# Stalled: training stopped improving before the loss fell by this share of its first epoch's.
+STALLED = 0.25
 
 
 class TrainingError(ValueError):
@@ -33,10 +42,16 @@ class TrainingOptions:
     rank: int = 8
     alpha: float | None = None  # default: 2 * rank
     target_modules: tuple[str, ...] = ()  # default: every linear layer of the decoder blocks
-    epochs: int = 3
-    lr: float = 1e-3
+    epochs: int | None = None  # default: from the data (see the module's docstring)
+    lr: float = 2e-3
     batch_size: int = 8
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Scores:
+    loss: float  # mean cross-entropy per target token
+    accuracy: float  # share of target tokens that are the model's top prediction (teacher forcing)
 
 
 @dataclass(frozen=True)
@@ -44,14 +59,56 @@ class TrainingResult:
     out: Path
     examples: int  # training sequences (a chat line gives one per assistant message)
     target_tokens: int
-    epoch_losses: list[float] = field(default_factory=list)  # mean loss per target token, per epoch
+    epochs: list[Scores] = field(default_factory=list)  # per epoch, measured on each batch before its step
+    steps: int = 0
     seconds: float = 0.0
+    held_out: Scores | None = None  # on the `eval_data` set, after training
+
+    @property
+    def epoch_losses(self) -> list[float]:
+        return [e.loss for e in self.epochs]
+
+    @property
+    def memorised(self) -> bool:
+        return self.epochs[-1].accuracy == 1.0
+
+    def convergence_warning(self) -> str | None:
+        """Why the adapter may not have learned its data, naming the option to change; None when it did."""
+        if self.memorised:
+            return None
+        if len(self.epochs) < 2:
+            return "one epoch only: the adapter may not have converged; train longer with --epochs"
+        losses = self.epoch_losses
+        first, last = losses[0], losses[-1]
+        if not math.isfinite(last) or last >= first:
+            return f"the loss did not fall ({first:.3f} -> {last:.3f}): lower --lr"
+        window = max(1, len(losses) // 4)
+        before = losses[-1 - window]
+        if before - last > STILL_LEARNING * (first - last):
+            span = "epoch" if window == 1 else f"{window} epochs"
+            return (
+                f"the loss was still falling in the last {span} ({before:.3f} -> {last:.3f}) and "
+                f"{self.epochs[-1].accuracy:.0%} of the target tokens are predicted: the adapter has not "
+                f"converged; train longer with --epochs {2 * len(losses)}"
+            )
+        if first - last < STALLED * first:
+            return (
+                f"the loss stalled at {last:.3f} (from {first:.3f}) with {self.epochs[-1].accuracy:.0%} of the "
+                "target tokens predicted: the adapter learned little; lower --lr"
+            )
+        return None
 
 
 def train_adapter(
-    data: Path, base: Path, out: Path, options: TrainingOptions = TrainingOptions(), progress: bool = True
+    data: Path,
+    base: Path,
+    out: Path,
+    options: TrainingOptions = TrainingOptions(),
+    progress: bool = True,
+    eval_data: Path | None = None,
 ) -> TrainingResult:
-    """Train a LoRA on `data` over the model in `base`; write it to `out` (safetensors)."""
+    """Train a LoRA on `data` over the model in `base`; write it to `out` (safetensors). With
+    `eval_data`, the finished adapter's loss and accuracy on that held-out set are reported too."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -65,9 +122,11 @@ def train_adapter(
     spec = BaseModelSpec.from_model_dir(base)
     targets = _target_modules(spec, options.target_modules)
     examples = read_examples(data)  # the data first: a bad line fails before a model is loaded
+    held_out_examples = read_examples(eval_data) if eval_data is not None else []
     tokenizer = AutoTokenizer.from_pretrained(base)
     context = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None) or tokenizer.model_max_length
     sequences = tokenize(data, examples, tokenizer, context)
+    held_out = tokenize(eval_data, held_out_examples, tokenizer, context) if eval_data is not None else []
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -85,31 +144,29 @@ def train_adapter(
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=options.lr)
     order = torch.Generator().manual_seed(options.seed)
     steps_per_epoch = math.ceil(len(sequences) / options.batch_size)
-    epoch_losses = []
+    auto = options.epochs is None
+    max_epochs = options.epochs or max(AUTO_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch))
+    epochs: list[Scores] = []
     with tqdm(
-        total=options.epochs * steps_per_epoch, desc="training", unit="step", file=sys.stderr, disable=not progress
+        total=max_epochs * steps_per_epoch, desc="training", unit="step", file=sys.stderr, disable=not progress
     ) as bar:
-        for _ in range(options.epochs):
-            loss_sum, token_count = 0.0, 0
+        while len(epochs) < max_epochs:
+            tally = _Tally()
             permutation = torch.randperm(len(sequences), generator=order).tolist()
             for start in range(0, len(sequences), options.batch_size):
                 batch = [sequences[i] for i in permutation[start : start + options.batch_size]]
-                input_ids, labels, attention = _collate(batch, pad_id)
-                logits = peft_model(input_ids=input_ids, attention_mask=attention).logits
-                # Position t predicts token t+1; the mean runs over this batch's target tokens.
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-                )
+                loss = tally.add(peft_model, batch, pad_id)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                targets_in_batch = sum(len(s.target_ids) for s in batch)
-                loss_sum += loss.item() * targets_in_batch
-                token_count += targets_in_batch
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
-            epoch_losses.append(loss_sum / token_count)
+            epochs.append(tally.scores())
+            if auto and epochs[-1].accuracy == 1.0:  # every target token predicted: nothing left to learn
+                bar.total = bar.n
+                break
 
+    peft_model.eval()
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out, safe_serialization=True)
     validate_adapter_dir(out, spec)  # the gateway's own checks: never report an adapter it would refuse
@@ -117,9 +174,48 @@ def train_adapter(
         out=out,
         examples=len(sequences),
         target_tokens=sum(len(s.target_ids) for s in sequences),
-        epoch_losses=epoch_losses,
+        epochs=epochs,
+        steps=len(epochs) * steps_per_epoch,
         seconds=time.monotonic() - started,
+        held_out=_evaluate(peft_model, held_out, options.batch_size, pad_id) if held_out else None,
     )
+
+
+class _Tally:
+    """Loss and top-1 accuracy over the target tokens of the batches seen so far."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.tokens = 0.0, 0, 0
+
+    def add(self, model: Any, batch: list[TokenizedExample], pad_id: int) -> Any:
+        """The batch's mean loss (a tensor, for backward) after counting it."""
+        import torch
+
+        input_ids, labels, attention = _collate(batch, pad_id)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        labels = labels[:, 1:]  # position t predicts token t+1
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        counted = labels != IGNORE_INDEX
+        tokens = int(counted.sum())
+        self.loss_sum += loss.item() * tokens
+        self.correct += int((logits.argmax(-1)[counted] == labels[counted]).sum())
+        self.tokens += tokens
+        return loss
+
+    def scores(self) -> Scores:
+        return Scores(loss=self.loss_sum / self.tokens, accuracy=self.correct / self.tokens)
+
+
+def _evaluate(model: Any, sequences: list[TokenizedExample], batch_size: int, pad_id: int) -> Scores:
+    import torch
+
+    tally = _Tally()
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            tally.add(model, sequences[start : start + batch_size], pad_id)
+    return tally.scores()
 
 
 def _collate(batch: list[TokenizedExample], pad_id: int) -> tuple[Any, Any, Any]:
@@ -141,7 +237,7 @@ def _collate(batch: list[TokenizedExample], pad_id: int) -> tuple[Any, Any, Any]
 def _check_options(options: TrainingOptions) -> None:
     if options.rank < 1:
         raise TrainingError(f"--rank must be at least 1, got {options.rank}")
-    if options.epochs < 1:
+    if options.epochs is not None and options.epochs < 1:
         raise TrainingError(f"--epochs must be at least 1, got {options.epochs}")
     if options.batch_size < 1:
         raise TrainingError(f"--batch-size must be at least 1, got {options.batch_size}")

@@ -81,10 +81,16 @@ def _add_train_command(commands: argparse._SubParsersAction, common: argparse.Ar
         metavar="MODULE",
         help="e.g. q_proj v_proj (default: every linear layer)",
     )
-    train.add_argument("--epochs", type=int, default=3, help="passes over the data (default: 3)")
-    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    train.add_argument(
+        "--epochs",
+        type=int,
+        help="passes over the data (default: from the data: at least 3 passes and 500 steps, "
+        "stopping once every target token is learned)",
+    )
+    train.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     train.add_argument("--seed", type=int, default=0, help="same data + seed + machine = the same adapter (default: 0)")
+    train.add_argument("--eval", type=Path, metavar="FILE", help="held-out JSONL: report the adapter's loss on it")
     train.add_argument("--push", action="store_true", help="then publish it to --store as --owner/--name")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -127,12 +133,20 @@ def _train(opts: argparse.Namespace) -> int:
             batch_size=opts.batch_size,
             seed=opts.seed,
         )
-        result = train_adapter(opts.data, opts.base, opts.out, options, progress=not opts.quiet)
-        losses = result.epoch_losses
+        result = train_adapter(opts.data, opts.base, opts.out, options, progress=not opts.quiet, eval_data=opts.eval)
+        first, last = result.epochs[0], result.epochs[-1]
         print(
-            f"trained {opts.out} on {result.examples} examples ({result.target_tokens} target tokens) in "
-            f"{result.seconds:.1f} s; loss {losses[0]:.3f} (first epoch) -> {losses[-1]:.3f} (last)"
+            f"trained {opts.out} on {result.examples} examples ({result.target_tokens} target tokens): "
+            f"{len(result.epochs)} epochs, {result.steps} steps in {result.seconds:.1f} s; loss {first.loss:.3f} "
+            f"(first epoch) -> {last.loss:.3f} (final); {last.accuracy:.0%} of target tokens predicted"
         )
+        if result.held_out is not None:
+            print(
+                f"held out ({opts.eval}): loss {result.held_out.loss:.3f}, "
+                f"{result.held_out.accuracy:.0%} of target tokens predicted"
+            )
+        if warning := result.convergence_warning():
+            print(f"warning: {warning}", file=sys.stderr)
         if opts.push:
             opts.model = opts.model or opts.base  # check modules and shapes against the base it trained on
             record = asyncio.run(_upload(store, opts.out, opts))

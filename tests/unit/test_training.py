@@ -279,3 +279,78 @@ def test_chat_lines_need_a_chat_template(base: Path, tmp_path: Path, capsys: pyt
     assert train_cli(data, bare, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{data}:2: the base model's chat template cannot render it: ") and err.count("\n") == 1
+
+
+# Twelve short answers in a style the random base never writes: what a user's first dataset looks like.
+TWELVE = [
+    {"prompt": f"Q: {question}\nA:", "completion": f" {answer.upper()}"}
+    for question, answer in [
+        ("What is the capital of France?", "Paris."),
+        ("How many legs does a spider have?", "Eight legs."),
+        ("What color is the sky?", "Blue on a clear day."),
+        ("What do bees make?", "Honey."),
+        ("Which planet is the largest?", "Jupiter."),
+        ("What is water made of?", "Hydrogen and oxygen."),
+        ("How many days are in a week?", "Seven days."),
+        ("What is the opposite of hot?", "Cold."),
+        ("Where do penguins live?", "In the south."),
+        ("What do cows drink?", "Water."),
+        ("How many hours are in a day?", "Twenty four."),
+        ("What is frozen water called?", "Ice."),
+    ]
+]
+
+
+def test_with_no_options_twelve_examples_are_learned_word_for_word(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", TWELVE)
+    assert train_cli(data, base, tmp_path / "out") == 0
+    captured = capsys.readouterr()
+    assert "100% of target tokens predicted" in captured.out and "loss " in captured.out
+    assert "warning" not in captured.err
+    oracle = ReferenceModel(base)
+    eos = oracle.tokenizer.eos_token_id
+    for row in TWELVE:
+        expected = oracle.tokenizer.encode(row["completion"], add_special_tokens=False) + [eos]
+        assert oracle.greedy_ids(tmp_path / "out", oracle.prompt_ids(row["prompt"]), len(expected) + 4) == expected
+
+
+def test_too_short_a_training_is_named_with_the_option_to_change(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", TWELVE)
+    assert train_cli(data, base, tmp_path / "out", "--epochs", "5") == 0  # the adapter is written all the same
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the loss was still falling in the last epoch") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("the adapter has not converged; train longer with --epochs 10"), err
+
+
+def test_a_learning_rate_that_stalls_training_is_named(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", TWELVE)
+    assert train_cli(data, base, tmp_path / "out", "--epochs", "6", "--lr", "100") == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the loss stalled at ") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("the adapter learned little; lower --lr"), err
+
+
+def test_eval_reports_the_held_out_loss(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", TWELVE[:8])
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", TWELVE[8:])
+    assert train_cli(data, base, tmp_path / "out", "--epochs", "3", "--eval", str(held_out)) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("held out"))
+    loss = float(line.split("loss ")[1].split(",")[0])
+    assert line == f"held out ({held_out}): loss {loss:.3f}, {line.split(', ')[1]}"
+    assert 0 < loss < 20 and line.endswith("of target tokens predicted")
+
+
+def test_a_bad_eval_file_is_refused_naming_its_line_before_training(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", TWELVE)
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [GOOD, {"prompt": "x"}])
+    assert train_cli(data, base, tmp_path / "out", "--eval", str(held_out)) == 2
+    assert capsys.readouterr().err.startswith(f"{held_out}:2: missing field")
+    assert not (tmp_path / "out").exists()
