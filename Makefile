@@ -46,7 +46,7 @@ e2e: $(STAMP)
 
 # Refresh the pins from the current environment (after a deliberate upgrade).
 lock:
-	head -3 requirements/cpu.lock > requirements/cpu.lock.new
+	sed -n "/^#/p" requirements/cpu.lock > requirements/cpu.lock.new
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -iE '^(pip|wheel|torchvision|torchaudio|torchcodec)[=@ ]' | grep -v '^#' >> requirements/cpu.lock.new
 	mv requirements/cpu.lock.new requirements/cpu.lock
 

@@ -147,9 +147,8 @@ def train_adapter(
     auto = options.epochs is None
     max_epochs = options.epochs or max(AUTO_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch))
     epochs: list[Scores] = []
-    with tqdm(
-        total=max_epochs * steps_per_epoch, desc="training", unit="step", file=sys.stderr, disable=not progress
-    ) as bar:
+    desc = "training (stops once learned)" if auto else "training"
+    with tqdm(total=max_epochs * steps_per_epoch, desc=desc, unit="step", file=sys.stderr, disable=not progress) as bar:
         while len(epochs) < max_epochs:
             tally = _Tally()
             permutation = torch.randperm(len(sequences), generator=order).tolist()

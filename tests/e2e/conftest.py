@@ -15,10 +15,9 @@ from gateway.auth.keys import add_key
 from gateway.dev.models import DevModel, make_model
 from gateway.dev.oracle import ReferenceModel
 from gateway.dev.process import ServerProcess, free_port, gateway_command
-from gateway.dev.tiny_model import BASE_MODEL_NAME
 
 ADAPTERS = ["alice/chat", "bob/chat", "carol/chat", "dave/notes", "erin/notes", "frank/notes"]
-ENGINE = {"served_model_name": BASE_MODEL_NAME, "dtype": "float32", "max_lora_rank": 8}
+ENGINE = {"dtype": "float32", "max_lora_rank": 8}
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +32,7 @@ def oracle(tiny: DevModel) -> ReferenceModel:
 
 def adapter_dir(tiny: DevModel, ref: str) -> Path | None:
     """The files of an adapter as the store holds them; None for the base model."""
-    if ref == BASE_MODEL_NAME:
+    if ref == tiny.served_name:
         return None
     record = next(r for r in tiny.adapters if r.ref == ref)
     return tiny.store / layout.version_prefix(record)
@@ -57,9 +56,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return Keys(path, by_user)
 
 
-def start_gateway(tiny: DevModel, keys: Keys, logs: Path, **flags: object) -> ServerProcess:
+def start_gateway(model: DevModel, keys: Keys, logs: Path, **flags: object) -> ServerProcess:
     port = free_port()
-    command = gateway_command(tiny.base, tiny.store, port, **ENGINE, keys_file=keys.file, **flags)
+    command = gateway_command(
+        model.base, model.store, port, served_model_name=model.served_name, **ENGINE, keys_file=keys.file, **flags
+    )
     return ServerProcess(command, port, logs / f"gateway-{port}.log").start()
 
 

@@ -38,7 +38,7 @@ def traced_gateway(
 ) -> Iterator[ServerProcess]:
     port = free_port()
     flags = {"keys_file": keys.file, "max_loras": 1, "max_cpu_loras": 1, "engine_otlp_traces_endpoint": receiver.url}
-    command = gateway_command(tiny.base, tiny.store, port, **ENGINE, **flags)
+    command = gateway_command(tiny.base, tiny.store, port, served_model_name=tiny.served_name, **ENGINE, **flags)
     env = {
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",

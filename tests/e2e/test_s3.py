@@ -66,6 +66,7 @@ def replicas(
             tiny.base,
             STORE_URL,
             port,
+            served_model_name=tiny.served_name,
             **ENGINE,
             keys_file=keys.file,
             sync_interval_s=SYNC_INTERVAL_S,
