@@ -1,9 +1,12 @@
-"""`lora-gateway bench compare`: the same prompts through the base model and each adapter, side by side.
+"""`lora-gateway bench compare`: the base model and each adapter, side by side.
 
-Greedy completions through one gateway: a table of prompt x model, and a plot of how many of each
-adapter's tokens agree with the base model's (position by position): what each adapter changes.
-By default the tiny model and three adapters made offline; `--base DIR --store URL --adapters
-owner/name,...` compares a real model's adapters from a store.
+Through one gateway, per model: its first request (for an adapter: fetched, validated and loaded
+into the engine) against the same request warm, the host memory its load added, and its speed
+alone (a stream of greedy requests naming only it); then the same prompts through every model: a
+table of prompt x model, and a plot of how many of each adapter's tokens agree with the base
+model's (position by position): what each adapter changes. By default a dev base (`tiny`, or
+`smollm2`) with seeded adapters made offline; `--base DIR --store URL --adapters owner/name,...`
+compares a real model's adapters from a store.
 """
 
 from __future__ import annotations
@@ -15,19 +18,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gateway.bench.harness import (
-    BaseModel,
     Client,
     add_model_options,
     admin_key,
+    base_model,
     bench_work_dir,
     gateway_server,
+    median,
     progress,
+    publish_synthetic,
     running,
+    tree_rss_bytes,
     write_report,
 )
 from gateway.bench.report import config_of, markdown_table
+from gateway.bench.scale import run_stream
+from gateway.dev.models import BASES
 
-DEFAULT_PROMPTS = ("def parse(value):", "import os\n", "class Config:", "for item in items:")
+DEFAULT_PROMPTS = ("def parse(value):", "import os\n", "The capital of France is", "Once upon a time,")
 SHOWN_CHARS = 60
 
 
@@ -38,6 +46,23 @@ class Completion:
     text: str
     token_ids: list[int]
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """One model served alone: what its first use costs and how fast it runs."""
+
+    model: str
+    first_s: float  # the first request, load included for an adapter
+    warm_s: float  # the same request again, the adapter resident
+    rss_added_bytes: int  # host memory (gateway + engine) the first request added
+    tokens_per_s: float
+    p50_s: float
+    errors: int
+
+    @property
+    def load_s(self) -> float:
+        return self.first_s - self.warm_s
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------
@@ -65,6 +90,18 @@ def render(completions: Sequence[Completion], base_name: str) -> str:
     return table.replace("|---|---:|---:|---:|", "|---|---|---|---:|", 1)  # text columns read left-aligned
 
 
+def render_costs(costs: Sequence[ModelCost]) -> str:
+    base = costs[0]
+    rows = [
+        [c.model, f"{c.first_s * 1000:.0f}", f"{c.warm_s * 1000:.0f}",
+         "" if c is base else f"{c.load_s * 1000:.0f}", f"{c.rss_added_bytes / 2**20:+.1f}",
+         f"{c.tokens_per_s:.1f}", f"{c.tokens_per_s / base.tokens_per_s:.2f}x", f"{c.p50_s:.2f}", str(c.errors)]
+        for c in costs
+    ]  # fmt: skip
+    return markdown_table(["model", "first request (ms)", "warm (ms)", "load (ms)", "host RSS added (MiB)",
+                           "tokens/s alone", "vs base", "p50 (s)", "errors"], rows)  # fmt: skip
+
+
 def plot(completions: Sequence[Completion], base_name: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -87,6 +124,25 @@ def plot(completions: Sequence[Completion], base_name: str, path: Path) -> None:
 
 
 # -- measurement ------------------------------------------------------------------------
+
+
+async def _costs(opts: argparse.Namespace, url: str, api_key: str, pid: int, models: Sequence[str]) -> list[ModelCost]:
+    """Per model, one after the other: first and warm request, memory, then a stream naming only it."""
+    costs = []
+    async with Client(url, api_key, connections=opts.concurrency) as client:
+        await run_stream(client, [models[0]], opts.concurrency, opts.concurrency, opts.max_tokens, seed=0)  # warm-up
+        for model in models:
+            rss_before = tree_rss_bytes(pid)
+            first = await client.complete(model, opts.prompt_list[0], 1, stream=False)
+            rss_after = tree_rss_bytes(pid)
+            warm = await client.complete(model, opts.prompt_list[0], 1, stream=False)
+            done, duration = await run_stream(client, [model], opts.requests, opts.concurrency, opts.max_tokens, 1)
+            ok = [d for d in done if d.ok]
+            costs.append(ModelCost(model, first.latency_s, warm.latency_s, rss_after - rss_before,
+                                   sum(d.tokens for d in ok) / duration, median([d.latency_s for d in ok]),
+                                   len(done) - len(ok) + (not first.ok) + (not warm.ok)))  # fmt: skip
+            progress(f"{model}: first request {first.latency_s * 1000:.0f} ms, {costs[-1].tokens_per_s:.1f} tokens/s")
+    return costs
 
 
 async def _complete_all(url: str, api_key: str, prompts: Sequence[str], models: Sequence[str],
@@ -112,9 +168,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; replaces the defaults)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--requests", type=int, default=24, help="requests of each model's speed stream")
+    p.add_argument("--concurrency", type=int, default=8, help="of each model's speed stream")
     opts = p.parse_args(argv)
-    if (opts.base is None) != (opts.store is None):
-        p.error("--base and --store go together (without them: the tiny model and its adapters)")
+    if opts.store is not None and opts.base in BASES:
+        p.error("--store goes with --base DIR (a dev base makes its own adapters)")
     if not [r for r in opts.adapters.split(",") if r.strip()]:
         p.error("--adapters names at least one adapter")
     opts.prompt_list = opts.prompt or [x for x in opts.prompts.split("\x1f") if x]
@@ -125,16 +183,12 @@ def main(argv: list[str]) -> int:
     opts = _parse(argv)
     refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
     with bench_work_dir("compare") as work:
-        if opts.base is None:
-            from gateway.dev.models import make_model
-            from gateway.dev.tiny_model import BASE_MODEL_NAME
-
-            progress("building the tiny model and its adapters")
-            made = make_model(work / "tiny", refs)
-            model, store = BaseModel(made.base.resolve(), BASE_MODEL_NAME, opts.dtype or "float32"), str(made.store)
-        else:
-            path = opts.base.resolve()
-            model, store = BaseModel(path, opts.served_model_name or path.name, opts.dtype or "auto"), opts.store
+        model = base_model(opts, work)
+        store = opts.store
+        if store is None:
+            progress(f"publishing {len(refs)} seeded adapters")
+            store = str(work / "store")
+            asyncio.run(publish_synthetic(store, model, refs, 8, work))
         keys_file, api_key = admin_key(work)
         models = [model.served_name, *refs]
         server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log",
@@ -142,10 +196,14 @@ def main(argv: list[str]) -> int:
                                 max_lora_rank=opts.max_lora_rank)  # fmt: skip
         progress("gateway starting")
         with running(server, opts.startup_timeout):
+            assert server.process is not None
+            costs = asyncio.run(_costs(opts, server.base_url, api_key, server.process.pid, models))
             completions = asyncio.run(_complete_all(server.base_url, api_key, opts.prompt_list, models,
                                                     opts.max_tokens))  # fmt: skip
     completions.sort(key=lambda c: (opts.prompt_list.index(c.prompt), models.index(c.model)))
-    report = {"config": config_of(opts), "model": str(model.path), "completions": [asdict(c) for c in completions]}
-    write_report(opts.out, "compare", report, render(completions, model.served_name),
-                 lambda path: plot(completions, model.served_name, path))  # fmt: skip
-    return 1 if any(c.error for c in completions) else 0
+    report = {"config": config_of(opts), "model": str(model.path), "dtype": model.dtype,
+              "costs": [asdict(c) | {"load_s": c.load_s} for c in costs],
+              "completions": [asdict(c) for c in completions]}  # fmt: skip
+    table = render_costs(costs) + "\n\n" + render(completions, model.served_name)
+    write_report(opts.out, "compare", report, table, lambda path: plot(completions, model.served_name, path))
+    return 1 if any(c.error for c in completions) or any(c.errors for c in costs) else 0

@@ -2,8 +2,9 @@
 run on, one gateway at a time, a client that times tokens, process memory, and the report files.
 
 Every benchmark builds its own adapter store, so it runs on a fresh clone: on the tiny model
-(generated offline) by default, or on a real base model (`--base DIR`, e.g. on a GPU host) with
-synthetic adapters of the right shapes for it. Only one engine runs at a time: an idle vLLM
+(generated offline) by default, on SmolLM2-135M-Instruct (`--base smollm2`, converted offline from
+its wheel), or on any base model folder (`--base DIR`, e.g. on a GPU host), with synthetic adapters
+of the right shapes for it. Only one engine runs at a time: an idle vLLM
 engine's worker spins on a core and would slow the one being measured.
 """
 
@@ -31,7 +32,9 @@ from gateway.dev.process import ServerProcess, free_port, gateway_command
 
 KV_CACHE_GIB = 1.0
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-TARGET_MODULES = ("q_proj", "v_proj", "o_proj")
+TINY_TARGET_MODULES = ("q_proj", "v_proj", "o_proj")  # the tiny model's figures were measured so
+# What `adapters train` targets by default, and so what users' adapters on a real base weigh.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
 REQUEST_TIMEOUT_S = 120.0
 
@@ -47,13 +50,18 @@ def progress(message: str) -> None:
 class BaseModel:
     path: Path
     served_name: str
-    dtype: str  # float32 on the tiny model (exact against the reference); the model's own otherwise
+    dtype: str  # float32 on the dev bases (exact against the reference); the model's own otherwise
+    target_modules: tuple[str, ...] = ALL_LINEAR  # what the synthetic adapters adapt
 
 
 def add_model_options(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--base", type=Path, help="a real base model folder (default: build the tiny model offline)")
+    p.add_argument(
+        "--base",
+        default="tiny",
+        help="tiny (built offline), smollm2 (SmolLM2-135M-Instruct from its wheel) or a base model folder",
+    )
     p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder's name)")
-    p.add_argument("--dtype", default=None, help="engine dtype (default: float32 on the tiny model, else auto)")
+    p.add_argument("--dtype", default=None, help="engine dtype (default: float32 on tiny and smollm2, else auto)")
     p.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB, help="the gateway's KV-cache memory")
     p.add_argument(
         "--out",
@@ -65,19 +73,22 @@ def add_model_options(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def base_model(opts: argparse.Namespace, work: Path) -> BaseModel:
-    """The model under test: `--base`, or the tiny model built into `work`."""
-    if opts.base is not None:
-        path = opts.base.resolve()
-        return BaseModel(path, opts.served_model_name or path.name, opts.dtype or "auto")
-    from gateway.dev.models import make_model
-    from gateway.dev.tiny_model import BASE_MODEL_NAME
+    """The model under test: a dev base (`tiny`, `smollm2`) built into `work`, or a folder."""
+    from gateway.dev.models import BASES, make_model
 
-    progress("building the tiny model")
-    return BaseModel(make_model(work / "tiny", []).base.resolve(), BASE_MODEL_NAME, opts.dtype or "float32")
+    if opts.base not in BASES:
+        path = Path(opts.base).resolve()
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--base {opts.base}: not one of {', '.join(BASES)}, nor a model folder")
+        return BaseModel(path, opts.served_model_name or path.name, opts.dtype or "auto")
+    progress(f"building the {opts.base} base model")
+    made = make_model(work / opts.base, [], base=opts.base)
+    modules = TINY_TARGET_MODULES if opts.base == "tiny" else ALL_LINEAR
+    return BaseModel(made.base.resolve(), made.served_name, opts.dtype or "float32", modules)
 
 
 def write_synthetic_adapter(
-    base: Path, out: Path, rank: int, seed: int, modules: Sequence[str] = TARGET_MODULES, b_std: float = 0.5
+    base: Path, out: Path, rank: int, seed: int, modules: Sequence[str] = ALL_LINEAR, b_std: float = 0.5
 ) -> None:
     """A PEFT-format LoRA for any base model: seeded random A and B of the base's own shapes.
 
@@ -130,7 +141,8 @@ async def publish_synthetic(
     for ref in refs:
         owner, _, name = ref.partition("/")
         folder = work / "adapters" / f"{owner}--{name}--r{rank}{salt}"
-        write_synthetic_adapter(model.path, folder, rank, seed=zlib.crc32(f"{ref}:{rank}:{salt}".encode()))
+        seed = zlib.crc32(f"{ref}:{rank}:{salt}".encode())
+        write_synthetic_adapter(model.path, folder, rank, seed, model.target_modules)
         record = validated_record(folder, owner, name, base=spec, base_model=model.served_name)
         published.append(Published(await publish(store, folder, record), folder))
     return published

@@ -11,7 +11,7 @@ import pytest
 
 from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
 from gateway.bench import compare, rank, scale, soak, swap
-from gateway.bench.harness import Timed, sse_payloads, token_ids_of, write_synthetic_adapter
+from gateway.bench.harness import ALL_LINEAR, Timed, sse_payloads, token_ids_of, write_synthetic_adapter
 from gateway.dev.tiny_model import build_base_model, build_tokenizer
 
 # -- swap ---------------------------------------------------------------------------------
@@ -258,12 +258,12 @@ def test_synthetic_adapters_pass_validation_and_differ_by_seed(tiny_base: Path, 
     write_synthetic_adapter(tiny_base, tmp_path / "a", rank_, seed=1)
     write_synthetic_adapter(tiny_base, tmp_path / "b", rank_, seed=2)
     summary = validate_adapter_dir(tmp_path / "a", BaseModelSpec.from_model_dir(tiny_base, max_lora_rank=64))
-    assert summary.rank == rank_ and set(summary.target_modules) == {"q_proj", "v_proj", "o_proj"}
+    assert summary.rank == rank_ and set(summary.target_modules) == set(ALL_LINEAR)
     a, b = (
         load_file(str(tmp_path / "a" / "adapter_model.safetensors")),
         load_file(str(tmp_path / "b" / "adapter_model.safetensors")),
     )
-    assert a.keys() == b.keys() and len(a) == 2 * 3 * 2  # A and B, 3 modules, 2 layers
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
     assert any((a[k] != b[k]).any() for k in a)
 
 
