@@ -207,6 +207,22 @@ class _Tally:
         return Scores(loss=self.loss_sum / self.tokens, accuracy=self.correct / self.tokens)
 
 
+def evaluate(data: Path, base: Path, adapter: Path | None = None, batch_size: int = 8) -> Scores:
+    """Loss and accuracy on `data` of the base model, or of the base with `adapter` on it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    context = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None) or tokenizer.model_max_length
+    sequences = tokenize(data, read_examples(data), tokenizer, context)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _evaluate(model.eval(), sequences, batch_size, pad_id)
+
+
 def _evaluate(model: Any, sequences: list[TokenizedExample], batch_size: int, pad_id: int) -> Scores:
     import torch
 

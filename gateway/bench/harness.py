@@ -131,6 +131,18 @@ async def publish_synthetic(
     """One synthetic adapter per `owner/name` (seeded by its name, rank and `salt`) into the store."""
     import zlib
 
+    published = []
+    for ref in refs:
+        owner, _, name = ref.partition("/")
+        folder = work / "adapters" / f"{owner}--{name}--r{rank}{salt}"
+        seed = zlib.crc32(f"{ref}:{rank}:{salt}".encode())
+        write_synthetic_adapter(model.path, folder, rank, seed, model.target_modules)
+        published += await publish_copies(store_url, model, folder, [ref])
+    return published
+
+
+async def publish_copies(store_url: str, model: BaseModel, folder: Path, refs: Sequence[str]) -> list[Published]:
+    """The adapter in `folder` published under each `owner/name`: to the engine, each its own adapter."""
     from adapters_manifest.open_store import open_store
     from adapters_manifest.publish import publish, validated_record
     from adapters_manifest.validation import BaseModelSpec
@@ -140,9 +152,6 @@ async def publish_synthetic(
     published = []
     for ref in refs:
         owner, _, name = ref.partition("/")
-        folder = work / "adapters" / f"{owner}--{name}--r{rank}{salt}"
-        seed = zlib.crc32(f"{ref}:{rank}:{salt}".encode())
-        write_synthetic_adapter(model.path, folder, rank, seed, model.target_modules)
         record = validated_record(folder, owner, name, base=spec, base_model=model.served_name)
         published.append(Published(await publish(store, folder, record), folder))
     return published

@@ -1,10 +1,14 @@
-"""`lora-gateway bench rank`: what an adapter's rank costs in speed and in memory.
+"""`lora-gateway bench rank`: what an adapter's rank buys in quality and costs in speed and memory.
 
-One gateway (`--max-lora-rank` the largest rank, room in the engine for every adapter), started
+With `--train`, first one adapter per rank is trained on the same generated dataset (six small
+tasks, `--train-rows` rows) and scored on held-out questions of the same tasks: the loss there is
+the quality the rank buys. Without it the adapters hold seeded random weights (cost only).
+Then one gateway (`--max-lora-rank` the largest rank, room in the engine for every adapter), started
 alone. Per rank (8, 16, 64 by default): the host RSS of the gateway and its engine core processes
-(GPU memory too where there is a GPU) before and after `--per-rank` adapters of that rank are
-loaded into the engine, one request each; then the speed of a stream over `--max-loras` of them
-(so the stream measures the rank, not engine loads) next to a base-model stream just before it.
+(GPU memory too where there is a GPU) before and after `--per-rank` adapters of that rank (copies
+of the trained one, each its own adapter to the engine) are loaded into the engine, one request
+each; then the speed of a stream over `--max-loras` of them (so the stream measures the rank, not
+engine loads) next to a base-model stream just before it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from gateway.bench.harness import (
     gpu_memory_bytes,
     median,
     progress,
+    publish_copies,
     publish_synthetic,
     running,
     tree_rss_bytes,
@@ -43,6 +48,16 @@ def warm_ref(rank: int) -> str:
 
 
 @dataclass(frozen=True)
+class Quality:
+    """A trained adapter's scores: per target token, on its training data and on held-out questions."""
+
+    train_loss: float
+    held_out_loss: float
+    held_out_accuracy: float
+    training_s: float
+
+
+@dataclass(frozen=True)
 class RankResult:
     rank: int  # 0: the base model
     adapter_bytes: int  # the weights file of one adapter
@@ -53,6 +68,7 @@ class RankResult:
     p50_s: float
     errors: int
     base_tokens_per_s: float = float("nan")  # the base model's, measured just before: the speed's yardstick
+    quality: Quality | None = None  # with --train
 
     @property
     def rss_per_adapter(self) -> float:
@@ -67,17 +83,29 @@ class RankResult:
 
 
 def render(results: Sequence[RankResult]) -> str:
+    trained = any(r.quality for r in results)
     rows = []
     for r in results:
+        quality = _quality_cells(r.quality) if trained else []
         if r.rank == 0:
-            rows.append(["base", "", "", f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", "1.00x", "", "", str(r.errors)])
+            rows.append(["base", *quality, "", "", f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", "1.00x", "", "",
+                         str(r.errors)])  # fmt: skip
             continue
         speed = f"{ratio_of(r.tokens_per_s, r.base_tokens_per_s):.2f}x"
         gpu = "n/a (no GPU)" if r.gpu_per_adapter is None else f"{r.gpu_per_adapter / 1024:.0f}"
-        rows.append([str(r.rank), f"{r.adapter_bytes / 1024:.0f}", str(r.loaded), f"{r.tokens_per_s:.0f}",
-                     f"{r.p50_s:.3f}", speed, f"{r.rss_per_adapter / 1024:.0f}", gpu, str(r.errors)])  # fmt: skip
-    return markdown_table(["rank", "file (KiB)", "adapters loaded", "tokens/s", "p50 (s)", "vs base (paired)",
-                           "host RSS per adapter (KiB)", "GPU per adapter (KiB)", "errors"], rows)  # fmt: skip
+        rows.append([str(r.rank), *quality, f"{r.adapter_bytes / 1024:.0f}", str(r.loaded),
+                     f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", speed, f"{r.rss_per_adapter / 1024:.0f}", gpu,
+                     str(r.errors)])  # fmt: skip
+    quality_columns = ["held-out loss", "held-out tokens right", "training loss"] if trained else []
+    return markdown_table(["rank", *quality_columns, "file (KiB)", "adapters loaded", "tokens/s", "p50 (s)",
+                           "vs base (paired)", "host RSS per adapter (KiB)", "GPU per adapter (KiB)", "errors"],
+                          rows)  # fmt: skip
+
+
+def _quality_cells(quality: Quality | None) -> list[str]:
+    if quality is None:
+        return ["", "", ""]
+    return [f"{quality.held_out_loss:.3f}", f"{quality.held_out_accuracy:.0%}", f"{quality.train_loss:.3f}"]
 
 
 def plot(results: Sequence[RankResult], path: Path) -> None:
@@ -85,17 +113,27 @@ def plot(results: Sequence[RankResult], path: Path) -> None:
 
     ranked = [r for r in results if r.rank]
     labels = [str(r.rank) for r in ranked]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    trained = all(r.quality for r in results)
+    fig, axes = plt.subplots(1, 3 if trained else 2, figsize=(15 if trained else 10, 4))
     base = next((r for r in results if r.rank == 0), None)
-    left.bar(labels, [r.tokens_per_s for r in ranked])
+    speed, memory = axes[-2], axes[-1]
+    if trained:
+        quality = axes[0]
+        quality.plot(labels, [r.quality.held_out_loss for r in ranked], "o-", label="held out")  # type: ignore[union-attr]
+        quality.plot(labels, [r.quality.train_loss for r in ranked], "s--", label="training")  # type: ignore[union-attr]
+        if base is not None and base.quality is not None:
+            quality.axhline(base.quality.held_out_loss, color="grey", linestyle="--", label="base model, held out")
+        quality.set(xlabel="adapter rank", ylabel="loss per target token", title="Quality", yscale="log")
+        quality.legend()
+    speed.bar(labels, [r.tokens_per_s for r in ranked])
     if base is not None:
-        left.axhline(base.tokens_per_s, color="grey", linestyle="--", label="base model")
-        left.legend()
-    left.set(xlabel="adapter rank", ylabel="tokens/s", title="Speed")
-    right.bar(labels, [r.rss_per_adapter / 1024 for r in ranked], label="host RSS")
-    right.plot(labels, [r.adapter_bytes / 1024 for r in ranked], "ko--", label="weights file")
-    right.set(xlabel="adapter rank", ylabel="KiB per resident adapter", title="Memory")
-    right.legend()
+        speed.axhline(base.tokens_per_s, color="grey", linestyle="--", label="base model")
+        speed.legend()
+    speed.set(xlabel="adapter rank", ylabel="tokens/s", title="Speed")
+    memory.bar(labels, [r.rss_per_adapter / 1024 for r in ranked], label="host RSS")
+    memory.plot(labels, [r.adapter_bytes / 1024 for r in ranked], "ko--", label="weights file")
+    memory.set(xlabel="adapter rank", ylabel="KiB per resident adapter", title="Memory")
+    memory.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -118,7 +156,7 @@ async def _memory(pid: int) -> tuple[int, int | None]:
 
 async def _measure(
     opts: argparse.Namespace, url: str, api_key: str, pid: int, served: str, refs: dict[int, list[str]],
-    sizes: dict[int, int],
+    sizes: dict[int, int], quality: dict[int, Quality],
 ) -> list[RankResult]:  # fmt: skip
     results = []
     async with Client(url, api_key, connections=opts.concurrency) as client:
@@ -144,12 +182,33 @@ async def _measure(
             tokens_s, p50, errors = await speed(refs[rank][: opts.max_loras])
             gpu = None if gpu_before is None or gpu_after is None else gpu_after - gpu_before
             results.append(RankResult(rank, sizes[rank], len(refs[rank]) - failed, rss_after - rss_before, gpu,
-                                      tokens_s, p50, errors + failed, bases[-1][0]))  # fmt: skip
+                                      tokens_s, p50, errors + failed, bases[-1][0], quality.get(rank)))  # fmt: skip
             progress(f"rank {rank}: {tokens_s:.0f} tokens/s (base {bases[-1][0]:.0f}), host RSS "
                      f"+{(rss_after - rss_before) / 1024:.0f} KiB for {len(refs[rank]) - failed} adapters")  # fmt: skip
     base = RankResult(0, 0, 0, 0, None, median([b[0] for b in bases]), median([b[1] for b in bases]),
-                      sum(b[2] for b in bases))  # fmt: skip
+                      sum(b[2] for b in bases), quality=quality.get(0))  # fmt: skip
     return [base, *results]
+
+
+def _train_each_rank(opts: argparse.Namespace, base: Path, work: Path) -> dict[int, Quality]:
+    """One adapter per rank on the same generated rows (same seed, order and steps); 0: the base's scores."""
+    from adapter_training.trainer import TrainingOptions, evaluate, train_adapter
+    from gateway.bench.tasks import write_task_dataset
+
+    train, held_out = work / "tasks-train.jsonl", work / "tasks-held-out.jsonl"
+    write_task_dataset(train, held_out, opts.train_rows, opts.held_out_rows)
+    base_train, base_held_out = evaluate(train, base), evaluate(held_out, base)
+    quality = {0: Quality(base_train.loss, base_held_out.loss, base_held_out.accuracy, 0.0)}
+    progress(f"base model: held-out loss {base_held_out.loss:.3f}")
+    for rank in opts.ranks:
+        progress(f"training rank {rank} ({opts.train_rows} rows, {opts.train_epochs} epochs)")
+        options = TrainingOptions(rank=rank, epochs=opts.train_epochs, seed=0)
+        result = train_adapter(train, base, work / "trained" / f"r{rank}", options, progress=False, eval_data=held_out)
+        assert result.held_out is not None
+        quality[rank] = Quality(result.epochs[-1].loss, result.held_out.loss, result.held_out.accuracy,
+                                result.seconds)  # fmt: skip
+        progress(f"rank {rank}: held-out loss {result.held_out.loss:.3f} after {result.seconds:.0f} s")
+    return quality
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -162,6 +221,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=128, help="measured requests per speed stream")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--train", action="store_true", help="train one adapter per rank; held-out loss is its quality")
+    p.add_argument("--train-rows", type=int, default=200, help="generated training rows (with --train)")
+    p.add_argument("--held-out-rows", type=int, default=60, help="generated held-out rows (with --train)")
+    p.add_argument("--train-epochs", type=int, default=2, help="passes over the training rows (with --train)")
     p.add_argument("--quick", action="store_true", help="ranks 8 and 64, 4 adapters each, 32 requests (for tests)")
     opts = p.parse_args(argv)
     if opts.quick:
@@ -179,10 +242,15 @@ def main(argv: list[str]) -> int:
         keys_file, api_key = admin_key(work)
         store = str(work / "store")
         refs = {rank: [f"bench/r{rank}-{i:03d}" for i in range(opts.per_rank)] for rank in opts.ranks}
+        quality = _train_each_rank(opts, model.path, work) if opts.train else {}
         sizes = {}
         for rank in opts.ranks:
             progress(f"publishing {opts.per_rank} rank-{rank} adapters")
-            records = asyncio.run(publish_synthetic(store, model, [warm_ref(rank), *refs[rank]], rank, work))
+            names = [warm_ref(rank), *refs[rank]]
+            if opts.train:
+                records = asyncio.run(publish_copies(store, model, work / "trained" / f"r{rank}", names))
+            else:
+                records = asyncio.run(publish_synthetic(store, model, names, rank, work))
             sizes[rank] = next(f.size for f in records[0].record.files if f.name.endswith(".safetensors"))
         loaded = (opts.per_rank + 1) * len(opts.ranks)  # every adapter stays resident: memory adds up
         max_rank = min(r for r in MAX_LORA_RANKS if r >= max(opts.ranks))
@@ -193,7 +261,7 @@ def main(argv: list[str]) -> int:
         with running(server, opts.startup_timeout):
             assert server.process is not None
             results = asyncio.run(_measure(opts, server.base_url, api_key, server.process.pid, model.served_name,
-                                           refs, sizes))  # fmt: skip
+                                           refs, sizes, quality))  # fmt: skip
     report = {"config": config_of(opts), "model": str(model.path), "duration_s": time.monotonic() - started,
               "results": [asdict(r) | {"rss_per_adapter_bytes": r.rss_per_adapter,
                                        "gpu_per_adapter_bytes": r.gpu_per_adapter} for r in results]}  # fmt: skip

@@ -4,6 +4,7 @@ tables, plots, the synthetic adapters they run on, and the soak's verdicts."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -142,6 +143,39 @@ def test_rank_table_per_adapter_memory_and_speed(tmp_path: Path) -> None:
     assert "| 64 | 355 | 32 | 800 | 0.400 | 0.73x | 700 | 400 | 0 |" in table  # vs its own base stream
     rank.plot(results, tmp_path / "rank.png")
     assert (tmp_path / "rank.png").stat().st_size > 1000
+
+
+def test_rank_table_with_trained_adapters_leads_with_their_quality(tmp_path: Path) -> None:
+    quality = {0: rank.Quality(2.5, 2.6, 0.4, 0.0), 8: rank.Quality(0.2, 0.31, 0.91, 60.0)}
+    results = [
+        rank.RankResult(0, 0, 0, 0, None, 50.0, 0.3, 0, quality=quality[0]),
+        rank.RankResult(8, 9800 * 1024, 32, 32 * 10000 * 1024, None, 40.0, 0.31, 0, 50.0, quality[8]),
+    ]
+    table = rank.render(results)
+    assert table.splitlines()[0].startswith("| rank | held-out loss | held-out tokens right | training loss | file (KiB) |")
+    assert "| base | 2.600 | 40% | 2.500 |  |  | 50 | 0.300 | 1.00x |" in table
+    assert "| 8 | 0.310 | 91% | 0.200 | 9800 | 32 | 40 | 0.310 | 0.80x | 10000 | n/a (no GPU) | 0 |" in table
+    rank.plot(results, tmp_path / "rank.png")
+    assert (tmp_path / "rank.png").stat().st_size > 1000
+
+
+def test_the_task_dataset_holds_out_questions_it_never_trains_on(tmp_path: Path) -> None:
+    from gateway.bench.tasks import TASKS, write_task_dataset
+
+    write_task_dataset(tmp_path / "train.jsonl", tmp_path / "held.jsonl", 60, 30)
+    again = tmp_path / "again"
+    again.mkdir()
+    write_task_dataset(again / "train.jsonl", again / "held.jsonl", 60, 30)
+    assert (again / "train.jsonl").read_bytes() == (tmp_path / "train.jsonl").read_bytes()  # seeded
+    train = [json.loads(line)["messages"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(line)["messages"] for line in (tmp_path / "held.jsonl").read_text().splitlines()]
+    assert (len(train), len(held)) == (60, 30)
+    assert not {m[0]["content"] for m in train} & {m[0]["content"] for m in held}
+    sums = [m for m in train if m[0]["content"].startswith("What is ")]
+    assert len(sums) == 60 // len(TASKS)
+    for question, answer in ((m[0]["content"], m[1]["content"]) for m in sums):
+        a, b = (int(x) for x in question.removeprefix("What is ").removesuffix("?").split(" plus "))
+        assert answer == f"{a} plus {b} is {a + b}."
 
 
 # -- compare ------------------------------------------------------------------------------
