@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gateway.bench.harness import (
@@ -46,6 +46,7 @@ class Completion:
     text: str
     token_ids: list[int]
     error: str = ""
+    dtype: str = ""  # the engine's
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ModelCost:
     tokens_per_s: float
     p50_s: float
     errors: int
+    dtype: str = ""
 
     @property
     def load_s(self) -> float:
@@ -81,34 +83,48 @@ def shown(text: str) -> str:
 
 
 def render(completions: Sequence[Completion], base_name: str) -> str:
-    base = {c.prompt: c for c in completions if c.model == base_name}
+    """Prompt x model (x dtype): each completion, the share of its tokens equal to its base model's
+    (same dtype), and with several dtypes the share equal to the same model's in the first dtype."""
+    by = {(c.prompt, c.model, c.dtype): c for c in completions}
+    dtypes = list(dict.fromkeys(c.dtype for c in completions))
     rows = []
     for c in completions:
-        same = "" if c.model == base_name else f"{agreement(c.token_ids, base[c.prompt].token_ids):.0%}"
-        rows.append([shown(c.prompt), c.model, c.error or shown(c.text), same])
-    table = markdown_table(["prompt", "model", "completion (greedy)", "tokens as base"], rows)
-    return table.replace("|---|---:|---:|---:|", "|---|---|---|---:|", 1)  # text columns read left-aligned
+        base = by[c.prompt, base_name, c.dtype]
+        same = "" if c.model == base_name else f"{agreement(c.token_ids, base.token_ids):.0%}"
+        row = [shown(c.prompt), c.model, *([c.dtype] if len(dtypes) > 1 else []), c.error or shown(c.text), same]
+        if len(dtypes) > 1:
+            row.append(f"{agreement(c.token_ids, by[c.prompt, c.model, dtypes[0]].token_ids):.0%}")
+        rows.append(row)
+    columns = ["prompt", "model", "completion (greedy)", "tokens as base"]
+    if len(dtypes) > 1:
+        columns[2:2] = ["dtype"]
+        columns.append(f"tokens as {dtypes[0]}")
+    return markdown_table(columns, rows, text_columns=len(columns) - 1 - (len(dtypes) > 1))
 
 
 def render_costs(costs: Sequence[ModelCost]) -> str:
-    base = costs[0]
+    base = {c.dtype: c for c in costs if c.model == costs[0].model}
     rows = [
-        [c.model, f"{c.first_s * 1000:.0f}", f"{c.warm_s * 1000:.0f}",
-         "" if c is base else f"{c.load_s * 1000:.0f}", f"{c.rss_added_bytes / 2**20:+.1f}",
-         f"{c.tokens_per_s:.1f}", f"{c.tokens_per_s / base.tokens_per_s:.2f}x", f"{c.p50_s:.2f}", str(c.errors)]
+        [c.model, c.dtype, f"{c.first_s * 1000:.0f}", f"{c.warm_s * 1000:.0f}",
+         "" if c.model == costs[0].model else f"{c.load_s * 1000:.0f}", f"{c.rss_added_bytes / 2**20:+.1f}",
+         f"{c.tokens_per_s:.1f}", f"{c.tokens_per_s / base[c.dtype].tokens_per_s:.2f}x",
+         f"{c.tokens_per_s / costs[0].tokens_per_s:.2f}x", f"{c.p50_s:.2f}", str(c.errors)]
         for c in costs
     ]  # fmt: skip
-    return markdown_table(["model", "first request (ms)", "warm (ms)", "load (ms)", "host RSS added (MiB)",
-                           "tokens/s alone", "vs base", "p50 (s)", "errors"], rows)  # fmt: skip
+    return markdown_table(["model", "dtype", "first request (ms)", "warm (ms)", "load (ms)", "host RSS added (MiB)",
+                           "tokens/s alone", "vs base", f"vs base in {costs[0].dtype}", "p50 (s)", "errors"],
+                          rows)  # fmt: skip
 
 
 def plot(completions: Sequence[Completion], base_name: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     prompts = list(dict.fromkeys(c.prompt for c in completions))
-    models = [m for m in dict.fromkeys(c.model for c in completions) if m != base_name]
-    by = {(c.prompt, c.model): c for c in completions}
-    grid = [[agreement(by[(p, m)].token_ids, by[(p, base_name)].token_ids) for p in prompts] for m in models]
+    rows = [m for m in dict.fromkeys((c.model, c.dtype) for c in completions) if m[0] != base_name]
+    by = {(c.prompt, c.model, c.dtype): c for c in completions}
+    grid = [[agreement(by[p, m, d].token_ids, by[p, base_name, d].token_ids) for p in prompts] for m, d in rows]
+    several_dtypes = len({d for _, d in rows}) > 1
+    models = [f"{m} ({d})" if several_dtypes else m for m, d in rows]
     fig, ax = plt.subplots(figsize=(1.8 * len(prompts) + 3, 0.6 * len(models) + 2))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(prompts)), [shown(p)[:20] for p in prompts], rotation=20)
@@ -126,7 +142,9 @@ def plot(completions: Sequence[Completion], base_name: str, path: Path) -> None:
 # -- measurement ------------------------------------------------------------------------
 
 
-async def _costs(opts: argparse.Namespace, url: str, api_key: str, pid: int, models: Sequence[str]) -> list[ModelCost]:
+async def _costs(
+    opts: argparse.Namespace, url: str, api_key: str, pid: int, models: Sequence[str], dtype: str
+) -> list[ModelCost]:
     """Per model, one after the other: first and warm request, memory, then a stream naming only it."""
     costs = []
     async with Client(url, api_key, connections=opts.concurrency) as client:
@@ -140,19 +158,20 @@ async def _costs(opts: argparse.Namespace, url: str, api_key: str, pid: int, mod
             ok = [d for d in done if d.ok]
             costs.append(ModelCost(model, first.latency_s, warm.latency_s, rss_after - rss_before,
                                    sum(d.tokens for d in ok) / duration, median([d.latency_s for d in ok]),
-                                   len(done) - len(ok) + (not first.ok) + (not warm.ok)))  # fmt: skip
-            progress(f"{model}: first request {first.latency_s * 1000:.0f} ms, {costs[-1].tokens_per_s:.1f} tokens/s")
+                                   len(done) - len(ok) + (not first.ok) + (not warm.ok), dtype))  # fmt: skip
+            speed = costs[-1].tokens_per_s
+            progress(f"{model} ({dtype}): first request {first.latency_s * 1000:.0f} ms, {speed:.1f} tokens/s")
     return costs
 
 
 async def _complete_all(url: str, api_key: str, prompts: Sequence[str], models: Sequence[str],
-                        max_tokens: int) -> list[Completion]:  # fmt: skip
+                        max_tokens: int, dtype: str) -> list[Completion]:  # fmt: skip
     async with Client(url, api_key) as client:
 
         async def one(prompt: str, model: str) -> Completion:
             timed = await client.complete(model, prompt, max_tokens, stream=False, ids=True)
             error = "" if timed.ok else f"error {timed.status} {timed.error}"
-            return Completion(prompt, model, timed.text, timed.token_ids, error)
+            return Completion(prompt, model, timed.text, timed.token_ids, error, dtype)
 
         return list(await asyncio.gather(*(one(p, m) for p in prompts for m in models)))
 
@@ -170,7 +189,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--requests", type=int, default=24, help="requests of each model's speed stream")
     p.add_argument("--concurrency", type=int, default=8, help="of each model's speed stream")
+    p.add_argument("--dtypes", help="comma-separated engine dtypes to run one after the other, e.g. float32,bfloat16")
     opts = p.parse_args(argv)
+    if opts.dtypes and opts.dtype:
+        p.error("--dtype or --dtypes, not both")
     if opts.store is not None and opts.base in BASES:
         p.error("--store goes with --base DIR (a dev base makes its own adapters)")
     if not [r for r in opts.adapters.split(",") if r.strip()]:
@@ -191,17 +213,21 @@ def main(argv: list[str]) -> int:
             asyncio.run(publish_synthetic(store, model, refs, 8, work))
         keys_file, api_key = admin_key(work)
         models = [model.served_name, *refs]
-        server = gateway_server(model, store, keys_file, opts.out / "logs" / "gateway.log",
-                                kv_cache_gib=opts.kv_cache_gib, max_loras=len(refs), max_cpu_loras=len(refs),
-                                max_lora_rank=opts.max_lora_rank)  # fmt: skip
-        progress("gateway starting")
-        with running(server, opts.startup_timeout):
-            assert server.process is not None
-            costs = asyncio.run(_costs(opts, server.base_url, api_key, server.process.pid, models))
-            completions = asyncio.run(_complete_all(server.base_url, api_key, opts.prompt_list, models,
-                                                    opts.max_tokens))  # fmt: skip
-    completions.sort(key=lambda c: (opts.prompt_list.index(c.prompt), models.index(c.model)))
-    report = {"config": config_of(opts), "model": str(model.path), "dtype": model.dtype,
+        dtypes = opts.dtypes.split(",") if opts.dtypes else [model.dtype]
+        costs, completions = [], []
+        for dtype in dtypes:  # one engine at a time, each dtype from a fresh start
+            server = gateway_server(replace(model, dtype=dtype), store, keys_file,
+                                    opts.out / "logs" / f"gateway-{dtype}.log", kv_cache_gib=opts.kv_cache_gib,
+                                    max_loras=len(refs), max_cpu_loras=len(refs),
+                                    max_lora_rank=opts.max_lora_rank)  # fmt: skip
+            progress(f"gateway starting ({dtype})")
+            with running(server, opts.startup_timeout):
+                assert server.process is not None
+                costs += asyncio.run(_costs(opts, server.base_url, api_key, server.process.pid, models, dtype))
+                completions += asyncio.run(_complete_all(server.base_url, api_key, opts.prompt_list, models,
+                                                         opts.max_tokens, dtype))  # fmt: skip
+    completions.sort(key=lambda c: (opts.prompt_list.index(c.prompt), models.index(c.model), dtypes.index(c.dtype)))
+    report = {"config": config_of(opts), "model": str(model.path),
               "costs": [asdict(c) | {"load_s": c.load_s} for c in costs],
               "completions": [asdict(c) for c in completions]}  # fmt: skip
     table = render_costs(costs) + "\n\n" + render(completions, model.served_name)

@@ -200,6 +200,33 @@ def test_compare_agreement_cells_and_table(tmp_path: Path) -> None:
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
+def test_compare_with_two_dtypes_sets_each_beside_the_first(tmp_path: Path) -> None:
+    completions = [
+        compare.Completion("Hi", "base", " a b c d", [1, 2, 3, 4], dtype="float32"),
+        compare.Completion("Hi", "base", " a b c e", [1, 2, 3, 5], dtype="bfloat16"),
+        compare.Completion("Hi", "alice/chat", " x y", [7, 8, 9, 10], dtype="float32"),
+        compare.Completion("Hi", "alice/chat", " x z", [7, 8, 3, 4], dtype="bfloat16"),
+    ]
+    table = compare.render(completions, "base").splitlines()
+    assert table[:2] == [
+        "| prompt | model | dtype | completion (greedy) | tokens as base | tokens as float32 |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    assert "| Hi | base | bfloat16 |  a b c e |  | 75% |" in table
+    assert "| Hi | alice/chat | bfloat16 |  x z | 25% | 50% |" in table  # vs the bfloat16 base: 1 of 4
+    compare.plot(completions, "base", tmp_path / "compare.png")
+    costs = [
+        compare.ModelCost("base", 0.5, 0.4, 0, 40.0, 1.0, 0, "float32"),
+        compare.ModelCost("alice/chat", 0.7, 0.45, 10 << 20, 30.0, 1.2, 0, "float32"),
+        compare.ModelCost("base", 0.3, 0.2, 0, 80.0, 0.5, 0, "bfloat16"),
+        compare.ModelCost("alice/chat", 0.4, 0.25, 5 << 20, 60.0, 0.6, 0, "bfloat16"),
+    ]
+    rows = compare.render_costs(costs).splitlines()
+    assert rows[0].startswith("| model | dtype | first request (ms) | warm (ms) | load (ms) | host RSS added (MiB) |")
+    assert "| alice/chat | float32 | 700 | 450 | 250 | +10.0 | 30.0 | 0.75x | 0.75x | 1.20 | 0 |" in rows
+    assert "| alice/chat | bfloat16 | 400 | 250 | 150 | +5.0 | 60.0 | 0.75x | 1.50x | 0.60 | 0 |" in rows
+
+
 # -- soak ---------------------------------------------------------------------------------
 
 
