@@ -137,7 +137,7 @@ def gateway_server(opts: argparse.Namespace, base: Path, store: str, keys_file: 
     port = free_port()
     command = gateway_command(
         base, store, port, keys_file=keys_file,
-        served_model_name=opts.served_model_name, dtype="float32", kv_cache_gib=KV_CACHE_GIB,
+        served_model_name=opts.served_model_name, dtype=opts.dtype, kv_cache_gib=KV_CACHE_GIB,
         max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank,
     )  # fmt: skip
     return ServerProcess(command, port, log_path, "/readyz", ENGINE_ENV)
@@ -146,7 +146,7 @@ def gateway_server(opts: argparse.Namespace, base: Path, store: str, keys_file: 
 def vllm_server(opts: argparse.Namespace, base: Path, adapters: dict[str, Path], log_path: Path) -> ServerProcess:
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-               "--served-model-name", opts.served_model_name, "--dtype", "float32",
+               "--served-model-name", opts.served_model_name, "--dtype", opts.dtype,
                "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(KV_CACHE_GIB << 30),
                "--enable-lora", "--max-loras", str(opts.max_loras + GATEWAY_EXTRA_LORA_SLOTS),
                "--max-cpu-loras", str(opts.max_cpu_loras + GATEWAY_EXTRA_LORA_SLOTS),
@@ -210,15 +210,16 @@ async def run_load(
 def _inputs(opts: argparse.Namespace, work_dir: Path) -> tuple[Path, str, dict[str, Path]]:
     """Base model folder, store URL, and a local copy of each adapter (vLLM's --lora-modules reads folders)."""
     from adapters_manifest.open_store import open_store
+    from gateway.dev.models import BASES, make_model
 
     refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
-    if opts.model is None:
-        from gateway.dev.models import make_model
-
-        made = make_model(work_dir, refs)
+    if opts.base in BASES:
+        made = make_model(work_dir, refs, base=opts.base)
         base, store_url = made.base.resolve(), str(made.store.resolve())
+        opts.served_model_name = opts.served_model_name or made.served_name
     else:
-        base, store_url = opts.model.resolve(), opts.store
+        base, store_url = Path(opts.base).resolve(), opts.store
+        opts.served_model_name = opts.served_model_name or base.name
     store = open_store(store_url)
 
     async def copy(ref: str) -> Path:
@@ -235,13 +236,14 @@ def _inputs(opts: argparse.Namespace, work_dir: Path) -> tuple[Path, str, dict[s
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from gateway.dev.tiny_model import BASE_MODEL_NAME
+    from gateway.dev.models import BASES
 
     p = argparse.ArgumentParser(prog="lora-gateway bench serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="base model folder (default: build the tiny model)")
-    p.add_argument("--store", help="adapter store, file:///path or a path (with --model)")
+    p.add_argument("--base", default="tiny", help="tiny, smollm2 (from its wheel) or a base model folder")
+    p.add_argument("--store", help="adapter store, file:///path or a path (with --base DIR)")
     p.add_argument("--adapters", default="alice/chat,bob/chat", help="comma-separated owner/name list")
-    p.add_argument("--served-model-name", default=BASE_MODEL_NAME)
+    p.add_argument("--served-model-name", help="the base model's name (default: the dev base's, or the folder's)")
+    p.add_argument("--dtype", default="float32", help="both servers' engine dtype")
     p.add_argument("--requests", type=int, default=300, help="measured requests per round and server")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -253,8 +255,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds until a server must be ready")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench-serve.json"))
     opts = p.parse_args(argv)
-    if (opts.model is None) != (opts.store is None):
-        p.error("--model and --store go together")
+    if (opts.base in BASES) != (opts.store is None):
+        p.error("--store goes with --base DIR, and only there (a dev base makes its own adapters)")
     return opts
 
 
