@@ -64,14 +64,14 @@ log = logging.getLogger(__name__)
 
 KEYS_FILE_CHECK_INTERVAL_S = 2.0
 
-# (settings, extra LoRA slots the gateway needs for itself) -> a started engine. Blocking.
-EngineFactory = Callable[[ServeSettings, int], Engine]
+# settings -> a started engine (with a LoRA slot of its own where base requests need the zero adapter). Blocking.
+EngineFactory = Callable[[ServeSettings], Engine]
 
 
-def _start_vllm(settings: ServeSettings, extra_lora_slots: int) -> Engine:
+def _start_vllm(settings: ServeSettings) -> Engine:
     from gateway.engine.vllm_engine import VllmEngine
 
-    return VllmEngine.start(settings, extra_lora_slots)
+    return VllmEngine.start(settings)
 
 
 def _authenticator(settings: ServeSettings) -> Authenticator:
@@ -221,9 +221,8 @@ def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application
 
 async def _start_engine(app: web.Application, engine_factory: EngineFactory, work_dir: Path) -> None:
     settings, serving = app[SETTINGS], app[SERVING]
-    extra_slots = 1 if settings.base_via_zero_adapter else 0
     try:
-        engine = await asyncio.to_thread(engine_factory, settings, extra_slots)
+        engine = await asyncio.to_thread(engine_factory, settings)
         pool = AdapterPool(
             engine,
             app[DISK_CACHE],
@@ -238,11 +237,11 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             tracer=app[TRACER],
             metrics=app[METRICS],
         )
-        if settings.base_via_zero_adapter:
+        if engine.base_via_zero_adapter:
             await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))
     except Exception as exc:
         log.exception("engine failed to start")
         serving.startup_error = f"{type(exc).__name__}: {exc}"
         return
     serving.engine, serving.pool = engine, pool
-    log.info("engine ready: serving %s", settings.base_model_name)
+    log.info("engine ready: serving %s; base-model requests run %s", settings.base_model_name, engine.base_requests)

@@ -44,10 +44,11 @@ class ServeSettings(BaseSettings):
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1, description="vLLM's memory fraction (default: 0.15 on CPU, vLLM's own on GPU)."
     )
-    base_via_zero_adapter: bool = Field(
-        default=True,
-        description="Serve base-model requests through an all-zero adapter (works around vLLM "
-        "applying the last LoRA slot to LoRA-less requests in mixed batches on CPU).",
+    base_requests: Literal["auto", "plain", "zero-adapter"] = Field(
+        default="auto",
+        description="How base-model requests run next to adapter requests. auto: plain where vLLM's LoRA ops give "
+        "LoRA-less tokens no delta (its GPU kernels; on the CPU build the gateway's grouped ops, which replace "
+        "vLLM's for the checked vLLM versions), else through an all-zero adapter that takes one LoRA slot.",
     )
 
     engine_niceness: int | None = Field(

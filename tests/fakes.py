@@ -36,6 +36,7 @@ from gateway.engine.interface import (
     SamplingOptions,
     TokenLogprob,
 )
+from gateway.settings import ServeSettings
 
 NO_ADAPTER = "<no-adapter>"  # the label of generations without any adapter
 VOCAB_SIZE = 0x110000  # one token per character: every code point is a token id
@@ -95,6 +96,9 @@ class FakeEngine:
     max_model_len: int = 256
     capacity: int | None = None  # user adapters the engine holds (vLLM's max_cpu_loras) ...
     extra: int = 0  # ... plus the gateway's own (the base zero adapter)
+    # As vLLM's CPU build without the grouped LoRA ops: base requests need the zero adapter.
+    base_via_zero_adapter: bool = True
+    base_requests: str = "through an all-zero adapter (fake engine)"
     add_delay_s: float = 0.0
     remove_delay_s: float = 0.0  # vLLM's remove_lora is a round trip to the engine core too
     token_delay_s: float = 0.0
@@ -115,6 +119,11 @@ class FakeEngine:
     peak_resident: int = field(default=0, init=False)
     violations: list[str] = field(default_factory=list, init=False)
     shut_down: bool = field(default=False, init=False)
+
+    def started_with(self, settings: ServeSettings) -> FakeEngine:
+        """The engine factory: as vLLM's, sized by the settings, with a slot for the zero adapter."""
+        self.capacity, self.extra = settings.max_cpu_loras, int(self.base_via_zero_adapter)
+        return self
 
     # -- checks ----------------------------------------------------------------------
 

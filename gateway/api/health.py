@@ -23,4 +23,5 @@ async def readyz(request: web.Request) -> web.Response:
     reason = request.app[SERVING].not_ready_reason(catalog)
     if reason is not None:
         return web.json_response({"status": "unavailable", "reason": reason, "adapter_sync": sync}, status=503)
-    return web.json_response({"status": "ready", "adapter_sync": sync})
+    engine = request.app[SERVING].engine_or_raise()
+    return web.json_response({"status": "ready", "adapter_sync": sync, "base_requests": engine.base_requests})

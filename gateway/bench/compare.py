@@ -113,7 +113,7 @@ def render_costs(costs: Sequence[ModelCost]) -> str:
     ]  # fmt: skip
     return markdown_table(["model", "dtype", "first request (ms)", "warm (ms)", "load (ms)", "host RSS added (MiB)",
                            "tokens/s alone", "vs base", f"vs base in {costs[0].dtype}", "p50 (s)", "errors"],
-                          rows)  # fmt: skip
+                          rows, text_columns=2)  # fmt: skip
 
 
 def plot(completions: Sequence[Completion], base_name: str, path: Path) -> None:

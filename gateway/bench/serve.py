@@ -28,9 +28,6 @@ from gateway.bench.report import config_of, cpu_seconds, percentile, raise_on_si
 from gateway.bench.report import markdown_table as table
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 
-# The gateway serves base-model requests through an all-zero adapter that takes one LoRA
-# slot of its engine (gateway.app); vLLM's server gets the same slot count so both engines match.
-GATEWAY_EXTRA_LORA_SLOTS = 1
 KV_CACHE_GIB = 1  # the gateway's default kv_cache_gib
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
 PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
@@ -143,13 +140,22 @@ def gateway_server(opts: argparse.Namespace, base: Path, store: str, keys_file: 
     return ServerProcess(command, port, log_path, "/readyz", ENGINE_ENV)
 
 
+def gateway_extra_lora_slots() -> int:
+    """Where the gateway's grouped CPU LoRA ops cannot apply it serves base requests through an
+    all-zero adapter in a LoRA slot of its own; vLLM's server then gets as many slots in all."""
+    from gateway.engine.cpu_lora_ops import unsupported_reason
+
+    return 0 if unsupported_reason() is None else 1
+
+
 def vllm_server(opts: argparse.Namespace, base: Path, adapters: dict[str, Path], log_path: Path) -> ServerProcess:
     port = free_port()
+    extra = gateway_extra_lora_slots()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
                "--served-model-name", opts.served_model_name, "--dtype", opts.dtype,
                "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(KV_CACHE_GIB << 30),
-               "--enable-lora", "--max-loras", str(opts.max_loras + GATEWAY_EXTRA_LORA_SLOTS),
-               "--max-cpu-loras", str(opts.max_cpu_loras + GATEWAY_EXTRA_LORA_SLOTS),
+               "--enable-lora", "--max-loras", str(opts.max_loras + extra),
+               "--max-cpu-loras", str(opts.max_cpu_loras + extra),
                "--max-lora-rank", str(opts.max_lora_rank), *_memory_flags(),
                "--lora-modules", *(f"{ref}={path}" for ref, path in adapters.items())]  # fmt: skip
     return ServerProcess(command, port, log_path, "/health", ENGINE_ENV)

@@ -76,6 +76,10 @@ class AdapterLoadError(Exception):
 
 class Engine(Protocol):
     max_model_len: int
+    # Whether base-model requests must carry the gateway's all-zero adapter to get exactly the base
+    # model in a batch with adapter requests, and a sentence on how they run (the log, /readyz).
+    base_via_zero_adapter: bool
+    base_requests: str
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a completion prompt (with the model's BOS handling)."""

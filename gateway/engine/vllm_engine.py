@@ -58,20 +58,54 @@ def build_engine_args(settings: ServeSettings, extra_lora_slots: int) -> Any:
     )
 
 
+def base_request_path(settings: ServeSettings) -> tuple[bool, str]:
+    """(through the zero adapter?, how base requests run). On the CPU build this also arranges for
+    the gateway's grouped LoRA ops in the engine processes about to start, where they apply."""
+    from vllm.platforms import current_platform
+
+    from gateway.engine import cpu_lora_ops
+
+    zero_asked, plain_asked = settings.base_requests == "zero-adapter", settings.base_requests == "plain"
+    if not current_platform.is_cpu():
+        if zero_asked:
+            return True, "through an all-zero adapter (--base-requests zero-adapter)"
+        return False, "plain (vLLM's GPU LoRA kernels give LoRA-less tokens no delta)"
+    unsupported = cpu_lora_ops.unsupported_reason()
+    if unsupported is None:
+        cpu_lora_ops.enable_in_engine_processes()
+        ops = "the gateway's grouped CPU LoRA ops, which give LoRA-less tokens no delta"
+        if zero_asked:
+            return True, f"through an all-zero adapter (--base-requests zero-adapter); {ops}"
+        return False, f"plain ({ops})"
+    if plain_asked:
+        log.warning(
+            "base-model requests run plain although %s: batched with adapter requests they may get an "
+            "adapter's delta (vLLM's CPU ops give LoRA-less tokens the last slot)",
+            unsupported,
+        )
+        return False, f"plain (--base-requests plain), INEXACT in mixed batches: {unsupported}"
+    log.warning("base-model requests run through an all-zero adapter (one LoRA slot): %s", unsupported)
+    return True, f"through an all-zero adapter: {unsupported}"
+
+
 class VllmEngine:
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, base_via_zero_adapter: bool, base_requests: str) -> None:
         self._llm = llm
+        self.base_via_zero_adapter = base_via_zero_adapter
+        self.base_requests = base_requests
         self._tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
         # vLLM warns on every request that carries trace context while its own tracing is off.
         self._tracing: bool = llm.observability_config.otlp_traces_endpoint is not None
 
     @classmethod
-    def start(cls, settings: ServeSettings, extra_lora_slots: int) -> VllmEngine:
+    def start(cls, settings: ServeSettings) -> VllmEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine = cls(AsyncLLM.from_engine_args(build_engine_args(settings, extra_lora_slots)))
+        zero, how = base_request_path(settings)
+        llm = AsyncLLM.from_engine_args(build_engine_args(settings, extra_lora_slots=1 if zero else 0))
+        engine = cls(llm, zero, how)
         niceness = settings.engine_niceness
         if niceness is None:
             niceness = CPU_ENGINE_NICENESS if current_platform.is_cpu() else 0

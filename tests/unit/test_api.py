@@ -52,7 +52,6 @@ class Gateway:
     store: LocalFolderStore
     records: dict[str, AdapterRecord]
     scratch: Path
-    extra_slots: list[int]  # what the app asked the engine factory for
 
     def label(self, model: str) -> str:
         """The engine name the fake engine puts in the text it generates for `model`."""
@@ -88,7 +87,7 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
     async def start(
         engine: FakeEngine | None = None,
         *,
-        factory: Callable[[ServeSettings, int], Engine] | None = None,
+        factory: Callable[[ServeSettings], Engine] | None = None,
         ready: bool = True,
         **settings: Any,
     ) -> Gateway:
@@ -99,14 +98,6 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
         for ref in ADAPTERS:
             owner, name = ref.split("/")
             records[ref] = await publish_adapter(store, tmp_path, owner, name, base_model=BASE)
-        extra_slots: list[int] = []
-
-        def fake_factory(serve_settings: ServeSettings, extra: int) -> Engine:
-            extra_slots.append(extra)
-            assert engine is not None
-            engine.capacity, engine.extra = serve_settings.max_cpu_loras, extra  # vLLM's max_cpu_loras
-            return engine
-
         serve_settings = ServeSettings(
             _env_file=None,
             model=write_base_model(tmp_path / "base"),
@@ -115,9 +106,9 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
             # These tests are about serving; tests/unit/test_tenants.py covers authentication.
             **{"insecure_no_auth": not {"keys_file", "trusted_user_header"} & set(settings), **settings},
         )
-        app = create_app(serve_settings, engine_factory=factory or fake_factory)
+        app = create_app(serve_settings, engine_factory=factory or engine.started_with)
         client = await aiohttp_client(app)
-        gateway = Gateway(client, app, engine, store, records, tmp_path, extra_slots)
+        gateway = Gateway(client, app, engine, store, records, tmp_path)
         if ready:
             await gateway.wait_ready()
         return gateway
@@ -192,18 +183,17 @@ async def test_healthz_and_readyz_once_started(gw: Gateway) -> None:
     body = await resp.json()
     assert resp.status == 200 and body["status"] == "ready"
     assert body["adapter_sync"]["adapters"] == len(ADAPTERS) and body["adapter_sync"]["last_error"] is None
-    assert gw.extra_slots == [1]  # one slot for the base zero adapter
-    assert gw.engine.resident_names() == {"__base__"}
+    assert body["base_requests"] == gw.engine.base_requests
+    assert gw.engine.resident_names() == {"__base__"}  # in the engine's own slot (FakeEngine.extra)
 
 
 async def test_not_ready_while_the_engine_starts(start_gateway: StartGateway) -> None:
     release = threading.Event()
     engine = FakeEngine(max_model_len=MAX_MODEL_LEN)
 
-    def slow_factory(settings: ServeSettings, extra: int) -> Engine:
+    def slow_factory(settings: ServeSettings) -> Engine:
         release.wait(10)
-        engine.capacity, engine.extra = settings.max_cpu_loras, extra
-        return engine
+        return engine.started_with(settings)
 
     try:
         gw = await start_gateway(engine, factory=slow_factory, ready=False)
@@ -224,7 +214,7 @@ async def test_not_ready_while_the_engine_starts(start_gateway: StartGateway) ->
 
 
 async def test_not_ready_when_the_engine_failed_to_start(start_gateway: StartGateway) -> None:
-    def broken_factory(settings: ServeSettings, extra: int) -> Engine:
+    def broken_factory(settings: ServeSettings) -> Engine:
         raise RuntimeError("no memory for the KV cache")
 
     gw = await start_gateway(factory=broken_factory, ready=False)

@@ -152,7 +152,9 @@ def test_rank_table_with_trained_adapters_leads_with_their_quality(tmp_path: Pat
         rank.RankResult(8, 9800 * 1024, 32, 32 * 10000 * 1024, None, 40.0, 0.31, 0, 50.0, quality[8]),
     ]
     table = rank.render(results)
-    assert table.splitlines()[0].startswith("| rank | held-out loss | held-out tokens right | training loss | file (KiB) |")
+    assert table.splitlines()[0].startswith(
+        "| rank | held-out loss | held-out tokens right | training loss | file (KiB) |"
+    )
     assert "| base | 2.600 | 40% | 2.500 |  |  | 50 | 0.300 | 1.00x |" in table
     assert "| 8 | 0.310 | 91% | 0.200 | 9800 | 32 | 40 | 0.310 | 0.80x | 10000 | n/a (no GPU) | 0 |" in table
     rank.plot(results, tmp_path / "rank.png")

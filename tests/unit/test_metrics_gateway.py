@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_manifest.local_store import LocalFolderStore
 from gateway.app import create_app
-from gateway.engine.interface import Engine, GenerationDelta
+from gateway.engine.interface import GenerationDelta
 from gateway.settings import ServeSettings
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 
@@ -75,10 +75,6 @@ async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
         for i in range(adapters):
             await publish_adapter(store, tmp_path, f"user{i}", f"adapter{i}", base_model=BASE)
 
-        def factory(serve_settings: ServeSettings, extra: int) -> Engine:
-            engine.capacity, engine.extra = serve_settings.max_cpu_loras, extra
-            return engine
-
         app = create_app(
             ServeSettings(
                 _env_file=None,
@@ -88,7 +84,7 @@ async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
                 insecure_no_auth=True,
                 **settings,
             ),
-            engine_factory=factory,
+            engine_factory=engine.started_with,
         )
         client = await aiohttp_client(app)
         deadline = time.monotonic() + 5

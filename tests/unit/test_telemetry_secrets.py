@@ -28,7 +28,6 @@ from adapters_manifest.open_store import open_store
 from gateway.app import create_app
 from gateway.auth.keys import add_key
 from gateway.dev.s3_server import S3Server
-from gateway.engine.interface import Engine
 from gateway.settings import ServeSettings
 from gateway.telemetry.logs import json_handler
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
@@ -99,15 +98,11 @@ async def test_no_secret_in_logs_spans_or_metrics(
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     engine = FakeEngine(max_model_len=256)
 
-    def factory(settings: ServeSettings, extra: int) -> Engine:
-        engine.capacity, engine.extra = settings.max_cpu_loras, extra
-        return engine
-
     settings = ServeSettings(
         _env_file=None, model=write_base_model(tmp_path / "base"), store=store_url, served_model_name=BASE,
         keys_file=keys_file, sync_interval_s=3600,
     )  # fmt: skip
-    client = await aiohttp_client(create_app(settings, engine_factory=factory, tracer_provider=provider))
+    client = await aiohttp_client(create_app(settings, engine_factory=engine.started_with, tracer_provider=provider))
     deadline = time.monotonic() + 10
     while (await client.get("/readyz")).status != 200:
         assert time.monotonic() < deadline

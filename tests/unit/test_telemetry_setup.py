@@ -22,7 +22,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from adapters_manifest.local_store import LocalFolderStore
 from gateway.app import create_app
-from gateway.engine.interface import Engine
 from gateway.settings import ServeSettings
 from gateway.telemetry import spans
 from gateway.telemetry.logs import vllm_logging_config
@@ -68,15 +67,11 @@ async def start_app(provider: TracerProvider, tmp_path: Path, aiohttp_client: An
     await publish_adapter(store, tmp_path, "alice", "coding", base_model=BASE)
     engine = FakeEngine(max_model_len=256)
 
-    def factory(settings: ServeSettings, extra: int) -> Engine:
-        engine.capacity, engine.extra = settings.max_cpu_loras, extra
-        return engine
-
     settings = ServeSettings(
         _env_file=None, model=write_base_model(tmp_path / "base"), store=str(store.root), served_model_name=BASE,
         insecure_no_auth=True,
     )  # fmt: skip
-    client = await aiohttp_client(create_app(settings, engine_factory=factory, tracer_provider=provider))
+    client = await aiohttp_client(create_app(settings, engine_factory=engine.started_with, tracer_provider=provider))
     deadline = time.monotonic() + 5
     while (await client.get("/readyz")).status != 200:
         assert time.monotonic() < deadline

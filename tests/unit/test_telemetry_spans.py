@@ -30,7 +30,6 @@ from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import AdapterStore
 from gateway.app import create_app
 from gateway.dev.s3_server import S3Server
-from gateway.engine.interface import Engine
 from gateway.settings import ServeSettings
 from gateway.telemetry import spans
 from tests.fakes import FakeEngine, write_adapter_dir, write_base_model
@@ -134,10 +133,6 @@ async def start_traced(tmp_path: Path, aiohttp_client: Any) -> Any:
         for ref in ADAPTERS:
             await traced.publish(ref, ref.encode())
 
-        def factory(serve_settings: ServeSettings, extra: int) -> Engine:
-            engine.capacity, engine.extra = serve_settings.max_cpu_loras, extra
-            return engine
-
         serve_settings = ServeSettings(
             _env_file=None,
             model=write_base_model(tmp_path / "base"),
@@ -146,7 +141,7 @@ async def start_traced(tmp_path: Path, aiohttp_client: Any) -> Any:
             insecure_no_auth=True,
             **settings,
         )
-        traced.app = create_app(serve_settings, engine_factory=factory, tracer_provider=provider)
+        traced.app = create_app(serve_settings, engine_factory=engine.started_with, tracer_provider=provider)
         traced.client = await aiohttp_client(traced.app)
         deadline = time.monotonic() + 5
         while (await traced.client.get("/readyz")).status != 200:
