@@ -28,7 +28,32 @@ CPU_MEMORY_FRACTION = 0.15  # of host memory; vLLM's default asks for more than 
 CPU_ENGINE_NICENESS = 10
 
 
-def build_engine_args(settings: ServeSettings, extra_lora_slots: int) -> Any:
+def choose_dtype(setting: str, cpu_flags: set[str] | None = None) -> tuple[str, str]:
+    """(the engine's dtype, why). `auto` on the CPU build: bfloat16 only where the CPU has AMX;
+    elsewhere float32, which measured as fast as bfloat16 (AVX-512 with AVX512_BF16, no AMX:
+    README, Benchmarks) and matches the float32 reference exactly. On a GPU: vLLM's own choice."""
+    from vllm.platforms import current_platform
+
+    if setting != "auto":
+        return setting, "as configured"
+    if not current_platform.is_cpu():
+        return "auto", "vLLM's choice for the model on this GPU"
+    if cpu_flags is None:
+        cpu_flags = _cpu_flags()
+    if "amx_bf16" in cpu_flags:
+        return "bfloat16", "auto: this CPU has AMX, whose bfloat16 matrix units vLLM's CPU kernels use"
+    return "float32", "auto: this CPU has no AMX; bfloat16 measured no faster than float32 without it"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def build_engine_args(settings: ServeSettings, dtype: str, extra_lora_slots: int) -> Any:
     """vLLM engine arguments; `extra_lora_slots` are taken by the gateway's own zero adapter."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
@@ -46,7 +71,7 @@ def build_engine_args(settings: ServeSettings, extra_lora_slots: int) -> Any:
     return AsyncEngineArgs(
         model=str(settings.model),
         served_model_name=[settings.base_model_name],
-        dtype=settings.dtype,
+        dtype=dtype,
         max_model_len=settings.max_model_len,
         kv_cache_memory_bytes=int(settings.kv_cache_gib * (1 << 30)),
         enable_lora=True,
@@ -104,7 +129,9 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         zero, how = base_request_path(settings)
-        llm = AsyncLLM.from_engine_args(build_engine_args(settings, extra_lora_slots=1 if zero else 0))
+        dtype, why = choose_dtype(settings.dtype)
+        log.info("engine dtype %s (%s)", dtype, why)
+        llm = AsyncLLM.from_engine_args(build_engine_args(settings, dtype, extra_lora_slots=1 if zero else 0))
         engine = cls(llm, zero, how)
         niceness = settings.engine_niceness
         if niceness is None:
