@@ -1,6 +1,7 @@
 """`lora-gateway bench serve`: the gateway against vLLM's own OpenAI server.
 
-Same base model, adapters, engine settings and load for both. In alternating rounds each
+Same base model, adapters, engine settings and load for both (with `--engine-niceness 0,5,10`:
+the gateway at each CPU priority of its engine processes instead, and no vLLM server). In alternating rounds each
 server is started, warmed up, measured and stopped, one at a time (an idle engine's worker
 spins on its core, so two engines on a small host slow each other), so drift and other work
 on the host hit both alike. Per server: requests/s, completion tokens/s, p50/p99 latency and
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from math import nan
 from pathlib import Path
 
 import aiohttp
@@ -44,6 +46,9 @@ class Summary:
     p50_s: float
     p99_s: float
     other_cores: float  # CPU the rest of the host used meanwhile: a busy host skews a result
+    # The server's health endpoint, polled during the load: does the HTTP side still answer?
+    probe_p99_s: float = float("nan")
+    probe_max_s: float = float("nan")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class LoadResult:
     duration_s: float = 0.0
     first_errors: list[str] = field(default_factory=list)
     other_cpu_s: float = 0.0  # busy CPU time of processes other than the servers and this one
+    probe_latencies_s: list[float] = field(default_factory=list)
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------
@@ -76,6 +82,8 @@ def summarize(results: Sequence[LoadResult]) -> Summary:
         p50_s=percentile(latencies, 50),
         p99_s=percentile(latencies, 99),
         other_cores=sum(r.other_cpu_s for r in results) / duration if duration > 0 else 0.0,
+        probe_p99_s=percentile(probes, 99) if (probes := [x for r in results for x in r.probe_latencies_s]) else nan,
+        probe_max_s=max(probes, default=nan),
     )
 
 
@@ -96,23 +104,21 @@ def meets_targets(ratio: dict[str, float]) -> dict[str, bool]:
     }
 
 
-def markdown_table(summaries: dict[str, Summary], ratio: dict[str, float]) -> str:
+def markdown_table(summaries: dict[str, Summary], ratio: dict[str, float] | None) -> str:
     rows = [
-        [
-            name,
-            f"{s.requests_per_s:.1f}",
-            f"{s.tokens_per_s:.0f}",
-            f"{s.p50_s:.3f}",
-            f"{s.p99_s:.3f}",
-            str(s.errors),
-            f"{s.other_cores:.2f}",
-        ]  # fmt: skip
+        [name, f"{s.requests_per_s:.2f}", f"{s.tokens_per_s:.1f}", f"{s.p50_s:.3f}", f"{s.p99_s:.3f}", str(s.errors),
+         f"{s.probe_p99_s * 1000:.0f} / {s.probe_max_s * 1000:.0f}", f"{s.other_cores:.2f}"]
         for name, s in summaries.items()
-    ]
-    rows.append(["gateway / vLLM", *(f"{ratio[k]:.3f}x" for k in ("throughput", "tokens_per_s", "p50", "p99")), "", ""])
+    ]  # fmt: skip
+    header = ["server", "requests/s", "tokens/s", "p50 (s)", "p99 (s)", "errors", "health probe p99 / max (ms)",
+              "other load (cores)"]  # fmt: skip
+    if ratio is None:
+        return table(header, rows)
+    rows.append(["gateway / vLLM", *(f"{ratio[k]:.3f}x" for k in ("throughput", "tokens_per_s", "p50", "p99")),
+                 "", "", ""])  # fmt: skip
     met = {k: "met" if ok else "MISSED" for k, ok in meets_targets(ratio).items()}
     return (
-        table(["server", "requests/s", "tokens/s", "p50 (s)", "p99 (s)", "errors", "other load (cores)"], rows)
+        table(header, rows)
         + f"\n\nTargets: throughput >= {TARGETS['throughput_ratio_min']:.2f}x: {met['throughput']}; "
         f"p50 <= {TARGETS['p50_ratio_max']:.2f}x: {met['p50']}"
     )
@@ -130,12 +136,14 @@ def _memory_flags() -> list[str]:
     return ["--gpu-memory-utilization", str(CPU_MEMORY_FRACTION)] if current_platform.is_cpu() else []
 
 
-def gateway_server(opts: argparse.Namespace, base: Path, store: str, keys_file: Path, log_path: Path) -> ServerProcess:
+def gateway_server(
+    opts: argparse.Namespace, base: Path, store: str, keys_file: Path, log_path: Path, **flags: object
+) -> ServerProcess:
     port = free_port()
     command = gateway_command(
         base, store, port, keys_file=keys_file,
         served_model_name=opts.served_model_name, dtype=opts.dtype, kv_cache_gib=KV_CACHE_GIB,
-        max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank,
+        max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank, **flags,
     )  # fmt: skip
     return ServerProcess(command, port, log_path, "/readyz", ENGINE_ENV)
 
@@ -174,10 +182,15 @@ def running(server: ServerProcess, startup_timeout_s: float) -> Iterator[str]:
 # -- load -------------------------------------------------------------------------------
 
 
+PROBE_INTERVAL_S = 0.25
+
+
 async def run_load(
-    url: str, models: Sequence[str], requests: int, concurrency: int, max_tokens: int, api_key: str
-) -> LoadResult:
-    """`requests` completions from `concurrency` workers, `model` cycling over `models`."""
+    url: str, models: Sequence[str], requests: int, concurrency: int, max_tokens: int, api_key: str,
+    probe_path: str | None = None,
+) -> LoadResult:  # fmt: skip
+    """`requests` completions from `concurrency` workers, `model` cycling over `models`; meanwhile
+    `probe_path` (the server's health endpoint) is timed every PROBE_INTERVAL_S."""
     result = LoadResult()
     next_index = itertools.count()
     timeout = aiohttp.ClientTimeout(total=120)
@@ -204,9 +217,21 @@ async def run_load(
                     if len(result.first_errors) < 5:
                         result.first_errors.append(f"{models[i % len(models)]}: {type(exc).__name__}: {exc}")
 
+        async def probe() -> None:
+            async with aiohttp.ClientSession(timeout=timeout) as probes:  # its own connection, never queued
+                while True:
+                    sent = time.perf_counter()
+                    async with probes.get(f"{url}{probe_path}") as response:
+                        await response.read()
+                    result.probe_latencies_s.append(time.perf_counter() - sent)
+                    await asyncio.sleep(PROBE_INTERVAL_S)
+
+        prober = asyncio.create_task(probe()) if probe_path else None
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.duration_s = time.perf_counter() - started
+        if prober is not None:
+            prober.cancel()
     return result
 
 
@@ -260,6 +285,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-lora-rank", type=int, default=8)
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds until a server must be ready")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench-serve.json"))
+    p.add_argument("--engine-niceness", type=lambda v: [int(x) for x in v.split(",")],
+                   help="e.g. 0,5,10: the gateway at each engine niceness, no vLLM server")  # fmt: skip
     opts = p.parse_args(argv)
     if (opts.base in BASES) != (opts.store is None):
         p.error("--store goes with --base DIR, and only there (a dev base makes its own adapters)")
@@ -270,7 +297,13 @@ def main(argv: list[str]) -> int:
     opts = _parse(argv)
     signal.signal(signal.SIGTERM, raise_on_sigterm)  # unwinds through `running`
     logs = opts.out.parent / "bench-serve-logs"
-    results: dict[str, list[LoadResult]] = {"gateway": [], "vLLM": []}
+    # server name -> the gateway's extra flags (None: vLLM's own server)
+    servers: dict[str, dict[str, object] | None] = (
+        {f"gateway, engine nice {n}": {"engine_niceness": n} for n in opts.engine_niceness}
+        if opts.engine_niceness
+        else {"gateway": {}, "vLLM": None}
+    )
+    results: dict[str, list[LoadResult]] = {name: [] for name in servers}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         base, store, adapters = _inputs(opts, Path(tmp))
         keys_file = Path(tmp) / "keys.yaml"
@@ -279,13 +312,13 @@ def main(argv: list[str]) -> int:
         # One server at a time, started afresh each round: an idle vLLM engine's worker spins on
         # its core, so a second engine left running slows whichever server is measured.
         for round_no in range(1, opts.rounds + 1):
-            for name in results:
-                log_path = logs / f"{name.lower()}-{round_no}.log"
+            for name, flags in servers.items():
+                log_path = logs / f"{name.split(',')[0].lower()}-{round_no}-{len(results[name])}.log"
                 log_path.unlink(missing_ok=True)
-                if name == "gateway":
-                    server = gateway_server(opts, base, store, keys_file, log_path)
+                if flags is None:
+                    server, probe = vllm_server(opts, base, adapters, log_path), "/health"
                 else:
-                    server = vllm_server(opts, base, adapters, log_path)
+                    server, probe = gateway_server(opts, base, store, keys_file, log_path, **flags), "/healthz"
                 print(f"round {round_no}: {name} starting (log: {log_path})", file=sys.stderr, flush=True)
                 with running(server, opts.startup_timeout) as url:
                     assert server.process is not None
@@ -293,21 +326,22 @@ def main(argv: list[str]) -> int:
                     asyncio.run(run_load(url, models, opts.warmup, opts.concurrency, opts.max_tokens, api_key))
                     host_before, ours_before = cpu_seconds(pgids)
                     result = asyncio.run(
-                        run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key)
+                        run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key, probe)
                     )
                     host_after, ours_after = cpu_seconds(pgids)
                 result.other_cpu_s = max(0.0, (host_after - host_before) - (ours_after - ours_before))
                 results[name].append(result)
                 s = summarize([result])
                 print(
-                    f"round {round_no}: {name} {s.requests_per_s:.1f} req/s, p50 {s.p50_s:.3f} s, "
-                    f"errors {s.errors} {result.first_errors[:1]}, other load {s.other_cores:.2f} cores",
+                    f"round {round_no}: {name} {s.requests_per_s:.2f} req/s, p50 {s.p50_s:.3f} s, health probe p99 "
+                    f"{s.probe_p99_s * 1000:.0f} ms, errors {s.errors} {result.first_errors[:1]}, other load "
+                    f"{s.other_cores:.2f} cores",
                     file=sys.stderr,
                     flush=True,
                 )
 
     summaries = {name: summarize(runs) for name, runs in results.items()}
-    ratio = ratios(summaries["gateway"], summaries["vLLM"])
+    ratio = None if opts.engine_niceness else ratios(summaries["gateway"], summaries["vLLM"])
     print(markdown_table(summaries, ratio))
     report = {
         "config": config_of(opts),
@@ -316,7 +350,7 @@ def main(argv: list[str]) -> int:
         "first_errors": {name: [e for r in runs for e in r.first_errors][:5] for name, runs in results.items()},
         "ratios": ratio,
         "targets": TARGETS,
-        "targets_met": meets_targets(ratio),
+        "targets_met": None if ratio is None else meets_targets(ratio),
     }
     write_json(opts.out, report)
     return 1 if any(s.errors for s in summaries.values()) else 0

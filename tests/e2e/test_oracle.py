@@ -3,7 +3,10 @@ however requests for the base and for different adapters were batched together."
 
 from __future__ import annotations
 
+import json
 import random
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -11,8 +14,9 @@ import pytest
 
 from gateway.dev.models import DevModel
 from gateway.dev.oracle import ReferenceModel
+from gateway.dev.process import ServerProcess
 from gateway.dev.tiny_model import BASE_MODEL_NAME
-from tests.e2e.conftest import adapter_dir, complete_ids, token_ids
+from tests.e2e.conftest import ADMIN, Keys, adapter_dir, client_for, complete_ids, start_gateway, token_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -45,10 +49,28 @@ def test_mixed_concurrent_requests_each_get_exactly_their_adapters_output(
     assert not wrong, f"{len(wrong)} of {len(jobs)} outputs differ from the reference, e.g. {wrong[:3]}"
 
 
+@pytest.fixture(scope="module")
+def zero_adapter_gateway(
+    tiny: DevModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Base requests through the all-zero adapter: the path where the grouped CPU ops cannot apply."""
+    server = start_gateway(tiny, keys, tmp_path_factory.mktemp("zero-logs"), base_requests="zero-adapter",
+                           max_loras=3, max_cpu_loras=4)  # fmt: skip
+    yield server
+    assert server.stop() == 0, server.log_tail()
+
+
+@pytest.mark.parametrize("path", ["plain", "zero-adapter"])
 def test_base_requests_batched_with_adapters_get_the_base_output(
-    client: openai.OpenAI, tiny: DevModel, oracle: ReferenceModel
+    path: str, request: pytest.FixtureRequest, keys: Keys, tiny: DevModel, oracle: ReferenceModel
 ) -> None:
-    """vLLM's CPU kernels apply the last LoRA slot to LoRA-less requests in a mixed batch."""
+    """vLLM's CPU ops give LoRA-less tokens the last LoRA slot's delta in a mixed batch: the
+    gateway's grouped ops (plain, its default here) and the zero adapter (the fallback) both mend it."""
+    server = request.getfixturevalue("gateway" if path == "plain" else "zero_adapter_gateway")
+    ready = json.loads(urllib.request.urlopen(server.base_url + "/readyz", timeout=10).read())
+    expected_path = "plain (the gateway's grouped CPU LoRA ops" if path == "plain" else "through an all-zero adapter"
+    assert ready["base_requests"].startswith(expected_path), ready
+    client = client_for(server, keys.by_user[ADMIN])
     prompt = PROMPTS[0]
     base_expected = oracle.greedy_ids(None, oracle.prompt_ids(prompt), MAX_TOKENS)
     jobs = ["alice/chat", BASE_MODEL_NAME, "bob/chat", BASE_MODEL_NAME, "carol/chat", BASE_MODEL_NAME] * 5
@@ -60,6 +82,9 @@ def test_base_requests_batched_with_adapters_get_the_base_output(
         answers = list(pool.map(ask, jobs))
     base_answers = [a for model, a in zip(jobs, answers) if model == BASE_MODEL_NAME]
     assert base_answers == [base_expected] * len(base_answers)
+    for model, answer in zip(jobs, answers):
+        if model != BASE_MODEL_NAME:
+            assert answer == oracle.greedy_ids(adapter_dir(tiny, model), oracle.prompt_ids(prompt), MAX_TOKENS)
 
 
 def test_streamed_chat_in_mixed_batches_matches_the_reference(

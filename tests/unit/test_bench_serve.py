@@ -41,6 +41,15 @@ def test_ratios_and_targets() -> None:
 def test_markdown_table_names_both_servers_and_the_ratio() -> None:
     s = summarize([LoadResult(latencies_s=[0.5, 0.5], completion_tokens=64, duration_s=1.0)])
     table = markdown_table({"gateway": s, "vLLM": s}, ratios(s, s))
-    assert "| gateway | 2.0 | 64 | 0.500 | 0.500 | 0 | 0.00 |" in table
+    assert "| gateway | 2.00 | 64.0 | 0.500 | 0.500 | 0 | nan / nan | 0.00 |" in table  # no health probes
     assert "| gateway / vLLM | 1.000x" in table
     assert "throughput >= 1.00x: met" in table
+
+
+def test_health_probes_are_summarised_and_a_niceness_table_has_no_ratio() -> None:
+    probed = LoadResult(latencies_s=[1.0], completion_tokens=8, duration_s=2.0, probe_latencies_s=[0.002] * 99 + [1.5])
+    s = summarize([probed])
+    assert s.probe_max_s == 1.5 and s.probe_p99_s == pytest.approx(0.002 + 0.01 * (1.5 - 0.002))  # interpolated
+    table = markdown_table({"gateway, engine nice 0": s, "gateway, engine nice 10": s}, None)
+    assert "| gateway, engine nice 10 | 0.50 | 4.0 | 1.000 | 1.000 | 0 |" in table
+    assert "gateway / vLLM" not in table and "Targets" not in table
