@@ -15,9 +15,11 @@ adapter instead (see `gateway.engine.zero_adapter`).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -81,23 +83,48 @@ def register() -> None:
 # -- the ops ----------------------------------------------------------------------------
 
 
-def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, rows) per adapter slot in the batch; rows None when every token has that slot.
-    Tokens with slot -1 (no adapter) are in no group."""
-    slots = torch.unique(indices)
-    if slots.numel() == 1:
-        slot = int(slots[0])
-        return [] if slot < 0 else [(slot, None)]
-    return [(slot, (indices == slot).nonzero().squeeze(1)) for slot in slots.tolist() if slot >= 0]
+# Below this many tokens per adapter (decode steps over many adapters) one batched product over
+# per-token weights, as vLLM computes it, beats a matmul per adapter (bench ops, on SmolLM2 shapes).
+GATHER_BELOW_TOKENS_PER_ADAPTER = 8
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(indices: tuple[int, ...]) -> tuple[str, Any]:
+    """How to compute a batch's deltas, worked out once per step: every layer's ops see the same
+    token-to-slot mapping, and its index tensors are reused read-only.
+    ("none", None) | ("one", slot) | ("gather", (clamped slots, LoRA-less mask)) | ("grouped", [(slot, rows)])."""
+    present = sorted({slot for slot in indices if slot >= 0})
+    if not present:
+        return "none", None
+    if len(present) == 1 and -1 not in indices:
+        return "one", present[0]
+    slots = torch.tensor(indices)
+    if len(indices) < GATHER_BELOW_TOKENS_PER_ADAPTER * len(present):
+        return "gather", (slots.clamp(min=0), (slots < 0).unsqueeze(1))
+    return "grouped", [(slot, (slots == slot).nonzero().squeeze(1)) for slot in present]
+
+
+def _deltas(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+    """x[t] @ weights[slot(t)].T for each token, zero for tokens without an adapter (slot -1);
+    None when no token has one. `weights`: [slots, out, in]."""
+    kind, how = _plan(tuple(indices.tolist()))
+    if kind == "none":
+        return None
+    if kind == "one":  # every token has the same adapter
+        return x @ weights[how].to(dtype=x.dtype).T
+    if kind == "gather":
+        clamped, lora_less = how
+        out = torch.einsum("bi,boi->bo", x, weights[clamped].to(dtype=x.dtype))
+        return out.masked_fill_(lora_less, 0.0)
+    out = x.new_zeros((x.shape[0], weights.shape[1]))
+    for slot, rows in how:
+        out[rows] = x[rows] @ weights[slot].to(dtype=x.dtype).T
+    return out
 
 
 def _matrices(weights: torch.Tensor) -> torch.Tensor:
     """Stacked weights as [slots, out, in] (vLLM stacks some with a singleton second axis)."""
     return weights.squeeze(1) if weights.dim() == 4 else weights
-
-
-def _covers_all(groups: list[tuple[int, torch.Tensor | None]]) -> bool:
-    return len(groups) == 1 and groups[0][1] is None
 
 
 def bgmv_shrink(
@@ -109,17 +136,8 @@ def bgmv_shrink(
 ) -> None:
     """output[t, :r] = scaling * inputs[t] @ A[slot(t)].T; zero for tokens without an adapter."""
     weights = _matrices(lora_a_weights)
-    rank = weights.shape[1]
-    groups = _groups(lora_indices_tensor[: inputs.shape[0]])
-    x = inputs.to(dtype=output_tensor.dtype)
-    if not _covers_all(groups):
-        output_tensor[:, :rank] = 0
-    for slot, rows in groups:
-        a = weights[slot].to(dtype=output_tensor.dtype)
-        if rows is None:
-            output_tensor[:, :rank] = scaling * (x @ a.T)
-        else:
-            output_tensor[rows, :rank] = scaling * (x[rows] @ a.T)
+    deltas = _deltas(inputs.to(dtype=output_tensor.dtype), weights, lora_indices_tensor[: inputs.shape[0]])
+    output_tensor[:, : weights.shape[1]] = 0.0 if deltas is None else scaling * deltas
 
 
 def _expand_into(
@@ -133,24 +151,14 @@ def _expand_into(
     adapter get nothing added (or zeros, when not adding)."""
     weights = _matrices(lora_b_weights)
     width = min(weights.shape[1], output.shape[1])  # adapter and model may pad differently
-    groups = _groups(lora_indices_tensor[: inputs.shape[0]])
-    x = inputs.to(dtype=output.dtype)
-    if not add_inputs and not _covers_all(groups):
-        output[:, :width] = 0
-    for slot, rows in groups:
-        b = weights[slot, :width].to(dtype=output.dtype)
-        if rows is None:
-            delta = x @ b.T
-            if add_inputs:
-                output[:, :width] += delta
-            else:
-                output[:, :width] = delta
-        else:
-            delta = x[rows] @ b.T
-            if add_inputs:
-                output[rows, :width] += delta
-            else:
-                output[rows, :width] = delta
+    deltas = _deltas(inputs.to(dtype=output.dtype), weights[:, :width], lora_indices_tensor[: inputs.shape[0]])
+    if deltas is None:
+        if not add_inputs:
+            output[:, :width] = 0.0
+    elif add_inputs:
+        output[:, :width] += deltas
+    else:
+        output[:, :width] = deltas
 
 
 def bgmv_expand(

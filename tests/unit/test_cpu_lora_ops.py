@@ -26,7 +26,7 @@ def per_token(x: torch.Tensor, w: torch.Tensor, indices: list[int]) -> torch.Ten
     return torch.stack(rows)
 
 
-MIXES = [[0, -1, 2, 2, -1, 1], [-1, -1, -1], [1, 1, 1, 1], [2, -1], [-1, 0]]
+MIXES = [[0, -1, 2, 2, -1, 1], [-1, -1, -1], [1, 1, 1, 1], [2, -1], [-1, 0], [0] * 9 + [-1] * 3 + [2] * 8]
 
 
 @pytest.mark.parametrize("indices", MIXES, ids=[str(m) for m in MIXES])
