@@ -44,6 +44,11 @@ class ServeSettings(BaseSettings):
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1, description="vLLM's memory fraction (default: 0.15 on CPU, vLLM's own on GPU)."
     )
+    cpu_lora_ops: Literal["auto", "vllm"] = Field(
+        default="auto",
+        description="On the CPU build: auto replaces vLLM's LoRA ops with the gateway's grouped ones where they "
+        "were checked (vLLM 0.32.0); vllm keeps vLLM's own (base requests then go through the zero adapter).",
+    )
     base_requests: Literal["auto", "plain", "zero-adapter"] = Field(
         default="auto",
         description="How base-model requests run next to adapter requests. auto: plain where vLLM's LoRA ops give "

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-ENV_FLAG = "LORA_GATEWAY_CPU_LORA_OPS"
+ENV_FLAG = "LORA_GATEWAY_ENGINE_GROUPED_OPS"  # set for the engine processes; not a setting
 PLUGIN_NAME = "lora_gateway_cpu_lora_ops"
 SUPPORTED_VLLM = ("0.32.0",)
 OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")

@@ -95,7 +95,10 @@ def base_request_path(settings: ServeSettings) -> tuple[bool, str]:
         if zero_asked:
             return True, "through an all-zero adapter (--base-requests zero-adapter)"
         return False, "plain (vLLM's GPU LoRA kernels give LoRA-less tokens no delta)"
-    unsupported = cpu_lora_ops.unsupported_reason()
+    if settings.cpu_lora_ops == "vllm":
+        unsupported: str | None = "vLLM's own CPU LoRA ops asked for (--cpu-lora-ops vllm)"
+    else:
+        unsupported = cpu_lora_ops.unsupported_reason()
     if unsupported is None:
         cpu_lora_ops.enable_in_engine_processes()
         ops = "the gateway's grouped CPU LoRA ops, which give LoRA-less tokens no delta"

@@ -55,3 +55,13 @@ def test_elsewhere_base_requests_fall_back_to_the_zero_adapter_and_say_why(
     assert cpu_lora_ops.ENV_FLAG not in os.environ
     zero, how = base_request_path(settings(tmp_path, base_requests="plain"))
     assert zero is False and "INEXACT in mixed batches" in how
+
+
+def test_vllms_own_ops_can_be_kept_and_base_requests_then_carry_the_zero_adapter(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    zero, how = base_request_path(settings(tmp_path, cpu_lora_ops="vllm"))
+    assert (zero, how) == (True, "through an all-zero adapter: vLLM's own CPU LoRA ops asked for (--cpu-lora-ops vllm)")
+    assert cpu_lora_ops.ENV_FLAG not in os.environ
