@@ -3,9 +3,11 @@
 vLLM's torch ops (`vllm.lora.ops.torch_ops`, used on the CPU) gather a whole adapter matrix per
 token (`weights[indices]`, then one batched matmul per token) and index the stacked weights with
 each token's slot, where "no adapter" is -1: Python reads it as the *last* slot, so a base-model
-token batched next to adapter tokens gets someone's adapter. These replacements compute one
-matmul per adapter present in the batch, over its tokens only, and give tokens without an
-adapter no delta at all, so a batch of base requests skips LoRA entirely.
+token batched next to adapter tokens gets someone's adapter. These replacements work out once
+per step which tokens carry which adapter: tokens without one get no delta, and a step without
+adapters skips LoRA entirely; a step where every token has the same adapter is one matmul, a few
+adapters one matmul each over their tokens, and a decode step over many adapters (a few tokens
+each) keeps vLLM's batched product with the LoRA-less rows masked.
 
 They replace the ops only in the vLLM versions they were written against (`SUPPORTED_VLLM`), and
 only in an engine the gateway started (it sets `ENV_FLAG`): vLLM's own server in the same
