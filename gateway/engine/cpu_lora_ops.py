@@ -4,10 +4,11 @@ vLLM's torch ops (`vllm.lora.ops.torch_ops`, used on the CPU) gather a whole ada
 token (`weights[indices]`, then one batched matmul per token) and index the stacked weights with
 each token's slot, where "no adapter" is -1: Python reads it as the *last* slot, so a base-model
 token batched next to adapter tokens gets someone's adapter. These replacements work out once
-per step which tokens carry which adapter: tokens without one get no delta, and a step without
-adapters skips LoRA entirely; a step where every token has the same adapter is one matmul, a few
-adapters one matmul each over their tokens, and a decode step over many adapters (a few tokens
-each) keeps vLLM's batched product with the LoRA-less rows masked.
+per step which tokens carry which adapter: tokens without one get no delta, a step without
+adapters skips LoRA entirely, and a step where every token has the same adapter is one matmul.
+In a mixed step the shrink is one product against every slot's A at once (ranks are small) from
+which each token takes its own block, and the expand one matmul per adapter over its tokens (for
+a few tokens per adapter, one product over every slot instead): no per-token weight copies.
 
 They replace the ops only in the vLLM versions they were written against (`SUPPORTED_VLLM`), and
 only in an engine the gateway started (it sets `ENV_FLAG`): vLLM's own server in the same
@@ -21,7 +22,7 @@ import functools
 import importlib.metadata
 import logging
 import os
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -85,42 +86,73 @@ def register() -> None:
 # -- the ops ----------------------------------------------------------------------------
 
 
-# Below this many tokens per adapter (decode steps over many adapters) one batched product over
-# per-token weights, as vLLM computes it, beats a matmul per adapter (bench ops, on SmolLM2 shapes).
-GATHER_BELOW_TOKENS_PER_ADAPTER = 8
+# An expand over fewer tokens per adapter than this is one dense product over every slot rather
+# than a matmul per adapter (bench ops, on SmolLM2's shapes: per-adapter calls cost more than
+# they save at a few tokens each).
+GROUPED_EXPAND_FROM_TOKENS_PER_ADAPTER = 4
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A step's token-to-slot mapping, worked out once: every layer's ops see the same one."""
+
+    tokens: int
+    slots: list[int]  # the adapter slots present, ascending; -1 (no adapter) excluded
+    lora_less: bool  # some tokens carry no adapter
+    clamped: torch.Tensor  # [tokens, 1, 1] slot per token, -1 read as 0 (masked afterwards)
+    lora_less_rows: torch.Tensor  # [tokens, 1] True where a token has no adapter
+    rows: list[torch.Tensor]  # per present slot, its tokens
+
+    @property
+    def single(self) -> int | None:
+        """The slot every token has, if there is one."""
+        return self.slots[0] if len(self.slots) == 1 and not self.lora_less else None
 
 
 @functools.lru_cache(maxsize=32)
-def _plan(indices: tuple[int, ...]) -> tuple[str, Any]:
-    """How to compute a batch's deltas, worked out once per step: every layer's ops see the same
-    token-to-slot mapping, and its index tensors are reused read-only.
-    ("none", None) | ("one", slot) | ("gather", (clamped slots, LoRA-less mask)) | ("grouped", [(slot, rows)])."""
-    present = sorted({slot for slot in indices if slot >= 0})
-    if not present:
-        return "none", None
-    if len(present) == 1 and -1 not in indices:
-        return "one", present[0]
+def _plan(indices: tuple[int, ...]) -> _Plan:
     slots = torch.tensor(indices)
-    if len(indices) < GATHER_BELOW_TOKENS_PER_ADAPTER * len(present):
-        return "gather", (slots.clamp(min=0), (slots < 0).unsqueeze(1))
-    return "grouped", [(slot, (slots == slot).nonzero().squeeze(1)) for slot in present]
+    present = sorted({slot for slot in indices if slot >= 0})
+    return _Plan(
+        tokens=len(indices),
+        slots=present,
+        lora_less=-1 in indices,
+        clamped=slots.clamp(min=0).view(-1, 1, 1),
+        lora_less_rows=(slots < 0).unsqueeze(1),
+        rows=[(slots == slot).nonzero().squeeze(1) for slot in present],
+    )
 
 
-def _deltas(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
-    """x[t] @ weights[slot(t)].T for each token, zero for tokens without an adapter (slot -1);
-    None when no token has one. `weights`: [slots, out, in]."""
-    kind, how = _plan(tuple(indices.tolist()))
-    if kind == "none":
+def _shrunk(x: torch.Tensor, weights: torch.Tensor, plan: _Plan) -> torch.Tensor | None:
+    """x[t] @ A[slot(t)].T per token, zero without an adapter; None when no token has one.
+    `weights`: [slots, rank, in]. One product against every slot's A at once (the ranks are small),
+    then each token's own block."""
+    if not plan.slots:
         return None
-    if kind == "one":  # every token has the same adapter
-        return x @ weights[how].to(dtype=x.dtype).T
-    if kind == "gather":
-        clamped, lora_less = how
-        out = torch.einsum("bi,boi->bo", x, weights[clamped].to(dtype=x.dtype))
-        return out.masked_fill_(lora_less, 0.0)
-    out = x.new_zeros((x.shape[0], weights.shape[1]))
-    for slot, rows in how:
-        out[rows] = x[rows] @ weights[slot].to(dtype=x.dtype).T
+    if plan.single is not None:
+        return x @ weights[plan.single].to(dtype=x.dtype).T
+    slots, rank = weights.shape[0], weights.shape[1]
+    every = (x @ weights.reshape(slots * rank, -1).to(dtype=x.dtype).T).view(-1, slots, rank)
+    own = every.gather(1, plan.clamped.expand(-1, 1, rank)).squeeze(1)
+    return own.masked_fill_(plan.lora_less_rows, 0.0)
+
+
+def _expanded(x: torch.Tensor, weights: torch.Tensor, plan: _Plan) -> torch.Tensor | None:
+    """x[t] @ B[slot(t)].T per token, zero without an adapter; None when no token has one.
+    `weights`: [slots, out, rank]."""
+    if not plan.slots:
+        return None
+    if plan.single is not None:
+        return x @ weights[plan.single].to(dtype=x.dtype).T
+    weights = weights.to(dtype=x.dtype)
+    if plan.tokens < GROUPED_EXPAND_FROM_TOKENS_PER_ADAPTER * len(plan.slots):
+        slots, rank = weights.shape[0], weights.shape[2]
+        spread = x.new_zeros((plan.tokens, slots, rank)).scatter_(1, plan.clamped.expand(-1, 1, rank), x.unsqueeze(1))
+        spread.masked_fill_(plan.lora_less_rows.unsqueeze(2), 0.0)
+        return torch.bmm(spread.transpose(0, 1), weights.transpose(1, 2)).sum(0)
+    out = x.new_zeros((plan.tokens, weights.shape[1]))
+    for slot, rows in zip(plan.slots, plan.rows):
+        out[rows] = x[rows] @ weights[slot].T
     return out
 
 
@@ -138,7 +170,8 @@ def bgmv_shrink(
 ) -> None:
     """output[t, :r] = scaling * inputs[t] @ A[slot(t)].T; zero for tokens without an adapter."""
     weights = _matrices(lora_a_weights)
-    deltas = _deltas(inputs.to(dtype=output_tensor.dtype), weights, lora_indices_tensor[: inputs.shape[0]])
+    plan = _plan(tuple(lora_indices_tensor[: inputs.shape[0]].tolist()))
+    deltas = _shrunk(inputs.to(dtype=output_tensor.dtype), weights, plan)
     output_tensor[:, : weights.shape[1]] = 0.0 if deltas is None else scaling * deltas
 
 
@@ -153,7 +186,8 @@ def _expand_into(
     adapter get nothing added (or zeros, when not adding)."""
     weights = _matrices(lora_b_weights)
     width = min(weights.shape[1], output.shape[1])  # adapter and model may pad differently
-    deltas = _deltas(inputs.to(dtype=output.dtype), weights[:, :width], lora_indices_tensor[: inputs.shape[0]])
+    plan = _plan(tuple(lora_indices_tensor[: inputs.shape[0]].tolist()))
+    deltas = _expanded(inputs.to(dtype=output.dtype), weights[:, :width], plan)
     if deltas is None:
         if not add_inputs:
             output[:, :width] = 0.0
