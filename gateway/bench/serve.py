@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -396,8 +397,9 @@ def main(argv: list[str]) -> int:
         # One server at a time, started afresh each round: an idle vLLM engine's worker spins on
         # its core, so a second engine left running slows whichever server is measured.
         for round_no in range(1, opts.rounds + 1):
-            for number, (server_name, flags) in enumerate(servers.items()):
-                log_path = logs / f"server{number}-{server_name.split(',')[0].lower()}-round{round_no}.log"
+            for server_name, flags in servers.items():
+                slug = re.sub(r"[^a-z0-9]+", "-", server_name.lower())
+                log_path = logs / f"{slug}-round{round_no}.log"
                 log_path.unlink(missing_ok=True)
                 if flags is None:
                     server, probe = vllm_server(opts, base, adapters, log_path), "/health"
