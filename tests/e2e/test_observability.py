@@ -123,7 +123,7 @@ def test_cold_load_swap_and_eviction_are_named_spans_and_metrics(
     assert any(s.name == "vllm:num_requests_running" for s in samples)
     lora_info = [s for s in samples if s.name == "vllm:lora_requests_info"]
     assert any(alice.versioned_ref in s.labels["running_lora_adapters"] for s in lora_info), lora_info
-    assert all(s.labels["max_lora"] == "2" for s in lora_info)  # one user slot + the gateway's zero adapter
+    assert all(s.labels["max_lora"] == "1" for s in lora_info)  # one user slot: base requests need none here
 
     # The server's log lines are JSON; those about the cold load carry its trace id.
     records = [
