@@ -17,11 +17,12 @@ from prometheus_client import CollectorRegistry
 from adapters_manifest.open_store import open_store
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
+from gateway.api import inference
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
 from gateway.api.admin import resident_adapters, trigger_sync
-from gateway.api.completions import create_chat_completion, create_completion
 from gateway.api.health import healthz, readyz
-from gateway.api.models import list_models
+from gateway.api.models import list_models, show_model
+from gateway.api.openai_layer import build_openai_layer
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_document
 from gateway.app_keys import (
     BASE_SPEC,
@@ -133,8 +134,12 @@ def create_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/completions", create_completion)
-    app.router.add_post("/v1/chat/completions", create_chat_completion)
+    app.router.add_get("/v1/models/{model:.+}", show_model)
+    app.router.add_post("/v1/completions", inference.handler(inference.COMPLETIONS))
+    app.router.add_post("/v1/chat/completions", inference.handler(inference.CHAT_COMPLETIONS))
+    app.router.add_post("/v1/responses", inference.handler(inference.RESPONSES))
+    app.router.add_post("/tokenize", inference.handler(inference.TOKENIZE))
+    app.router.add_post("/detokenize", inference.handler(inference.DETOKENIZE))
     app.router.add_post("/v1/adapters", upload_adapter)
     app.router.add_get("/v1/adapters", list_adapters)
     app.router.add_get("/v1/adapters/{owner}/{name}", show_adapter)
@@ -239,9 +244,10 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
         )
         if engine.base_via_zero_adapter:
             await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))
+        openai = await build_openai_layer(engine.client, engine.frontend_args, app[TRACER])
     except Exception as exc:
         log.exception("engine failed to start")
         serving.startup_error = f"{type(exc).__name__}: {exc}"
         return
-    serving.engine, serving.pool = engine, pool
+    serving.engine, serving.pool, serving.openai = engine, pool, openai
     log.info("engine ready: serving %s; base-model requests run %s", settings.base_model_name, engine.base_requests)

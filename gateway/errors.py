@@ -119,6 +119,24 @@ class ServiceUnavailableError(GatewayError):
     code = "service_unavailable"
 
 
+class EngineRequestError(GatewayError):
+    """vLLM's OpenAI layer refused or failed a request; its status and words, in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        self.error_type = "invalid_request_error" if status < 500 else "server_error"
+
+
+def engine_request_error(status: int, message: str, param: str | None = None) -> GatewayError:
+    if status >= 500:  # vLLM's text for its own failures names internals: those go to the log
+        log.error("vLLM's OpenAI layer failed a request (%d): %s", status, message)
+        return GatewayError("The server had an error while processing your request.")
+    if status == 404:  # the gateway resolved the model; vLLM's 404s are for what it cannot find inside it
+        return NotFoundError(message, param=param)
+    return EngineRequestError(status, message, param)
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 

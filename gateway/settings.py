@@ -69,6 +69,20 @@ class ServeSettings(BaseSettings):
         "traces (the gateway's own spans follow the standard OTEL_* variables).",
     )
 
+    # vLLM's OpenAI layer, as `vllm serve` takes them
+    chat_template: str | None = Field(
+        default=None, description="A chat template (file or inline Jinja) instead of the model's own."
+    )
+    enable_auto_tool_choice: bool = Field(
+        default=False, description="Let the model choose to call tools (tool_choice 'auto'); needs --tool-call-parser."
+    )
+    tool_call_parser: str | None = Field(
+        default=None, description="vLLM's parser of tool calls in the model's output (e.g. hermes, llama3_json)."
+    )
+    reasoning_parser: str | None = Field(
+        default=None, description="vLLM's parser of reasoning in the model's output (e.g. deepseek_r1, qwen3)."
+    )
+
     # Adapter store, sync and disk cache
     sync_interval_s: float = Field(default=10.0, gt=0, description="Seconds between polls of the adapter store.")
     cache_dir: Path | None = Field(
