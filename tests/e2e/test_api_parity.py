@@ -470,7 +470,8 @@ def _chat_from_stream(answer: Answer) -> dict[str, Any]:
                 choice["logprobs"] = choice["logprobs"] or {"content": []}
                 choice["logprobs"]["content"] += chunk["logprobs"].get("content") or []
     for choice in choices.values():
-        choice["message"]["tool_calls"] = [choice["calls"][i] for i in sorted(choice.pop("calls"))]
+        calls = choice.pop("calls")
+        choice["message"]["tool_calls"] = [calls[i] for i in sorted(calls)]
     return {"choices": list(choices.values()), "usage": usage}
 
 
