@@ -625,6 +625,7 @@ def test_another_users_adapter_is_indistinguishable_from_a_missing_one(pair: Pai
 
     others, missing = ask("bob/chat"), ask("bob/missing")
     assert (others.status, missing.status) == (404, 404), (others.body, missing.body)
+    assert isinstance(others.body, dict) and "error" in others.body, others.body  # OpenAI's shape, not a bare 404
     assert _not_found_shape(others, "bob/chat") == _not_found_shape(missing, "bob/missing")
 
 
