@@ -623,6 +623,8 @@ def test_another_users_adapter_is_indistinguishable_from_a_missing_one(pair: Pai
         }[path]
         return send(pair.gateway, Case("tenant", path, {"model": model, **body}))
 
+    own = ask(ADAPTER)  # the endpoint serves the caller's own adapter: its 404s below are about the model
+    assert own.status == 200, own.body
     others, missing = ask("bob/chat"), ask("bob/missing")
     assert (others.status, missing.status) == (404, 404), (others.body, missing.body)
     assert isinstance(others.body, dict) and "error" in others.body, others.body  # OpenAI's shape, not a bare 404
