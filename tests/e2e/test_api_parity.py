@@ -570,7 +570,18 @@ def assert_same_answer(pair: Pair, case: Case) -> None:
         # Errors in OpenAI's shape, whatever the message says.
         assert isinstance(got.body, dict) and isinstance(got.body.get("error", {}).get("message"), str), got.body
     else:
-        assert essence(case, got) == essence(case, expected)
+        ours, theirs = essence(case, got), essence(case, expected)
+        assert ours == theirs, "gateway vs vLLM: " + "; ".join(differences(ours, theirs))
+
+
+def differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """Where two essences differ, leaf by leaf: `choices[0].stop_reason: None vs '|'`."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        keys = [*ours, *(k for k in theirs if k not in ours)]
+        return [d for k in keys for d in differences(ours.get(k), theirs.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in differences(a, b, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {ours!r:.80} vs {theirs!r:.80}"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
