@@ -128,7 +128,7 @@ CASES = [
     completion("echo", echo=True),
     completion("echo-logprobs", echo=True, logprobs=1, **AS_IDS),
     # -- OpenAI's fields
-    completion("logprobs", logprobs=3, **AS_IDS),
+    completion("logprobs", logprobs=3, **AS_IDS),  # vLLM's text_offset then counts the `token_id:N` labels
     completion("logprobs-stream", stream=True, logprobs=2, **AS_IDS, **STREAM_USAGE),
     completion("logprobs-as-text", logprobs=1),
     completion("best-of-1", best_of=1, n=1),
