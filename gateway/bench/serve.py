@@ -34,9 +34,9 @@ from gateway.auth.keys import add_key
 from gateway.bench.report import config_of, cpu_seconds, percentile, raise_on_sigterm, ratio_of, write_json
 from gateway.bench.report import markdown_table as table
 from gateway.dev.process import ServerProcess, free_port, gateway_command
+from gateway.dev.vllm_server import ENGINE_ENV, KV_CACHE_GIB
+from gateway.dev.vllm_server import vllm_server as dev_vllm_server
 
-KV_CACHE_GIB = 1  # the gateway's default kv_cache_gib
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
 PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
 TARGETS = {"throughput_ratio_min": 1.0, "p50_ratio_max": 1.05}
 
@@ -179,15 +179,6 @@ def loads_of(base_name: str, adapters: Sequence[str], mixes: Sequence[int] | Non
 # -- servers ----------------------------------------------------------------------------
 
 
-def _memory_flags() -> list[str]:
-    from vllm.platforms import current_platform
-
-    from gateway.engine.vllm_engine import CPU_MEMORY_FRACTION
-
-    # Only on the CPU: there the gateway passes this fraction, on a GPU both keep vLLM's default.
-    return ["--gpu-memory-utilization", str(CPU_MEMORY_FRACTION)] if current_platform.is_cpu() else []
-
-
 def gateway_server(
     opts: argparse.Namespace, base: Path, store: str, keys_file: Path, log_path: Path, **flags: object
 ) -> ServerProcess:
@@ -200,26 +191,11 @@ def gateway_server(
     return ServerProcess(command, port, log_path, "/readyz", ENGINE_ENV)
 
 
-def gateway_extra_lora_slots() -> int:
-    """Where the gateway's grouped CPU LoRA ops cannot apply it serves base requests through an
-    all-zero adapter in a LoRA slot of its own; vLLM's server then gets as many slots in all."""
-    from gateway.engine.cpu_lora_ops import unsupported_reason
-
-    return 0 if unsupported_reason() is None else 1
-
-
 def vllm_server(opts: argparse.Namespace, base: Path, adapters: dict[str, Path], log_path: Path) -> ServerProcess:
-    port = free_port()
-    extra = gateway_extra_lora_slots()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-               "--served-model-name", opts.served_model_name, "--dtype", opts.dtype,
-               "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(KV_CACHE_GIB << 30),
-               "--enable-lora", "--max-loras", str(opts.max_loras + extra),
-               "--max-cpu-loras", str(opts.max_cpu_loras + extra),
-               "--max-lora-rank", str(opts.max_lora_rank), *_memory_flags()]  # fmt: skip
-    if adapters:
-        command += ["--lora-modules", *(f"{ref}={path}" for ref, path in adapters.items())]
-    return ServerProcess(command, port, log_path, "/health", ENGINE_ENV)
+    return dev_vllm_server(
+        base, opts.served_model_name, adapters, log_path, dtype=opts.dtype,
+        max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
