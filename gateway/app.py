@@ -58,6 +58,7 @@ from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
 from gateway.telemetry.http import server_span_middleware
 from gateway.telemetry.instruments import GatewayMetrics
+from gateway.telemetry.request_id import add_request_id_header, request_id_middleware
 from gateway.telemetry.spans import tracer_of
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,15 @@ def create_app(
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         # The server span is outermost: it sees the status the error middleware gives every failure.
-        middlewares=[server_span_middleware(tracer_provider), error_middleware, drain_middleware, auth_middleware],
+        middlewares=[
+            server_span_middleware(tracer_provider),
+            request_id_middleware,
+            error_middleware,
+            drain_middleware,
+            auth_middleware,
+        ],
     )
+    app.on_response_prepare.append(add_request_id_header)
     app[TRACER_PROVIDER] = tracer_provider
     app[TRACER] = tracer_of(tracer_provider)
     app[SETTINGS] = settings

@@ -17,7 +17,8 @@ async def readyz(request: web.Request) -> web.Response:
     # A store outage does not make the replica unready: it serves what it has, and says how stale.
     sync = {
         "seconds_since_success": None if since is None else round(since, 1),
-        "last_error": catalog.last_error,
+        # Anonymous callers: whether the store answers, never the error's text (bucket, endpoint).
+        "last_error": None if catalog.last_error is None else "the adapter store is unreachable",
         "adapters": len(catalog),
     }
     reason = request.app[SERVING].not_ready_reason(catalog)
