@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.app import EngineFactory, _start_vllm, create_app
 from gateway.app_keys import SERVING
+from gateway.metrics import metrics_only_app
 from gateway.settings import ServeSettings
 from gateway.telemetry.tracing import install_global_tracer_provider
 
@@ -32,6 +33,12 @@ async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     log.info("listening on http://%s:%d", settings.host, settings.port)
+    metrics_runner = None
+    if settings.metrics_port is not None:  # the whole /metrics page, adapter names included
+        metrics_runner = web.AppRunner(metrics_only_app(app), shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT_S)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, settings.host, settings.metrics_port).start()
+        log.info("metrics (adapter names included) on http://%s:%d/metrics", settings.host, settings.metrics_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,5 +67,7 @@ async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_
     if serving.in_flight:
         log.warning("drain ended with %d requests cut off", serving.in_flight)
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     await asyncio.to_thread(tracer_provider.shutdown)  # export the spans still batched
     return exit_code

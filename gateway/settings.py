@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -32,6 +32,17 @@ class ServeSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Also serve GET /metrics on this port, adapter names included (for the Inference Extension's "
+        "endpoint picker and Prometheus; only they should reach it). /metrics on --port leaves them out.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="A scraper sending 'Authorization: Bearer TOKEN' to /metrics on --port gets the adapter names.",
+    )
 
     # Engine
     max_loras: int = Field(default=4, ge=1, description="Distinct user adapters in one batch.")
