@@ -56,6 +56,12 @@ from gateway.fair_share import UserLimiter
 from gateway.metrics import metrics, register_state_collector
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
+from gateway.slow_clients import (
+    STALLED_READERS,
+    StalledReaderWatch,
+    stalled_reader_middleware,
+    watch_stalled_readers,
+)
 from gateway.telemetry.http import server_span_middleware
 from gateway.telemetry.instruments import GatewayMetrics
 from gateway.telemetry.request_id import add_request_id_header, request_id_middleware
@@ -99,6 +105,7 @@ def create_app(
         middlewares=[
             server_span_middleware(tracer_provider),
             request_id_middleware,
+            stalled_reader_middleware,
             error_middleware,
             drain_middleware,
             auth_middleware,
@@ -136,6 +143,8 @@ def create_app(
     app.cleanup_ctx.append(_adapter_sync)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.cleanup_ctx.append(_watch_keys_file)
+    app[STALLED_READERS] = StalledReaderWatch(settings.stalled_read_timeout_s)
+    app.cleanup_ctx.append(watch_stalled_readers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -23,12 +24,24 @@ RUNNER_SHUTDOWN_TIMEOUT_S = 1.0  # after our own drain: only stragglers such as 
 ENGINE_DEAD_GRACE_S = 5.0
 
 
+def runner_options(settings: ServeSettings) -> dict[str, Any]:
+    """How the HTTP server treats connections (aiohttp's AppRunner and RequestHandler options)."""
+    return {
+        # A client that hangs up cancels its handler, which aborts its generation.
+        "handler_cancellation": True,
+        "shutdown_timeout": RUNNER_SHUTDOWN_TIMEOUT_S,
+        # aiohttp's default is an hour. Its timer runs from the connection's start and from the end of
+        # each response, and closes a connection still without a complete request head: it bounds
+        # header time as well as idle keep-alive (slow_clients.py).
+        "keepalive_timeout": settings.keepalive_timeout_s,
+    }
+
+
 async def serve(settings: ServeSettings, engine_factory: EngineFactory = _start_vllm) -> int:
     """Serve until a signal (exit 0) or until the engine is dead or failed to start (exit 1)."""
     tracer_provider = install_global_tracer_provider()  # OTEL_* variables; exports only when configured
     app = create_app(settings, engine_factory, tracer_provider)
-    # handler_cancellation: a client that hangs up cancels its handler, which aborts its generation.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT_S)
+    runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -119,6 +119,18 @@ class ServeSettings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Time a client gets to send its request body.")
     upload_timeout_s: float = Field(default=600.0, gt=0, description="Time a client gets to upload an adapter.")
+    keepalive_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A connection that has not sent a complete request head within this time is closed: idle "
+        "between requests, or sending its headers slowly. Keep a proxy's upstream idle timeout below it.",
+    )
+    stalled_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A response (a stream above all) whose client reads nothing for this long is cut off, and "
+        "its generation aborted.",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_authenticate(self) -> ServeSettings:
