@@ -31,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.app_keys import CATALOG, DISK_CACHE, METRICS_REGISTRY, SERVING, SETTINGS
+from gateway.auth.middleware import AUTHENTICATOR, ApiKeyAuthenticator
 from gateway.errors import AuthenticationError, error_middleware
 from gateway.pool import AdapterPool
 
@@ -72,6 +73,19 @@ class GatewayStateCollector(Collector):
             value=0 if pool is None else len(pool.resident()),
         )
         yield lora_requests_info(pool, self._app[SETTINGS].max_loras)
+        authenticator = self._app[AUTHENTICATOR]
+        if isinstance(authenticator, ApiKeyAuthenticator):
+            status = authenticator.keys.status
+            yield GaugeMetricFamily(
+                "lora_gateway_keys_file_valid",
+                "1 while the keys file was read whole and valid; 0: entries refused, or the file (see the log).",
+                value=1.0 if status.valid else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "lora_gateway_keys_file_refused_entries",
+                "Entries of the keys file that let no one in (invalid, or a hash in two entries).",
+                value=status.refused_entries,
+            )
 
 
 def lora_requests_info(pool: AdapterPool | None, max_lora: int) -> GaugeMetricFamily:
