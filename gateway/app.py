@@ -136,6 +136,10 @@ def create_app(
         on_retired=retire,
         tracer=app[TRACER],
         metrics=app[METRICS],
+        lookups=UserLimiter(
+            settings.max_store_lookups_per_user, settings.max_queued_per_user, settings.queue_timeout_s
+        ),
+        miss_ttl_s=settings.adapter_miss_ttl_s,
     )
     register_state_collector(app)
     app[OPENAPI] = build_openapi()

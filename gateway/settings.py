@@ -112,6 +112,16 @@ class ServeSettings(BaseSettings):
     max_running_per_user: int = Field(default=64, ge=1, description="Requests one user may have generating at once.")
     max_queued_per_user: int = Field(default=512, ge=0, description="Further requests one user may have waiting.")
     queue_timeout_s: float = Field(default=60.0, gt=0, description="How long a waiting request waits before a 429.")
+    max_store_lookups_per_user: int = Field(
+        default=4,
+        ge=1,
+        description="Store look-ups of names not yet synced one user may have at once (more wait, as requests do).",
+    )
+    adapter_miss_ttl_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a name the store does not have is answered 404 without asking the store again.",
+    )
 
     # HTTP
     max_adapter_bytes: int = Field(default=512 << 20, ge=1024, description="Largest adapter weights file accepted.")
