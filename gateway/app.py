@@ -51,7 +51,8 @@ from gateway.disk_cache import DiskCache
 from gateway.draining import drain_middleware
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
-from gateway.errors import error_middleware
+from gateway.engine_start import EngineProcessWatch
+from gateway.errors import describe, error_middleware
 from gateway.fair_share import UserLimiter
 from gateway.metrics import metrics, register_state_collector
 from gateway.pool import AdapterPool
@@ -242,8 +243,10 @@ def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application
 
 async def _start_engine(app: web.Application, engine_factory: EngineFactory, work_dir: Path) -> None:
     settings, serving = app[SETTINGS], app[SERVING]
+    watch = EngineProcessWatch()
     try:
-        engine = await asyncio.to_thread(engine_factory, settings)
+        with watch:
+            engine = await asyncio.to_thread(engine_factory, settings)
         pool = AdapterPool(
             engine,
             app[DISK_CACHE],
@@ -261,7 +264,10 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
         if engine.base_via_zero_adapter:
             await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))
     except Exception as exc:
-        log.exception("engine failed to start")
+        # The root cause: the exception, and how the engine's processes ended (a worker killed for
+        # memory leaves no traceback; vLLM then says only "see stack trace for root cause").
+        ended = "; ".join(map(str, watch.ended())) or "none"
+        log.error("engine failed to start: %s; engine processes that ended: %s", describe(exc), ended, exc_info=exc)
         serving.startup_error = f"{type(exc).__name__}: {exc}"
         return
     serving.engine, serving.pool = engine, pool

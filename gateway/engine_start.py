@@ -1,0 +1,106 @@
+"""What the gateway can say about an engine that failed to start.
+
+vLLM's engine core and its workers run in child processes. A worker that raises logs its own
+traceback (JSON, telemetry/logs.py); a worker that is killed (out of memory) or crashes in native
+code logs nothing, and vLLM reports only "WorkerProc initialization failed due to an exception in a
+background process. See stack trace for root cause." The root cause is then how that process
+ended: `EngineProcessWatch` follows the gateway's descendants while the engine starts and tells
+which ended, and how (the exit status a zombie leaves in /proc before its parent reaps it).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class EndedProcess:
+    pid: int
+    name: str
+    how: str  # "killed by SIGKILL", "exit code 1", or "exit status unknown"
+
+    def __str__(self) -> str:
+        return f"{self.name} (pid {self.pid}) {self.how}"
+
+
+def exit_status(pid: int) -> str | None:
+    """How a zombie process ended, from field 52 of /proc/PID/stat (waitpid's status); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. (the name in parentheses may hold spaces)
+    if fields[0] != "Z" or len(fields) < 50:
+        return None
+    status = int(fields[49])
+    if status & 0x7F:
+        return f"killed by {signal.Signals(status & 0x7F).name}"
+    return f"exit code {status >> 8}"
+
+
+class EngineProcessWatch:
+    """While in the block, remembers the descendants of this process and how those that ended did."""
+
+    def __init__(self, interval_s: float = POLL_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="engine-process-watch", daemon=True)
+        self._seen: dict[int, str] = {}
+        self._how: dict[int, str] = {}
+
+    def __enter__(self) -> EngineProcessWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # the last word: processes that ended as the start failed
+
+    def ended(self) -> list[EndedProcess]:
+        alive = {p.pid for p in _descendants() if _status(p) != psutil.STATUS_ZOMBIE}
+        return [
+            EndedProcess(pid, name, self._how.get(pid, "exit status unknown"))
+            for pid, name in self._seen.items()
+            if pid not in alive
+        ]
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._poll()
+
+    def _poll(self) -> None:
+        for process in _descendants():
+            if process.pid not in self._seen:
+                try:
+                    self._seen[process.pid] = process.name()
+                except psutil.Error:
+                    continue
+        for pid in self._seen:
+            if pid not in self._how and (how := exit_status(pid)) is not None:
+                self._how[pid] = how
+
+
+def _descendants() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _status(process: psutil.Process) -> str | None:
+    try:
+        return str(process.status())
+    except psutil.Error:
+        return None
