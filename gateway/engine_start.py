@@ -82,11 +82,10 @@ class EngineProcessWatch:
 
     def _poll(self) -> None:
         for process in _descendants():
-            if process.pid not in self._seen:
-                try:
-                    self._seen[process.pid] = process.name()
-                except psutil.Error:
-                    continue
+            try:  # read again at every poll: vLLM renames its processes once started (VLLM::Worker)
+                self._seen[process.pid] = process.name()
+            except psutil.Error:
+                continue
         for pid in self._seen:
             if pid not in self._how and (how := exit_status(pid)) is not None:
                 self._how[pid] = how
