@@ -266,8 +266,9 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
     except Exception as exc:
         # The root cause: the exception, and how the engine's processes ended (a worker killed for
         # memory leaves no traceback; vLLM then says only "see stack trace for root cause").
-        ended = "; ".join(map(str, watch.ended())) or "none"
-        log.error("engine failed to start: %s; engine processes that ended: %s", describe(exc), ended, exc_info=exc)
+        log.error(
+            "engine failed to start: %s; engine processes that ended: %s", describe(exc), watch.summary(), exc_info=exc
+        )
         serving.startup_error = f"{type(exc).__name__}: {exc}"
         return
     serving.engine, serving.pool = engine, pool

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 import gateway.server
 from adapters_manifest.local_store import LocalFolderStore
 from gateway.engine.interface import Engine
+from gateway.engine_start import EngineProcessWatch
 from gateway.server import serve
 from gateway.settings import ServeSettings
 from tests.fakes import write_base_model
@@ -51,7 +52,7 @@ def worker_killed_while_starting(workers: list[subprocess.Popen[bytes]]) -> None
     """As vLLM's start, when the kernel kills its worker for memory: no traceback anywhere."""
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     workers.append(worker)
-    time.sleep(0.3)
+    time.sleep(1.0)  # an engine process, not a passing `sh` (engine_start.MIN_LIFETIME_S)
     worker.send_signal(signal.SIGKILL)
     time.sleep(0.3)
     raise Exception(VLLM_WORDS)
@@ -92,3 +93,11 @@ async def test_a_start_that_raises_exits_non_zero_at_once(
         assert await serve(settings(tmp_path), factory) == 1
     assert time.monotonic() - started < 10  # no drain to wait for: nothing was ever served
     assert "exceeds dimension size" in caplog.text
+
+
+def test_oom_kills_of_the_container_are_named(tmp_path: Path) -> None:
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    with EngineProcessWatch(memory_events=events) as watch:
+        events.write_text("low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n")
+    assert watch.summary() == "the kernel killed 1 process(es) for memory (oom_kill)"
