@@ -244,6 +244,7 @@ def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application
 async def _start_engine(app: web.Application, engine_factory: EngineFactory, work_dir: Path) -> None:
     settings, serving = app[SETTINGS], app[SERVING]
     watch = EngineProcessWatch()
+    engine: Engine | None = None
     try:
         with watch:
             engine = await asyncio.to_thread(engine_factory, settings)
@@ -270,6 +271,11 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             "engine failed to start: %s; engine processes that ended: %s", describe(exc), watch.summary(), exc_info=exc
         )
         serving.startup_error = f"{type(exc).__name__}: {exc}"
+        if engine is not None:  # started, then its setup failed: its processes must not outlive the gateway
+            try:
+                await asyncio.to_thread(engine.shutdown)
+            except Exception:
+                log.exception("shutting down the engine that failed its setup failed too")
         return
     serving.engine, serving.pool = engine, pool
     log.info("engine ready: serving %s; base-model requests run %s", settings.base_model_name, engine.base_requests)

@@ -21,7 +21,7 @@ from gateway.engine.interface import Engine
 from gateway.engine_start import EngineProcessWatch
 from gateway.server import serve
 from gateway.settings import ServeSettings
-from tests.fakes import write_base_model
+from tests.fakes import FakeEngine, write_base_model
 from tests.unit import test_api
 
 _no_ambient_settings = test_api._no_ambient_settings
@@ -101,3 +101,14 @@ def test_oom_kills_of_the_container_are_named(tmp_path: Path) -> None:
     with EngineProcessWatch(memory_events=events) as watch:
         events.write_text("low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n")
     assert watch.summary() == "the kernel killed 1 process(es) for memory (oom_kill)"
+
+
+async def test_an_engine_that_started_but_failed_its_setup_is_shut_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, own_tracer_provider: None
+) -> None:
+    """The base model's zero adapter does not register: the engine's processes must not outlive us."""
+    engine = FakeEngine(fail_loads={"__base__": "no room for the base adapter"})
+    async with asyncio.timeout(30):
+        assert await serve(settings(tmp_path), engine.started_with) == 1
+    assert engine.shut_down
+    assert "no room for the base adapter" in caplog.text
