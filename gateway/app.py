@@ -52,13 +52,21 @@ from gateway.disk_cache import DiskCache
 from gateway.draining import drain_middleware
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
-from gateway.errors import error_middleware
+from gateway.engine_start import EngineProcessWatch
+from gateway.errors import describe, error_middleware
 from gateway.fair_share import UserLimiter
 from gateway.metrics import metrics, register_state_collector
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
+from gateway.slow_clients import (
+    STALLED_READERS,
+    StalledReaderWatch,
+    stalled_reader_middleware,
+    watch_stalled_readers,
+)
 from gateway.telemetry.http import server_span_middleware
 from gateway.telemetry.instruments import GatewayMetrics
+from gateway.telemetry.request_id import add_request_id_header, request_id_middleware
 from gateway.telemetry.spans import tracer_of
 
 log = logging.getLogger(__name__)
@@ -96,8 +104,16 @@ def create_app(
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         # The server span is outermost: it sees the status the error middleware gives every failure.
-        middlewares=[server_span_middleware(tracer_provider), error_middleware, drain_middleware, auth_middleware],
+        middlewares=[
+            server_span_middleware(tracer_provider),
+            request_id_middleware,
+            stalled_reader_middleware,
+            error_middleware,
+            drain_middleware,
+            auth_middleware,
+        ],
     )
+    app.on_response_prepare.append(add_request_id_header)
     app[TRACER_PROVIDER] = tracer_provider
     app[TRACER] = tracer_of(tracer_provider)
     app[SETTINGS] = settings
@@ -122,6 +138,10 @@ def create_app(
         on_retired=retire,
         tracer=app[TRACER],
         metrics=app[METRICS],
+        lookups=UserLimiter(
+            settings.max_store_lookups_per_user, settings.max_queued_per_user, settings.queue_timeout_s
+        ),
+        miss_ttl_s=settings.adapter_miss_ttl_s,
     )
     register_state_collector(app)
     app[OPENAPI] = build_openapi()
@@ -129,6 +149,8 @@ def create_app(
     app.cleanup_ctx.append(_adapter_sync)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.cleanup_ctx.append(_watch_keys_file)
+    app[STALLED_READERS] = StalledReaderWatch(settings.stalled_read_timeout_s)
+    app.cleanup_ctx.append(watch_stalled_readers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -226,8 +248,11 @@ def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application
 
 async def _start_engine(app: web.Application, engine_factory: EngineFactory, work_dir: Path) -> None:
     settings, serving = app[SETTINGS], app[SERVING]
+    watch = EngineProcessWatch()
+    engine: Engine | None = None
     try:
-        engine = await asyncio.to_thread(engine_factory, settings)
+        with watch:
+            engine = await asyncio.to_thread(engine_factory, settings)
         pool = AdapterPool(
             engine,
             app[DISK_CACHE],
@@ -246,8 +271,17 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))
         openai = await build_openai_layer(engine.client, engine.frontend_args, app[TRACER])
     except Exception as exc:
-        log.exception("engine failed to start")
+        # The root cause: the exception, and how the engine's processes ended (a worker killed for
+        # memory leaves no traceback; vLLM then says only "see stack trace for root cause").
+        log.error(
+            "engine failed to start: %s; engine processes that ended: %s", describe(exc), watch.summary(), exc_info=exc
+        )
         serving.startup_error = f"{type(exc).__name__}: {exc}"
+        if engine is not None:  # started, then its setup failed: its processes must not outlive the gateway
+            try:
+                await asyncio.to_thread(engine.shutdown)
+            except Exception:
+                log.exception("shutting down the engine that failed its setup failed too")
         return
     serving.engine, serving.pool, serving.openai = engine, pool, openai
     log.info("engine ready: serving %s; base-model requests run %s", settings.base_model_name, engine.base_requests)

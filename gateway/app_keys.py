@@ -37,7 +37,7 @@ class Serving:
         if self.draining:
             return "shutting down"
         if self.startup_error is not None:
-            return f"engine failed to start: {self.startup_error}"
+            return "engine failed to start"  # why: in the log (anonymous callers read this)
         if self.engine is None or self.pool is None or self.openai is None:
             return "engine starting"
         if not self.engine.is_alive():

@@ -37,11 +37,13 @@ from gateway.errors import (
     InvalidRequestError,
     RequestTimeoutError,
     ServiceUnavailableError,
+    client_error_body,
     engine_request_error,
     known_error,
 )
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import elapsed_since
+from gateway.telemetry.request_id import request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +176,10 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
     layer = serving.openai_or_raise()
     catalog = app[CATALOG]
     body.model = body.model or catalog.base_model_name  # as vLLM: no model is the base model
+    if hasattr(body, "request_id"):  # the engine's id is the gateway's: a client's could pose as another's
+        body.request_id = request_id_of(request)
     request_span = trace.get_current_span()  # the server span of this HTTP request
     _describe_request(request_span, endpoint.operation, body)
-    record = await catalog.resolve(body.model, principal)
-    if record is not None:
-        request_span.set_attributes(spans.adapter_attributes(record))
 
     def heard(source: str) -> None:
         observation.adapter_source = source
@@ -190,8 +191,11 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
 
     metrics = app[METRICS]
     async with contextlib.AsyncExitStack() as held:
-        with metrics.waiting("fair_share"):
+        with metrics.waiting("fair_share"):  # before any work for the caller, the look-up included
             await held.enter_async_context(app[LIMITER].admit(principal.user))
+        record = await catalog.resolve(body.model, principal)
+        if record is not None:
+            request_span.set_attributes(spans.adapter_attributes(record))
         adapter = None
         if endpoint.holds_adapter:
             adapter = await held.enter_async_context(serving.pool_or_raise().acquire(record, on_outcome=heard))
@@ -270,7 +274,9 @@ async def _stream(
         while event is not None:
             text = _sse(event)
             if text.startswith('data: {"error"'):  # headers are gone: the error travels as an event
-                observation.outcome = outcome_of(_event_status(text))
+                error = _event_error(text)
+                observation.outcome = outcome_of(error.status)
+                text = f"data: {json.dumps(client_error_body(error, request))}\n\n"
             await response.write(text.encode())
             event = await anext(events, None)
     await response.write_eof()
@@ -294,11 +300,14 @@ def _event_data(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _event_status(text: str) -> int:
+def _event_error(text: str) -> GatewayError:
+    """vLLM's error event as the gateway's error (its 5xx words stay in the log)."""
+    error = _event_data(text).get("error") or {}
     try:
-        return int(_event_data(text)["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return 500
+        status = int(error.get("code"))
+    except (TypeError, ValueError):
+        status = 500
+    return engine_request_error(status, str(error.get("message")), error.get("param"))
 
 
 def _describe_response_id(payload: dict[str, Any]) -> None:

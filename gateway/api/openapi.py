@@ -85,7 +85,13 @@ def _operations() -> tuple[Operation, ...]:
         Operation("get", "/admin/resident", "Adapters the engine holds (admins)", errors=(403, 503)),
         Operation("get", "/healthz", "The process answers"),
         Operation("get", "/readyz", "The engine serves and the first sync is done", errors=(503,)),
-        Operation("get", "/metrics", "Prometheus metrics", ok_types=("text/plain",)),
+        Operation(
+            "get",
+            "/metrics",
+            "Prometheus metrics (adapter names only with the metrics token)",
+            errors=(401,),
+            ok_types=("text/plain",),
+        ),
         Operation("get", "/openapi.json", "This document"),
     )
 

@@ -32,7 +32,7 @@ KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 CRD_KINDS = {"ServiceMonitor", "InferencePool"}
 # ServeSettings fields the chart sets itself, from its own sections (model, store, auth, cache).
 CHART_MANAGED_SETTINGS = {
-    "model", "store", "served_model_name", "host", "port", "cache_dir",
+    "model", "store", "served_model_name", "host", "port", "metrics_port", "metrics_token", "cache_dir",
     "keys_file", "trusted_user_header", "trusted_admin_header", "insecure_no_auth",
 }  # fmt: skip
 START_UP_BUDGET_S = 600  # a large model from a cold disk takes minutes
@@ -395,7 +395,6 @@ def test_notes_say_what_to_do_next() -> None:
     notes = result.output.split("NOTES:", 1)[1]
     assert "kubectl -n serving port-forward service/lgw-lora-gateway 8000:8000" in notes
     assert "no API keys yet" in notes and "store.url is empty" in notes
-
 
 
 def test_notes_tell_how_to_run_the_endpoint_picker_for_lora_affinity() -> None:

@@ -220,7 +220,9 @@ async def test_not_ready_while_the_engine_starts(start_gateway: StartGateway) ->
     assert resp.status == 200
 
 
-async def test_not_ready_when_the_engine_failed_to_start(start_gateway: StartGateway) -> None:
+async def test_not_ready_when_the_engine_failed_to_start(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken_factory(settings: ServeSettings) -> Engine:
         raise RuntimeError("no memory for the KV cache")
 
@@ -228,7 +230,9 @@ async def test_not_ready_when_the_engine_failed_to_start(start_gateway: StartGat
     await until(lambda: gw.app[SERVING].startup_error is not None)
     resp = await gw.client.get("/readyz")
     assert resp.status == 503
-    assert "no memory for the KV cache" in (await resp.json())["reason"]
+    # Why is for the log: /readyz is anonymous (tests/unit/test_error_privacy.py).
+    assert (await resp.json())["reason"] == "engine failed to start"
+    assert "no memory for the KV cache" in caplog.text
 
 
 async def test_not_ready_when_the_engine_died(gw: Gateway) -> None:
