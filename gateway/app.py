@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -26,6 +27,7 @@ from gateway.api.openai_layer import build_openai_layer
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_document
 from gateway.app_keys import (
     BASE_SPEC,
+    CACHE_SALT_SECRET,
     CATALOG,
     DISK_CACHE,
     LIMITER,
@@ -117,6 +119,7 @@ def create_app(
     app[TRACER_PROVIDER] = tracer_provider
     app[TRACER] = tracer_of(tracer_provider)
     app[SETTINGS] = settings
+    app[CACHE_SALT_SECRET] = secrets.token_bytes(32)
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
     app[STORE] = open_store(settings.store)

@@ -63,6 +63,8 @@ class Serving:
 
 
 SETTINGS = web.AppKey("settings", ServeSettings)
+# This process's secret for tenants' prefix-cache salts (each replica has its own engine cache).
+CACHE_SALT_SECRET = web.AppKey("cache_salt_secret", bytes)
 STORE = web.AppKey("store", AdapterStore)
 BASE_SPEC = web.AppKey("base_spec", BaseModelSpec)  # what an adapter must fit
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)

@@ -94,6 +94,12 @@ class ServeSettings(BaseSettings):
         default=None, description="vLLM's parser of reasoning in the model's output (e.g. deepseek_r1, qwen3)."
     )
 
+    prefix_cache_per_tenant: bool = Field(
+        default=True,
+        description="Give each tenant its own prefix-cache salt (vLLM's cache_salt): nobody can time whether "
+        "another tenant sent a prompt prefix. Off: tenants share cached prefixes (faster, leaks timing).",
+    )
+
     # Adapter store, sync and disk cache
     sync_interval_s: float = Field(default=10.0, gt=0, description="Seconds between polls of the adapter store.")
     cache_dir: Path | None = Field(

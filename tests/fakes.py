@@ -91,6 +91,7 @@ class GenerateCall:
     params: Any  # vLLM's SamplingParams
     adapter: EngineAdapter | None
     trace_headers: dict[str, str]
+    cache_salt: str | None = None  # the prefix-cache salt of the engine input
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,13 @@ class FakeEngine:
     # -- generation (through FakeEngineClient) ------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: Any, lora: Any, trace_headers: Mapping[str, str]
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: Any,
+        lora: Any,
+        trace_headers: Mapping[str, str],
+        cache_salt: str | None = None,
     ) -> AsyncIterator[Any]:
         from vllm.logprobs import Logprob
         from vllm.outputs import CompletionOutput, RequestOutput
@@ -182,7 +189,7 @@ class FakeEngine:
 
         adapter = None if lora is None else self.resident.get(lora.lora_int_id)
         self.generate_calls.append(
-            GenerateCall(request_id, list(prompt_token_ids), params, adapter, dict(trace_headers))
+            GenerateCall(request_id, list(prompt_token_ids), params, adapter, dict(trace_headers), cache_salt)
         )
         if not self.alive:
             raise VllmEngineDeadError("the fake engine is dead")
@@ -369,7 +376,12 @@ class FakeEngineClient:
 
             raise VLLMValidationError(f"Token id {bad[0]} is out of vocabulary", parameter="prompt")
         generation = self._engine.generate(
-            request_id, prompt["prompt_token_ids"], sampling_params, lora_request, trace_headers or {}
+            request_id,
+            prompt["prompt_token_ids"],
+            sampling_params,
+            lora_request,
+            trace_headers or {},
+            prompt.get("cache_salt"),
         )
         try:
             async for output in generation:

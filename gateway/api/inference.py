@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -29,7 +31,7 @@ from pydantic import BaseModel
 
 from gateway.api.openai_layer import Caller
 from gateway.api.request_gate import parse_body
-from gateway.app_keys import CATALOG, LIMITER, METRICS, SERVING, SETTINGS
+from gateway.app_keys import CACHE_SALT_SECRET, CATALOG, LIMITER, METRICS, SERVING, SETTINGS
 from gateway.auth.middleware import PRINCIPAL
 from gateway.engine.vllm_engine import lora_request
 from gateway.errors import (
@@ -135,6 +137,12 @@ class Observation:
                 self.finish_reasons.append(completion.finish_reason)
 
 
+def tenant_cache_salt(secret: bytes, user: str, requested: str | None) -> str:
+    """The prefix-cache salt of a user's request: cached prefixes are shared only within one tenant
+    (and within one salt the caller chose), and no caller can name another tenant's salt."""
+    return hmac.new(secret, f"{user}\0{requested or ''}".encode(), hashlib.sha256).hexdigest()
+
+
 def outcome_of(status: int) -> str:
     return OUTCOMES.get(status, "invalid" if 400 <= status < 500 else "error")
 
@@ -178,6 +186,8 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
     body.model = body.model or catalog.base_model_name  # as vLLM: no model is the base model
     if hasattr(body, "request_id"):  # the engine's id is the gateway's: a client's could pose as another's
         body.request_id = request_id_of(request)
+    if hasattr(body, "cache_salt") and app[SETTINGS].prefix_cache_per_tenant:
+        body.cache_salt = tenant_cache_salt(app[CACHE_SALT_SECRET], principal.user, body.cache_salt)
     request_span = trace.get_current_span()  # the server span of this HTTP request
     _describe_request(request_span, endpoint.operation, body)
 

@@ -611,3 +611,32 @@ async def test_admin_endpoints_are_for_admins(tenants: Tenants, method: str, pat
     assert [c for c in tenants.store.calls if c[0] == "list_stamps"] == []  # a refused sync touched nothing
     resp = await tenants.request(ADMIN, method, path)
     assert resp.status == 200, await resp.text()
+
+
+# -- the prefix cache --------------------------------------------------------------------
+
+
+async def test_each_tenant_has_its_own_prefix_cache_salt(tenants: Tenants) -> None:
+    """The base model is shared, so its prefix cache would be: a salt per tenant keeps one tenant's
+    prompts from warming (and so timing) another's; a salt the caller sends cannot name another's."""
+
+    async def salt(user: str, **fields: Any) -> str:
+        body = completion(BASE, "The same long prefix, then a question", **fields)
+        resp = await tenants.request(user, "POST", "/v1/completions", json=body)
+        assert resp.status == 200, await resp.text()
+        call = tenants.gw.engine.generate_calls[-1]
+        assert call.cache_salt
+        return call.cache_salt
+
+    alice = await salt("alice")
+    assert await salt("alice") == alice  # one tenant shares its own cached prefixes
+    bob = await salt("bob")
+    assert bob != alice
+    assert await salt("bob", cache_salt=alice) not in (alice, bob)  # choosing alice's salt does not reach it
+    assert await salt("alice", cache_salt="mine") != alice  # a caller's own salt splits within the tenant
+
+
+async def test_prefix_cache_sharing_across_tenants_when_turned_off(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(prefix_cache_per_tenant=False)
+    assert (await gw.post("/v1/completions", completion(BASE, "Hi"))).status == 200
+    assert gw.engine.generate_calls[-1].cache_salt is None
