@@ -30,14 +30,16 @@ from opentelemetry.trace import Tracer
 from adapters_manifest.adapter_dir import sha256_file
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
+from adapters_manifest.validation import AdapterValidationError
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import TIER_DISK, GatewayMetrics, detached_metrics, elapsed_since
 
 log = logging.getLogger(__name__)
 
 
-class ChecksumMismatchError(Exception):
-    """The store's bytes do not match the record's sha256 (corrupt or tampered)."""
+class ChecksumMismatchError(AdapterValidationError):
+    """The store's bytes do not match the record's sha256 (corrupt or tampered): the adapter's own
+    fault, which its owner may be told."""
 
 
 @dataclass

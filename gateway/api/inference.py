@@ -179,7 +179,7 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
     except GatewayError:
         raise
     except Exception as exc:  # vLLM's own validators raise its errors out of pydantic's validation
-        raise _refusal(serving, _vllm_error_response(exc)) from exc
+        raise _refusal(serving, None, _vllm_error_response(exc)) from exc
     observation.stream = bool(getattr(body, "stream", False))
     layer = serving.openai_or_raise()
     catalog = app[CATALOG]
@@ -220,8 +220,8 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
             try:
                 result = await endpoint.serve(layer)(body, None)
             except Exception as exc:  # vLLM's server maps these in its exception handlers
-                raise _refusal(serving, _vllm_error_response(exc)) from exc
-            response = await _respond(request, serving, result, observation)
+                raise _refusal(serving, caller, _vllm_error_response(exc)) from exc
+            response = await _respond(request, serving, caller, result, observation)
     _describe_result(request_span, observation)
     if observation.outcome != "ok":
         request_span.set_status(StatusCode.ERROR, f"the stream ended with an error ({observation.outcome})")
@@ -247,35 +247,42 @@ def _vllm_error_response(exc: Exception) -> Any:
     return create_error_response(exc)
 
 
-def _refusal(serving: Any, error_response: Any) -> GatewayError:
-    """vLLM's ErrorResponse as the gateway's error; anything while the engine is dead is a 503."""
+def _refusal(serving: Any, caller: Caller | None, error_response: Any) -> GatewayError:
+    """vLLM's ErrorResponse as the gateway's error: anything while the engine is dead is a 503, and a
+    failure of vLLM's layer before the request reached the engine is the request's (a body vLLM's
+    models let through but its code cannot handle, e.g. `structured_outputs: [null]`): a 400."""
     if not serving.engine_or_raise().is_alive():
         return ServiceUnavailableError("The engine is not serving; it is being restarted.", retry_after_s=5)
     info = error_response.error
+    if info.code >= 500 and (caller is None or caller.generations == 0):
+        log.warning("vLLM's OpenAI layer failed on a request before the engine saw it: %s", info.message)
+        return engine_request_error(400, f"This request could not be processed: {info.message}", info.param)
     return engine_request_error(info.code, info.message, info.param)
 
 
-async def _respond(request: web.Request, serving: Any, result: Any, observation: Observation) -> web.StreamResponse:
+async def _respond(
+    request: web.Request, serving: Any, caller: Caller, result: Any, observation: Observation
+) -> web.StreamResponse:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     if isinstance(result, ErrorResponse):
-        raise _refusal(serving, result)
+        raise _refusal(serving, caller, result)
     if isinstance(result, BaseModel):
         payload = result.model_dump(mode="json", by_alias=True)
         _describe_response_id(payload)
         return web.json_response(text=json.dumps(payload, ensure_ascii=False))
-    return await _stream(request, serving, result, observation)
+    return await _stream(request, serving, caller, result, observation)
 
 
 async def _stream(
-    request: web.Request, serving: Any, events: AsyncIterator[Any], observation: Observation
+    request: web.Request, serving: Any, caller: Caller, events: AsyncIterator[Any], observation: Observation
 ) -> web.StreamResponse:
     """Relay vLLM's server-sent events; closing them early (client gone) aborts the generation."""
     async with contextlib.aclosing(events):
         try:  # before any byte is sent: an early failure is a plain error
             first = await anext(events, None)
         except Exception as exc:
-            raise _refusal(serving, _vllm_error_response(exc)) from exc
+            raise _refusal(serving, caller, _vllm_error_response(exc)) from exc
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         event = first

@@ -98,7 +98,7 @@ def test_n_choices_and_logprobs(client: openai.OpenAI) -> None:
         assert len(choice.logprobs.tokens) == 5
         assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
         for chosen, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
-            assert 1 <= len(top) <= 2
+            assert 2 <= len(top) <= 3  # as vLLM's server: the 2 most likely, and the sampled one when not among them
             assert chosen <= max(top.values()) + 1e-6  # nothing beats the most likely token
     assert result.usage.completion_tokens == 15
 
@@ -136,10 +136,15 @@ def test_unsupported_parameter_is_a_400_naming_it(client: openai.OpenAI) -> None
     assert "best_of" in caught.value.body["message"]
 
 
-def test_prompt_beyond_the_context_is_a_400_naming_the_limit(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
+def test_beyond_the_context_is_a_400_naming_the_limit(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:  # vLLM's words and param
         client.completions.create(model="alice/chat", prompt=PROMPT, max_tokens=5000)
+    assert "max_model_len=2048" in caught.value.body["message"]
+    assert caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="alice/chat", prompt=[5] * 2049, max_tokens=1)
     assert "maximum context length is 2048 tokens" in caught.value.body["message"]
+    assert caught.value.body["param"] == "input_tokens"
 
 
 def test_health_and_readiness(gateway: ServerProcess) -> None:

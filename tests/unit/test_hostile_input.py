@@ -341,3 +341,27 @@ async def test_an_upload_dribbled_past_the_upload_timeout_is_408_and_stores_noth
     assert status == 408, data
     assert json.loads(data)["error"]["code"] == "request_timeout"
     assert await gw.store.get_record("alice", "slow") is None
+
+
+# -- large prompts -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_huge_prompt_does_not_stall_other_tenants(start_gateway: StartGateway, path: str) -> None:
+    """Tokenising and rendering a 4 MiB prompt runs off the event loop (vLLM's renderer threads):
+    /healthz, and so every other tenant, keeps answering while it is worked on."""
+    gw = await start_gateway(max_request_bytes=8 << 20, max_model_len=64)
+    text = "lorem ipsum dolor sit amet " * ((4 << 20) // 27)
+    body = completion(prompt=text) if path == "/v1/completions" else chat(messages=[{"role": "user", "content": text}])
+    work = asyncio.ensure_future(gw.post(path, body))
+    gaps, last = [], time.perf_counter()
+    while not work.done():
+        assert (await gw.client.get("/healthz")).status == 200
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+        await asyncio.sleep(0.01)
+    resp = await work
+    await assert_error(resp, 400, param="input_tokens")  # far beyond the context: refused after the work
+    assert len(gaps) >= 3, "the request ended before /healthz could be asked twice"
+    assert max(gaps) < 1.0, f"/healthz waited {max(gaps):.2f} s"
