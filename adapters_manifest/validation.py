@@ -75,6 +75,8 @@ class BaseModelSpec:
 class ValidationLimits:
     max_weights_bytes: int = 512 << 20
     max_config_bytes: int = 64 << 10
+    # A PEFT header is ~130 bytes a tensor: 4 MiB is some 30,000 tensors.
+    max_header_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def validate_adapter_dir(
     structural checks only (no rank limit, no module or shape checks against a base)."""
     _check_files(folder, limits)
     summary = _check_config(_read_config(folder / CONFIG_FILE), base)
-    _check_tensors(folder / WEIGHTS_FILE, summary, base)
+    _check_tensors(folder / WEIGHTS_FILE, summary, base, limits)
     return summary
 
 
@@ -190,9 +192,9 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec | None) -> Adapter
     return AdapterSummary(rank=rank, alpha=float(alpha), target_modules=tuple(sorted(set(targets))))
 
 
-def _check_tensors(path: Path, summary: AdapterSummary, base: BaseModelSpec | None) -> None:
+def _check_tensors(path: Path, summary: AdapterSummary, base: BaseModelSpec | None, limits: ValidationLimits) -> None:
     try:
-        header = read_header(path)
+        header = read_header(path, limits.max_header_bytes)
     except HeaderError as e:
         raise AdapterValidationError(f"{WEIGHTS_FILE}: {e}") from None
     if not header:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from adapters_manifest.open_store import open_store
 from adapters_manifest.record import AdapterRecord
-from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
+from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
 from gateway.api.admin import resident_adapters, trigger_sync
 from gateway.api.completions import create_chat_completion, create_completion
@@ -232,7 +232,7 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             validate=partial(
                 validate_adapter_dir,
                 base=app[BASE_SPEC],
-                limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
+                limits=settings.validation_limits(),
             ),
             tracer=app[TRACER],
             metrics=app[METRICS],

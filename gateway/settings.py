@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters_manifest.validation import ValidationLimits
+
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -104,6 +106,12 @@ class ServeSettings(BaseSettings):
 
     # HTTP
     max_adapter_bytes: int = Field(default=512 << 20, ge=1024, description="Largest adapter weights file accepted.")
+    max_adapter_config_bytes: int = Field(
+        default=64 << 10, ge=1024, description="Largest adapter_config.json accepted (checked while it streams in)."
+    )
+    max_adapter_header_bytes: int = Field(
+        default=4 << 20, ge=1024, description="Largest safetensors header of an adapter's weights file."
+    )
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Time a client gets to send its request body.")
@@ -136,6 +144,14 @@ class ServeSettings(BaseSettings):
         if value not in MAX_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {MAX_LORA_RANKS}")
         return value
+
+    def validation_limits(self) -> ValidationLimits:
+        """What every adapter this gateway uploads or loads must stay within."""
+        return ValidationLimits(
+            max_weights_bytes=self.max_adapter_bytes,
+            max_config_bytes=self.max_adapter_config_bytes,
+            max_header_bytes=self.max_adapter_header_bytes,
+        )
 
     @property
     def base_model_name(self) -> str:

@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, check_name
-from adapters_manifest.validation import AdapterValidationError, ValidationLimits
+from adapters_manifest.validation import AdapterValidationError
 from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE
 from gateway.auth.middleware import PRINCIPAL
 from gateway.errors import (
@@ -69,7 +69,7 @@ async def upload_adapter(request: web.Request) -> web.Response:
                 owner,
                 name,
                 base=request.app[BASE_SPEC],
-                limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
+                limits=settings.validation_limits(),
                 base_model=settings.base_model_name,
                 description=fields.get("description", ""),
                 visibility="public" if fields.get("public", "").lower() in ("1", "true", "yes", "on") else "private",

@@ -1,0 +1,85 @@
+"""Hostile adapters uploaded to the real app (fake engine): each is refused with a message naming
+the problem, and no upload, however built, stalls the event loop that serves every tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import FormData
+
+from adapters_manifest.record import ADAPTER_FILES, WEIGHTS_FILE
+from tests.fakes import write_adapter_dir
+from tests.unit import test_api
+from tests.unit.test_api import Gateway, StartGateway, assert_error
+
+start_gateway = test_api.start_gateway
+gw = test_api.gw
+_no_ambient_settings = test_api._no_ambient_settings
+
+# Generous for 2 shared cores; the stalls this guards against were 2.8 s and 7.7 s.
+HEALTHZ_BOUND_S = 1.0
+
+
+def adapter_form(folder: Path, name: str = "hostile") -> FormData:
+    form = FormData()
+    form.add_field("name", name)
+    for file_name in ADAPTER_FILES:
+        form.add_field(file_name, (folder / file_name).read_bytes(), filename=file_name)
+    return form
+
+
+def long_shape_weights(folder: Path, header_bytes: int) -> Path:
+    """A weights file whose one tensor has a shape of ~header_bytes / 6 dims of 99999: the
+    product of the dims is a huge integer, computed under the GIL by a naive validator."""
+    dims = header_bytes // 6
+    header = {"base_model.model.x.lora_A.weight": {"dtype": "F32", "shape": [99999] * dims, "data_offsets": [0, 0]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return folder
+
+
+async def worst_healthz_while(gw: Gateway, work: asyncio.Task[Any], every_s: float = 0.02) -> float:
+    """The longest wait for a /healthz answer while `work` runs, probed every `every_s`: from when
+    a probe was due to its answer (a blocked loop delays both the probe and its answer)."""
+    worst = 0.0
+    while not work.done():
+        due = time.monotonic() + every_s
+        await asyncio.sleep(every_s)
+        resp = await gw.client.get("/healthz")
+        assert resp.status == 200
+        worst = max(worst, time.monotonic() - due)
+    return worst
+
+
+@pytest.mark.parametrize("header_kib", [600, 1200])
+async def test_a_tensor_shape_built_to_stall_validation_is_refused_and_healthz_stays_responsive(
+    gw: Gateway, tmp_path: Path, header_kib: int
+) -> None:
+    folder = long_shape_weights(write_adapter_dir(tmp_path / "hostile"), header_kib * 1000)
+    upload = asyncio.create_task(gw.client.post("/v1/adapters", data=adapter_form(folder)))
+    worst = await worst_healthz_while(gw, upload)
+    print(f"\nheader {header_kib} KB: worst /healthz {worst:.3f} s")
+    error = await assert_error(await upload, 400, param="files", code="invalid_adapter")
+    assert "base_model.model.x.lora_A.weight" in error["message"] and "dimensions" in error["message"]
+    assert len(error["message"]) < 500  # the shape itself is not echoed back
+    assert worst < HEALTHZ_BOUND_S
+
+
+async def test_a_safetensors_header_over_its_limit_is_refused_before_it_is_parsed(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    gw = await start_gateway(max_adapter_header_bytes=64 << 10)
+    folder = write_adapter_dir(tmp_path / "big-header")
+    header = {"__metadata__": {"padding": "x" * (100 << 10)}}
+    raw = json.dumps(header).encode()
+    (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw)
+    error = await assert_error(
+        await gw.client.post("/v1/adapters", data=adapter_form(folder)), 400, param="files", code="invalid_adapter"
+    )
+    assert f"exceeds the {64 << 10}-byte limit" in error["message"]
