@@ -16,8 +16,8 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from adapters_manifest.publish import publish, validated_record
-from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, check_name
-from adapters_manifest.validation import AdapterValidationError
+from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterRecord, check_name
+from adapters_manifest.validation import AdapterValidationError, ValidationLimits
 from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE
 from gateway.auth.middleware import PRINCIPAL
 from gateway.errors import (
@@ -43,7 +43,7 @@ async def upload_adapter(request: web.Request) -> web.Response:
         folder = Path(tmp)
         try:  # bounded in time too: a client dribbling its upload must not hold a connection forever
             async with asyncio.timeout(settings.upload_timeout_s):
-                fields = await _receive_form(request, folder, settings.max_adapter_bytes)
+                fields = await _receive_form(request, folder, _part_limits(settings.validation_limits()))
         except (ValueError, BadHttpMessage) as exc:  # aiohttp's multipart parser: no boundary, a malformed part
             raise InvalidRequestError(f"Malformed multipart body: {exc}") from None
         except TimeoutError:
@@ -81,8 +81,13 @@ async def upload_adapter(request: web.Request) -> web.Response:
     return web.json_response(adapter_json(record), status=201)
 
 
-async def _receive_form(request: web.Request, folder: Path, max_file_bytes: int) -> dict[str, str]:
-    """Stream the multipart body: files to `folder` (bounded), small text fields to a dict."""
+def _part_limits(limits: ValidationLimits) -> dict[str, int]:
+    """Each file's own limit, enforced while it streams in (not after the whole body arrived)."""
+    return {CONFIG_FILE: limits.max_config_bytes, WEIGHTS_FILE: limits.max_weights_bytes}
+
+
+async def _receive_form(request: web.Request, folder: Path, file_limits: dict[str, int]) -> dict[str, str]:
+    """Stream the multipart body: files to `folder` (each bounded), small text fields to a dict."""
     if not request.content_type.startswith("multipart/"):
         raise InvalidRequestError(
             "Upload with multipart/form-data: fields 'name', files adapter_config.json and adapter_model.safetensors."
@@ -97,7 +102,7 @@ async def _receive_form(request: web.Request, folder: Path, max_file_bytes: int)
             fields[part.name] = (await _read_bounded(part, MAX_FIELD_BYTES, part.name)).decode("utf-8", "replace")
         elif file_name in ADAPTER_FILES or (part.name in ADAPTER_FILES and not file_name):
             target = file_name or str(part.name)
-            await _save_bounded(part, folder / target, max_file_bytes)
+            await _save_bounded(part, folder / target, file_limits[target])
         elif file_name:
             raise InvalidAdapterError(
                 f"Unexpected file '{file_name}': an adapter is exactly adapter_config.json and "

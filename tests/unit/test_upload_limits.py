@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 from aiohttp import FormData
 
-from adapters_manifest.record import ADAPTER_FILES, WEIGHTS_FILE
+from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 from tests.fakes import write_adapter_dir
 from tests.unit import test_api
 from tests.unit.test_api import Gateway, StartGateway, assert_error
+from tests.unit.test_hostile_input import read_response
 
 start_gateway = test_api.start_gateway
 gw = test_api.gw
@@ -83,3 +84,42 @@ async def test_a_safetensors_header_over_its_limit_is_refused_before_it_is_parse
         await gw.client.post("/v1/adapters", data=adapter_form(folder)), 400, param="files", code="invalid_adapter"
     )
     assert f"exceeds the {64 << 10}-byte limit" in error["message"]
+
+
+# -- upload parts: each part's limit applies while it streams in -------------------------------
+
+
+async def test_a_config_part_over_its_limit_is_413_before_the_rest_of_the_upload_is_sent(gw: Gateway) -> None:
+    """The body announces 512 MiB; 256 KiB of adapter_config.json are sent and then nothing: the
+    gateway must answer from the config's 64 KiB limit, not wait for (or store) the rest."""
+    boundary = "b" * 16
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{CONFIG_FILE}"; filename="{CONFIG_FILE}"\r\n\r\n'
+    ).encode()
+    reader, writer = await asyncio.open_connection(gw.client.host, gw.client.port)
+    try:
+        writer.write(
+            b"POST /v1/adapters HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {512 << 20}\r\n\r\n".encode()
+            + head
+            + b" " * (256 << 10)
+        )
+        await writer.drain()
+        status, _, body = await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        writer.close()
+    assert status == 413, body
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_too_large"
+    assert CONFIG_FILE in error["message"] and str(64 << 10) in error["message"]
+    assert await gw.store.get_record("dev", "big") is None
+
+
+async def test_a_weights_part_over_its_limit_is_413_naming_the_file(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    gw = await start_gateway(max_adapter_bytes=4096)
+    folder = write_adapter_dir(tmp_path / "big", rank=16, hidden=64)
+    error = await assert_error(await gw.client.post("/v1/adapters", data=adapter_form(folder)), 413)
+    assert WEIGHTS_FILE in error["message"] and "4096" in error["message"]
