@@ -103,7 +103,7 @@ def create_app(
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
     app[STORE] = open_store(settings.store)
-    app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank)
+    app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank, settings.dtype)
     app[SERVING] = Serving()
 
     def retire(record: AdapterRecord) -> None:

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 from aiohttp import FormData
+from safetensors.numpy import load_file, save_file
 
+from adapters_manifest import cli as adapters_cli
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 from tests.fakes import write_adapter_dir
 from tests.unit import test_api
@@ -123,3 +125,41 @@ async def test_a_weights_part_over_its_limit_is_413_naming_the_file(
     folder = write_adapter_dir(tmp_path / "big", rank=16, hidden=64)
     error = await assert_error(await gw.client.post("/v1/adapters", data=adapter_form(folder)), 413)
     assert WEIGHTS_FILE in error["message"] and "4096" in error["message"]
+
+
+# -- tensor values: read, not only the header --------------------------------------------------
+
+
+def poison(folder: Path, value: float) -> str:
+    """Put `value` into one tensor of the adapter; returns that tensor's name."""
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = value
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    return name
+
+
+@pytest.mark.parametrize(("value", "said"), [(float("nan"), "NaN"), (float("inf"), "infinity")])
+async def test_an_upload_whose_weights_hold_nan_or_inf_is_refused_naming_the_tensor(
+    gw: Gateway, tmp_path: Path, value: float, said: str
+) -> None:
+    folder = write_adapter_dir(tmp_path / "poisoned")
+    name = poison(folder, value)
+    error = await assert_error(
+        await gw.client.post("/v1/adapters", data=adapter_form(folder)), 400, param="files", code="invalid_adapter"
+    )
+    assert f"tensor {name} holds {said}" in error["message"]
+    assert await gw.store.get_record("dev", "hostile") is None
+
+
+def test_the_cli_refuses_weights_holding_nan_naming_the_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_adapter_dir(tmp_path / "poisoned")
+    name = poison(folder, float("nan"))
+    store = tmp_path / "store"
+    argv = ["push", str(folder), "--store", str(store), "--owner", "alice", "--name", "nan"]
+    assert adapters_cli.main(argv) == 2
+    assert f"tensor {name} holds NaN" in capsys.readouterr().err
+    assert not (store / "manifest").exists()
