@@ -6,6 +6,7 @@ from adapters_manifest.record import AdapterRecord
 
 MANIFEST_DIR = "manifest"
 ADAPTERS_DIR = "adapters"
+LOCKS_DIR = "locks"  # one per adapter: its record commits and its deletion take turns
 
 
 def record_key(owner: str, name: str) -> str:
@@ -19,3 +20,7 @@ def version_prefix(record: AdapterRecord) -> str:
 
 def file_key(record: AdapterRecord, file_name: str) -> str:
     return f"{version_prefix(record)}/{file_name}"
+
+
+def lock_key(owner: str, name: str) -> str:
+    return f"{LOCKS_DIR}/{owner}/{name}.lock"
