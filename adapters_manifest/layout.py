@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote, unquote
+
 from adapters_manifest.record import AdapterRecord
 
 MANIFEST_DIR = "manifest"
 ADAPTERS_DIR = "adapters"
+BASES_DIR = "bases"  # what each gateway's base model accepts (published_base.py)
 LOCKS_DIR = "locks"  # one per adapter: its record commits and its deletion take turns
 
 
@@ -24,3 +27,13 @@ def file_key(record: AdapterRecord, file_name: str) -> str:
 
 def lock_key(owner: str, name: str) -> str:
     return f"{LOCKS_DIR}/{owner}/{name}.lock"
+
+
+def base_key(base_model: str) -> str:
+    """A served name may hold slashes (`org/model`): quoted into one path part."""
+    return f"{BASES_DIR}/{quote(base_model, safe='')}.json"
+
+
+def base_name(file_name: str) -> str:
+    """The served name a `bases/` entry is for (its file name, `.json` removed, unquoted)."""
+    return unquote(file_name.removesuffix(".json"))

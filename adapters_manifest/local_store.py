@@ -138,6 +138,18 @@ class LocalFolderStore:
                 raise RecordConflictError(f"files of {record.versioned_ref} are missing")
             _atomic_write(self._record_path(record.owner, record.name), data)
 
+    async def put_base(self, base_model: str, data: bytes) -> None:
+        await asyncio.to_thread(_atomic_write, self.root / layout.base_key(base_model), data)
+
+    async def get_base(self, base_model: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread((self.root / layout.base_key(base_model)).read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def list_bases(self) -> list[str]:
+        return sorted(layout.base_name(p.name) for p in (self.root / layout.BASES_DIR).glob("*.json"))
+
     async def delete_adapter(self, owner: str, name: str) -> bool:
         return await asyncio.to_thread(self._delete_adapter, owner, name)
 

@@ -380,6 +380,31 @@ class S3Store:
                 if not _lost_condition(exc):
                     raise
 
+    async def put_base(self, base_model: str, data: bytes) -> None:
+        await self._run(
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=self._key(layout.base_key(base_model)),
+            Body=data,
+            ContentType="application/json",
+            **self._checksum,
+        )
+
+    async def get_base(self, base_model: str) -> bytes | None:
+        return await self._run(self._get_bytes, self._key(layout.base_key(base_model)))
+
+    async def list_bases(self) -> list[str]:
+        return await self._run(self._list_bases)
+
+    def _list_bases(self) -> list[str]:
+        base = self._key(layout.BASES_DIR) + "/"
+        names = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            names += [
+                layout.base_name(o["Key"][len(base) :]) for o in page.get("Contents", []) if o["Key"].endswith(".json")
+            ]
+        return sorted(names)
+
     async def delete_adapter(self, owner: str, name: str) -> bool:
         return await self._run(self._delete_adapter, owner, name)
 

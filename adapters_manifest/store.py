@@ -65,6 +65,15 @@ class AdapterStore(Protocol):
         asked, the record still has stamp `if_stamp` (or, `if_absent`, there is none); else
         RecordConflictError and nothing is written."""
 
+    async def put_base(self, base_model: str, data: bytes) -> None:
+        """Publish what a gateway's base model accepts (`bases/<name>.json`)."""
+
+    async def get_base(self, base_model: str) -> bytes | None:
+        """What `put_base` published for this served name, or None."""
+
+    async def list_bases(self) -> list[str]:
+        """The served names of every published base."""
+
     async def delete_adapter(self, owner: str, name: str) -> bool:
         """Under the adapter's lock: remove the record (the commit point: serving stops), then
         every version's files, which no record names any more. False when there was no record."""

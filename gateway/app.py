@@ -46,6 +46,7 @@ from gateway.auth.middleware import (
     TrustedHeaderAuthenticator,
     auth_middleware,
 )
+from gateway.base_publishing import publish_base
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.draining import drain_middleware
@@ -126,6 +127,7 @@ def create_app(
     app[OPENAPI] = build_openapi()
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
+    app.cleanup_ctx.append(publish_base)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.cleanup_ctx.append(_watch_keys_file)
     app.router.add_get("/healthz", healthz)
