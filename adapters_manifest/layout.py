@@ -21,6 +21,14 @@ def version_prefix(record: AdapterRecord) -> str:
     return f"{ADAPTERS_DIR}/{record.owner}/{record.name}/{record.version}"
 
 
+RETIRED_MARKER = ".retired"  # in a version's folder: when a newer version replaced it (its grace starts)
+
+
+def versions_prefix(owner: str, name: str) -> str:
+    """The folder of every version of one adapter (with its slash: `name2` is not under `name`)."""
+    return f"{ADAPTERS_DIR}/{owner}/{name}/"
+
+
 def file_key(record: AdapterRecord, file_name: str) -> str:
     return f"{version_prefix(record)}/{file_name}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ from adapters_manifest import layout
 from adapters_manifest.atomic_file import replacing
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import ProgressCallback, RecordConflictError
+
+VERSION = re.compile(r"[0-9a-f]{16}")
 
 
 def _atomic_copy(source: Path, dest: Path) -> None:
@@ -61,12 +64,12 @@ class LocalFolderStore:
 
     # -- reading -------------------------------------------------------------------
 
-    async def list_stamps(self) -> dict[str, str]:
-        return await asyncio.to_thread(self._list_stamps)
+    async def list_stamps(self, owner: str | None = None) -> dict[str, str]:
+        return await asyncio.to_thread(self._list_stamps, owner)
 
-    def _list_stamps(self) -> dict[str, str]:
+    def _list_stamps(self, owner: str | None = None) -> dict[str, str]:
         stamps = {}
-        for path in (self.root / layout.MANIFEST_DIR).glob("*/*.json"):
+        for path in (self.root / layout.MANIFEST_DIR).glob(f"{owner or '*'}/*.json"):
             try:
                 stat = path.stat()
             except FileNotFoundError:  # deleted while listing
@@ -137,6 +140,49 @@ class LocalFolderStore:
             if not self._has_version(record):  # a delete took them since they were put
                 raise RecordConflictError(f"files of {record.versioned_ref} are missing")
             _atomic_write(self._record_path(record.owner, record.name), data)
+            self._mark_retired(record)
+
+    def _mark_retired(self, current: AdapterRecord) -> None:
+        """The grace period of every version the commit replaced starts now (once: the first
+        replacement counts); the current one's marker goes, should it have been retired before."""
+        for folder in self._version_folders(current.owner, current.name):
+            marker = folder / layout.RETIRED_MARKER
+            if folder.name == current.version:
+                marker.unlink(missing_ok=True)
+            elif not marker.exists():
+                marker.touch()
+
+    def _version_folders(self, owner: str, name: str) -> list[Path]:
+        folder = self.root / layout.versions_prefix(owner, name)
+        return [p for p in folder.iterdir() if p.is_dir() and VERSION.fullmatch(p.name)] if folder.is_dir() else []
+
+    async def list_versions(self, owner: str, name: str) -> dict[str, float]:
+        return await asyncio.to_thread(self._list_versions, owner, name)
+
+    def _list_versions(self, owner: str, name: str) -> dict[str, float]:
+        versions = {}
+        for folder in self._version_folders(owner, name):
+            marker = folder / layout.RETIRED_MARKER
+            try:
+                paths = [marker] if marker.exists() else list(folder.iterdir())
+                versions[folder.name] = max((p.stat().st_mtime for p in paths), default=folder.stat().st_mtime)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+        return versions
+
+    async def delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        return await asyncio.to_thread(self._delete_versions, owner, name, versions)
+
+    def _delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        with _locked(self._lock_path(owner, name)):
+            try:
+                current = AdapterRecord.model_validate_json(self._record_path(owner, name).read_bytes()).version
+            except FileNotFoundError:
+                current = None
+            removed = sorted(v for v in versions if v != current)
+            for version in removed:
+                shutil.rmtree(self.root / layout.versions_prefix(owner, name) / version, True)
+            return removed
 
     async def put_base(self, base_model: str, data: bytes) -> None:
         await asyncio.to_thread(_atomic_write, self.root / layout.base_key(base_model), data)

@@ -45,6 +45,7 @@ from adapters_manifest.store import ProgressCallback, RecordConflictError, Store
 
 T = TypeVar("T")
 
+VERSION = re.compile(r"[0-9a-f]{16}")
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 ACCESS_CODES = {
@@ -198,13 +199,14 @@ class S3Store:
 
     # -- reading -------------------------------------------------------------------
 
-    async def list_stamps(self) -> dict[str, str]:
-        return await self._run(self._list_stamps)
+    async def list_stamps(self, owner: str | None = None) -> dict[str, str]:
+        return await self._run(self._list_stamps, owner)
 
-    def _list_stamps(self) -> dict[str, str]:
+    def _list_stamps(self, owner: str | None = None) -> dict[str, str]:
         base = self._key(layout.MANIFEST_DIR) + "/"
         stamps = {}
-        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+        prefix = f"{base}{owner}/" if owner else base
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 owner, _, file_name = obj["Key"][len(base) :].partition("/")
                 # Exactly `<owner>/<name>.json`, like the local store's `*/*.json`.
@@ -332,6 +334,53 @@ class S3Store:
                 if _lost_condition(exc) or (if_stamp is not None and _is_not_found(exc)):
                     raise RecordConflictError(f"the record of {record.ref} changed meanwhile") from None
                 raise
+            self._mark_retired(record)
+
+    def _version_objects(self, owner: str, name: str) -> dict[str, list[dict[str, Any]]]:
+        """version -> its objects (as listed: Key, LastModified...)."""
+        prefix = self._key(layout.versions_prefix(owner, name))
+        versions: dict[str, list[dict[str, Any]]] = {}
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                version, _, file_name = obj["Key"][len(prefix) :].partition("/")
+                if VERSION.fullmatch(version) and file_name:
+                    versions.setdefault(version, []).append(obj)
+        return versions
+
+    def _mark_retired(self, current: AdapterRecord) -> None:
+        """The grace period of every version the commit replaced starts now (once: the first
+        replacement counts); the current one's marker goes, should it have been retired before."""
+        for version, objects in self._version_objects(current.owner, current.name).items():
+            marker = (
+                f"{self._key(layout.versions_prefix(current.owner, current.name))}{version}/{layout.RETIRED_MARKER}"
+            )
+            marked = any(obj["Key"] == marker for obj in objects)
+            if version == current.version and marked:
+                self._client.delete_object(Bucket=self.bucket, Key=marker)
+            elif version != current.version and not marked:
+                self._client.put_object(Bucket=self.bucket, Key=marker, Body=b"")
+
+    async def list_versions(self, owner: str, name: str) -> dict[str, float]:
+        return await self._run(self._list_versions, owner, name)
+
+    def _list_versions(self, owner: str, name: str) -> dict[str, float]:
+        versions = {}
+        for version, objects in self._version_objects(owner, name).items():
+            markers = [o for o in objects if o["Key"].endswith("/" + layout.RETIRED_MARKER)]
+            versions[version] = max(o["LastModified"].timestamp() for o in markers or objects)
+        return versions
+
+    async def delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        return await self._run(self._delete_versions, owner, name, versions)
+
+    def _delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        with self._locked(owner, name):
+            data = self._get_bytes(self._key(layout.record_key(owner, name)))
+            current = AdapterRecord.model_validate_json(data).version if data is not None else None
+            removed = sorted(v for v in versions if v != current and VERSION.fullmatch(v))
+            for version in removed:
+                self._delete_prefix(f"{self._key(layout.versions_prefix(owner, name))}{version}/", f"{owner}/{name}")
+            return removed
 
     @contextmanager
     def _locked(self, owner: str, name: str) -> Iterator[None]:

@@ -36,8 +36,9 @@ class RecordConflictError(Exception):
 class AdapterStore(Protocol):
     url: str  # for logs and messages: never holds credentials
 
-    async def list_stamps(self) -> dict[str, str]:
-        """`owner/name` -> a stamp (ETag) of its record, for every record: one cheap listing."""
+    async def list_stamps(self, owner: str | None = None) -> dict[str, str]:
+        """`owner/name` -> a stamp (ETag) of its record, for every record (of `owner`, if given):
+        one cheap listing."""
 
     async def get_record(self, owner: str, name: str) -> AdapterRecord | None:
         """One record, or None when there is none."""
@@ -64,6 +65,14 @@ class AdapterStore(Protocol):
         delete_adapter takes too), and only if every file of the version is stored and, when
         asked, the record still has stamp `if_stamp` (or, `if_absent`, there is none); else
         RecordConflictError and nothing is written."""
+
+    async def list_versions(self, owner: str, name: str) -> dict[str, float]:
+        """Every stored version of an adapter -> since when (epoch seconds) it is not current: its
+        retirement marker's time, else its newest file's (a version never committed)."""
+
+    async def delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        """Under the adapter's lock: remove these versions' files, except the one its record names
+        now. Returns the versions removed."""
 
     async def put_base(self, base_model: str, data: bytes) -> None:
         """Publish what a gateway's base model accepts (`bases/<name>.json`)."""

@@ -35,6 +35,7 @@ from gateway.app_keys import (
     STORE,
     TRACER,
     TRACER_PROVIDER,
+    VERSIONS,
     Serving,
 )
 from gateway.auth.keys import KeyRing
@@ -60,6 +61,7 @@ from gateway.settings import ServeSettings
 from gateway.telemetry.http import server_span_middleware
 from gateway.telemetry.instruments import GatewayMetrics
 from gateway.telemetry.spans import tracer_of
+from gateway.version_collector import VersionCollector
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ def create_app(
     app[STORE] = open_store(settings.store)
     app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank, settings.dtype)
     app[SERVING] = Serving()
+    app[VERSIONS] = VersionCollector(app[STORE], settings.version_grace_s)
 
     def retire(record: AdapterRecord) -> None:
         """A version left the store: out of the engine, then off the disk, once unused."""
@@ -113,6 +116,7 @@ def create_app(
             app[SERVING].pool.retire(record)
         if DISK_CACHE in app:
             app[DISK_CACHE].retire(record)
+        app[VERSIONS].schedule(record.owner, record.name)
 
     app[METRICS_REGISTRY] = CollectorRegistry(auto_describe=True)
     app[METRICS] = GatewayMetrics(app[METRICS_REGISTRY])
@@ -128,6 +132,7 @@ def create_app(
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
     app.cleanup_ctx.append(publish_base)
+    app.on_cleanup.append(_close_versions)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.cleanup_ctx.append(_watch_keys_file)
     app.router.add_get("/healthz", healthz)
@@ -144,6 +149,10 @@ def create_app(
     app.router.add_post("/admin/sync", trigger_sync)
     app.router.add_get("/admin/resident", resident_adapters)
     return app
+
+
+async def _close_versions(app: web.Application) -> None:
+    app[VERSIONS].close()  # scheduled collections are idempotent: the next upload redoes one
 
 
 async def _watch_keys_file(app: web.Application) -> AsyncIterator[None]:

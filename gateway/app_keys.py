@@ -18,6 +18,7 @@ from gateway.fair_share import UserLimiter
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
 from gateway.telemetry.instruments import GatewayMetrics
+from gateway.version_collector import VersionCollector
 
 
 @dataclass
@@ -58,6 +59,7 @@ SETTINGS = web.AppKey("settings", ServeSettings)
 STORE = web.AppKey("store", AdapterStore)
 BASE_SPEC = web.AppKey("base_spec", BaseModelSpec)  # what an adapter must fit
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)
+VERSIONS = web.AppKey("versions", VersionCollector)  # collects replaced versions after their grace
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", UserLimiter)

@@ -103,6 +103,19 @@ class ServeSettings(BaseSettings):
     max_running_per_user: int = Field(default=64, ge=1, description="Requests one user may have generating at once.")
     max_queued_per_user: int = Field(default=512, ge=0, description="Further requests one user may have waiting.")
     queue_timeout_s: float = Field(default=60.0, gt=0, description="How long a waiting request waits before a 429.")
+    max_adapters_per_user: int = Field(default=100, ge=1, description="Adapters one user may have in the store.")
+    max_versions_per_adapter: int = Field(
+        default=3,
+        ge=2,
+        description="Versions one adapter keeps, the current one included: replaced ones stay for version_grace_s.",
+    )
+    version_grace_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long a replaced version's files stay in the store (replicas not synced yet may fetch "
+        "them) before they are collected.",
+    )
+    max_list_page: int = Field(default=100, ge=1, le=10_000, description="Adapters in one page of GET /v1/adapters.")
 
     # HTTP
     max_adapter_bytes: int = Field(default=512 << 20, ge=1024, description="Largest adapter weights file accepted.")

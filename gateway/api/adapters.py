@@ -18,15 +18,18 @@ from aiohttp.http_exceptions import BadHttpMessage
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterRecord, check_name
 from adapters_manifest.validation import AdapterValidationError, ValidationLimits
-from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE
+from adapters_manifest.versions import kept_versions
+from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE, VERSIONS
 from gateway.auth.middleware import PRINCIPAL
 from gateway.errors import (
     InvalidAdapterError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceededError,
     RequestTimeoutError,
     RequestTooLargeError,
+    TemporaryQuotaError,
 )
 
 FORM_FIELDS = {"name", "description", "public", "owner"}
@@ -76,9 +79,30 @@ async def upload_adapter(request: web.Request) -> web.Response:
             )
         except AdapterValidationError as exc:
             raise InvalidAdapterError(f"Adapter refused: {exc}", param="files") from None
+        await _check_quotas(request.app, record)
         await publish(request.app[STORE], folder, record)
     request.app[CATALOG].add(record)
+    request.app[VERSIONS].schedule(record.owner, record.name)  # the one it replaced, after its grace
     return web.json_response(adapter_json(record), status=201)
+
+
+async def _check_quotas(app: web.Application, record: AdapterRecord) -> None:
+    """Judged by the store, not this replica's catalog: other replicas and the CLI upload too."""
+    settings, store = app[SETTINGS], app[STORE]
+    owned = await store.list_stamps(record.owner)
+    if record.ref not in owned and len(owned) >= settings.max_adapters_per_user:
+        raise QuotaExceededError(
+            f"'{record.owner}' has {len(owned)} adapters, the most one user may have: delete one first.",
+            param="name",
+        )
+    kept = await kept_versions(store, record.owner, record.name, settings.version_grace_s, excluding=record.version)
+    if kept.count >= settings.max_versions_per_adapter:
+        raise TemporaryQuotaError(
+            f"'{record.ref}' keeps {kept.count} versions, the most one adapter may: a replaced version stays "
+            f"{settings.version_grace_s:g} s for replicas still serving it. Retry later.",
+            param="name",
+            retry_after_s=kept.next_expiry_s,
+        )
 
 
 def _part_limits(limits: ValidationLimits) -> dict[str, int]:
@@ -135,8 +159,21 @@ async def _save_bounded(part: BodyPartReader, dest: Path, limit: int) -> None:
 
 
 async def list_adapters(request: web.Request) -> web.Response:
-    visible = request.app[CATALOG].visible_records(request[PRINCIPAL])
-    return web.json_response({"object": "list", "data": [adapter_json(r) for r in visible]})
+    """One page, in `owner/name` order: `limit` (default and most: max_list_page), `after` an id."""
+    largest = request.app[SETTINGS].max_list_page
+    raw = request.query.get("limit", str(largest))
+    if not (raw.isdigit() and 1 <= int(raw) <= largest):
+        raise InvalidRequestError(f"limit must be an integer from 1 to {largest}.", param="limit")
+    page, has_more = request.app[CATALOG].visible_page(request[PRINCIPAL], request.query.get("after"), int(raw))
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [adapter_json(r) for r in page],
+            "first_id": page[0].ref if page else None,
+            "last_id": page[-1].ref if page else None,
+            "has_more": has_more,
+        }
+    )
 
 
 async def show_adapter(request: web.Request) -> web.Response:
