@@ -35,6 +35,7 @@ from gateway.app_keys import (
     STORE,
     TRACER,
     TRACER_PROVIDER,
+    UPLOADS,
     VERSIONS,
     Serving,
 )
@@ -61,6 +62,7 @@ from gateway.settings import ServeSettings
 from gateway.telemetry.http import server_span_middleware
 from gateway.telemetry.instruments import GatewayMetrics
 from gateway.telemetry.spans import tracer_of
+from gateway.upload_admission import UploadAdmission
 from gateway.version_collector import VersionCollector
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ def create_app(
     app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank, settings.dtype)
     app[SERVING] = Serving()
     app[VERSIONS] = VersionCollector(app[STORE], settings.version_grace_s)
+    app[UPLOADS] = UploadAdmission(settings.max_uploads_per_user, settings.max_concurrent_uploads)
 
     def retire(record: AdapterRecord) -> None:
         """A version left the store: out of the engine, then off the disk, once unused."""

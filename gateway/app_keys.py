@@ -18,6 +18,7 @@ from gateway.fair_share import UserLimiter
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
 from gateway.telemetry.instruments import GatewayMetrics
+from gateway.upload_admission import UploadAdmission
 from gateway.version_collector import VersionCollector
 
 
@@ -63,6 +64,7 @@ VERSIONS = web.AppKey("versions", VersionCollector)  # collects replaced version
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", UserLimiter)
+UPLOADS = web.AppKey("uploads", UploadAdmission)  # uploads in progress, per user and in all
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", GatewayMetrics)  # the instruments, registered in METRICS_REGISTRY
 TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)  # the global one unless create_app got one

@@ -103,6 +103,10 @@ class ServeSettings(BaseSettings):
     max_running_per_user: int = Field(default=64, ge=1, description="Requests one user may have generating at once.")
     max_queued_per_user: int = Field(default=512, ge=0, description="Further requests one user may have waiting.")
     queue_timeout_s: float = Field(default=60.0, gt=0, description="How long a waiting request waits before a 429.")
+    max_uploads_per_user: int = Field(default=2, ge=1, description="Uploads one user may have in progress at once.")
+    max_concurrent_uploads: int = Field(
+        default=4, ge=1, description="Uploads in progress at once in all (each may take max_adapter_bytes of /tmp)."
+    )
     max_adapters_per_user: int = Field(default=100, ge=1, description="Adapters one user may have in the store.")
     max_versions_per_adapter: int = Field(
         default=3,

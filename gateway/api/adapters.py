@@ -19,7 +19,7 @@ from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterRecord, check_name
 from adapters_manifest.validation import AdapterValidationError, ValidationLimits
 from adapters_manifest.versions import kept_versions
-from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE, VERSIONS
+from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE, UPLOADS, VERSIONS
 from gateway.auth.middleware import PRINCIPAL
 from gateway.errors import (
     InvalidAdapterError,
@@ -41,6 +41,12 @@ def adapter_json(record: AdapterRecord) -> dict[str, Any]:
 
 
 async def upload_adapter(request: web.Request) -> web.Response:
+    # Admitted before the body is read: uploads in progress bound the scratch disk they take.
+    async with request.app[UPLOADS].admit(request[PRINCIPAL].user):
+        return await _upload(request)
+
+
+async def _upload(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
         folder = Path(tmp)

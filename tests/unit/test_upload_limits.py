@@ -16,9 +16,11 @@ from safetensors.numpy import load_file, save_file
 
 from adapters_manifest import cli as adapters_cli
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
+from gateway.app_keys import UPLOADS
+from gateway.auth.keys import add_key
 from tests.fakes import write_adapter_dir
 from tests.unit import test_api
-from tests.unit.test_api import Gateway, StartGateway, assert_error
+from tests.unit.test_api import Gateway, StartGateway, assert_error, until
 from tests.unit.test_hostile_input import read_response
 
 start_gateway = test_api.start_gateway
@@ -163,3 +165,44 @@ def test_the_cli_refuses_weights_holding_nan_naming_the_tensor(
     assert adapters_cli.main(argv) == 2
     assert f"tensor {name} holds NaN" in capsys.readouterr().err
     assert not (store / "manifest").exists()
+
+
+# -- uploads in progress -------------------------------------------------------------------------
+
+
+async def start_a_slow_upload(gw: Gateway, key: str) -> asyncio.StreamWriter:
+    """An upload whose body is still arriving (its headers sent, a little of its body)."""
+    _, writer = await asyncio.open_connection(gw.client.host, gw.client.port)
+    writer.write(
+        f"POST /v1/adapters HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary=bbbb\r\nContent-Length: {1 << 20}\r\n\r\n--bbbb\r\n".encode()
+    )
+    await writer.drain()
+    return writer
+
+
+async def test_uploads_in_progress_are_bounded_per_user_and_in_all(start_gateway: StartGateway, tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    keys = {user: add_key(keys_file, user)[0] for user in ("alice", "bob", "carol")}
+    gw = await start_gateway(keys_file=keys_file, max_uploads_per_user=1, max_concurrent_uploads=2)
+
+    def post(user: str) -> Any:
+        form = adapter_form(write_adapter_dir(tmp_path / f"{user}-{time.monotonic_ns()}"), name="x")
+        return gw.client.post("/v1/adapters", data=form, headers={"Authorization": f"Bearer {keys[user]}"})
+
+    alice = await start_a_slow_upload(gw, keys["alice"])
+    try:
+        await until(lambda: gw.app[UPLOADS]._receiving == 1)
+        resp = await post("alice")
+        error = await assert_error(resp, 429, code="rate_limit_exceeded")
+        assert "alice" in error["message"] and "Retry-After" in resp.headers
+        bob = await start_a_slow_upload(gw, keys["bob"])
+        try:
+            await until(lambda: gw.app[UPLOADS]._receiving == 2)
+            await assert_error(await post("carol"), 429, code="rate_limit_exceeded")  # two in all
+        finally:
+            bob.close()
+    finally:
+        alice.close()
+    await until(lambda: gw.app[UPLOADS]._receiving == 0)
+    assert (await post("alice")).status == 201
