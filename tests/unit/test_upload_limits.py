@@ -18,7 +18,7 @@ from adapters_manifest import cli as adapters_cli
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 from gateway.app_keys import UPLOADS
 from gateway.auth.keys import add_key
-from tests.fakes import write_adapter_dir
+from tests.fakes import FakeEngine, write_adapter_dir
 from tests.unit import test_api
 from tests.unit.test_api import Gateway, StartGateway, assert_error, until
 from tests.unit.test_hostile_input import read_response
@@ -206,3 +206,31 @@ async def test_uploads_in_progress_are_bounded_per_user_and_in_all(start_gateway
         alice.close()
     await until(lambda: gw.app[UPLOADS]._receiving == 0)
     assert (await post("alice")).status == 201
+
+
+# -- republishing ------------------------------------------------------------------------------
+
+
+async def test_a_version_published_again_while_the_engine_still_removes_it_is_served(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """v1 served, replaced by v2 (v1's removal from the engine takes a while), then v1's bytes
+    published again: the request is served by v1, and the engine never saw it added twice (the
+    fake engine's check, at the end of every test)."""
+    gw = await start_gateway(FakeEngine(max_model_len=test_api.MAX_MODEL_LEN, remove_delay_s=0.5))
+    v1 = write_adapter_dir(tmp_path / "v1", payload=b"one")
+    v2 = write_adapter_dir(tmp_path / "v2", payload=b"two")
+
+    async def publish_and_ask(folder: Path) -> str:
+        resp = await gw.client.post("/v1/adapters", data=adapter_form(folder, name="flip"))
+        assert resp.status == 201, await resp.text()
+        version = (await resp.json())["version"]
+        resp = await gw.post("/v1/completions", {"model": "dev/flip", "prompt": "x", "max_tokens": 1})
+        assert resp.status == 200, await resp.text()
+        assert f"dev/flip@{version}" in (await resp.json())["choices"][0]["text"]
+        return version
+
+    first = await publish_and_ask(v1)
+    await publish_and_ask(v2)  # v1 retired: its removal is under way
+    assert await publish_and_ask(v1) == first
+    gw.engine.check()
