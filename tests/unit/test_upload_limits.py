@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from adapters_manifest import cli as adapters_cli
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
-from gateway.app_keys import UPLOADS
+from gateway.app_keys import STORE, UPLOADS
 from gateway.auth.keys import add_key
 from tests.fakes import FakeEngine, write_adapter_dir
 from tests.unit import test_api
@@ -234,3 +234,29 @@ async def test_a_version_published_again_while_the_engine_still_removes_it_is_se
     await publish_and_ask(v2)  # v1 retired: its removal is under way
     assert await publish_and_ask(v1) == first
     gw.engine.check()
+
+
+async def test_a_delete_racing_an_upload_never_leaves_a_record_that_fails_every_request(
+    gw: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload's files are stored, its record not yet; a delete runs to the end meanwhile."""
+    assert (
+        await gw.client.post("/v1/adapters", data=adapter_form(write_adapter_dir(tmp_path / "v1"), "race"))
+    ).status == 201
+    store, reached, release = gw.app[STORE], asyncio.Event(), asyncio.Event()
+    commit = store.put_record
+
+    async def held_commit(record: Any, **conditions: Any) -> None:
+        reached.set()
+        await release.wait()
+        await commit(record, **conditions)
+
+    monkeypatch.setattr(store, "put_record", held_commit)
+    v2 = write_adapter_dir(tmp_path / "v2", payload=b"v2")
+    uploading = asyncio.create_task(gw.client.post("/v1/adapters", data=adapter_form(v2, "race")))
+    await asyncio.wait_for(reached.wait(), 10)
+    assert (await gw.client.delete("/v1/adapters/dev/race")).status == 200
+    release.set()
+    assert (await uploading).status == 201
+    resp = await gw.post("/v1/completions", {"model": "dev/race", "prompt": "x", "max_tokens": 1})
+    assert resp.status == 200, await resp.text()  # was 422, with a file path, for 60 s
