@@ -260,3 +260,22 @@ async def test_a_delete_racing_an_upload_never_leaves_a_record_that_fails_every_
     assert (await uploading).status == 201
     resp = await gw.post("/v1/completions", {"model": "dev/race", "prompt": "x", "max_tokens": 1})
     assert resp.status == 200, await resp.text()  # was 422, with a file path, for 60 s
+
+
+async def test_a_header_at_its_limit_of_many_tensors_keeps_healthz_responsive(gw: Gateway, tmp_path: Path) -> None:
+    """The largest header accepted (4 MiB), every byte of it tensors to parse and tile."""
+    folder = write_adapter_dir(tmp_path / "many")
+    header, offset, n, size = {}, 0, 0, 2
+    while size < (4 << 20) - 200:
+        name = f"base_model.model.model.layers.{n}.self_attn.q_proj.lora_A.weight"
+        header[name] = {"dtype": "F32", "shape": [1, 1], "data_offsets": [offset, offset + 4]}
+        size += len(json.dumps({name: header[name]}))
+        offset, n = offset + 4, n + 1
+    raw = json.dumps(header).encode()
+    assert len(raw) <= 4 << 20
+    (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+    upload = asyncio.create_task(gw.client.post("/v1/adapters", data=adapter_form(folder)))
+    worst = await worst_healthz_while(gw, upload)
+    print(f"\n{n} tensors in a {len(raw)}-byte header: worst /healthz {worst:.3f} s")
+    await assert_error(await upload, 400, param="files", code="invalid_adapter")
+    assert worst < HEALTHZ_BOUND_S
