@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ from adapters_manifest import layout
 from adapters_manifest.atomic_file import replacing
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import ProgressCallback, RecordConflictError
+
+log = logging.getLogger(__name__)
 
 VERSION = re.compile(r"[0-9a-f]{16}")
 
@@ -140,7 +143,10 @@ class LocalFolderStore:
             if not self._has_version(record):  # a delete took them since they were put
                 raise RecordConflictError(f"files of {record.versioned_ref} are missing")
             _atomic_write(self._record_path(record.owner, record.name), data)
-            self._mark_retired(record)
+            try:
+                self._mark_retired(record)
+            except OSError as e:  # committed all the same: grace counts from the files' time
+                log.warning("marking the versions %s replaced failed: %s", record.versioned_ref, e)
 
     def _mark_retired(self, current: AdapterRecord) -> None:
         """The grace period of every version the commit replaced starts now (once: the first

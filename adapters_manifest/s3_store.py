@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import re
 import time
@@ -42,6 +43,8 @@ from adapters_manifest import layout
 from adapters_manifest.atomic_file import replacing
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import ProgressCallback, RecordConflictError, StoreAccessError, StoreUnavailableError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -334,7 +337,13 @@ class S3Store:
                 if _lost_condition(exc) or (if_stamp is not None and _is_not_found(exc)):
                     raise RecordConflictError(f"the record of {record.ref} changed meanwhile") from None
                 raise
-            self._mark_retired(record)
+            try:
+                self._mark_retired(record)
+            except (
+                BotoCoreError,
+                ClientError,
+            ) as e:  # committed all the same: the grace then counts from the files' time
+                log.warning("marking the versions %s replaced failed: %s", record.versioned_ref, e)
 
     def _version_objects(self, owner: str, name: str) -> dict[str, list[dict[str, Any]]]:
         """version -> its objects (as listed: Key, LastModified...)."""
