@@ -168,7 +168,7 @@ async def list_adapters(request: web.Request) -> web.Response:
     """One page, in `owner/name` order: `limit` (default and most: max_list_page), `after` an id."""
     largest = request.app[SETTINGS].max_list_page
     raw = request.query.get("limit", str(largest))
-    if not (raw.isdigit() and 1 <= int(raw) <= largest):
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= largest):
         raise InvalidRequestError(f"limit must be an integer from 1 to {largest}.", param="limit")
     page, has_more = request.app[CATALOG].visible_page(request[PRINCIPAL], request.query.get("after"), int(raw))
     return web.json_response(

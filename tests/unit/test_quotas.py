@@ -117,5 +117,5 @@ async def test_the_listing_has_a_default_and_a_largest_page(start_gateway: Start
         assert (await upload(gw, tmp_path, f"a{n}", "v1")).status == 201
     page = await (await gw.client.get("/v1/adapters")).json()
     assert len(page["data"]) == 3 and page["has_more"] is True
-    for bad in ("0", "-1", "4", "x"):
+    for bad in ("0", "-1", "4", "x", "\u00b2", "1.5", ""):
         await assert_error(await gw.client.get("/v1/adapters", params={"limit": bad}), 400, param="limit")
