@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -17,14 +18,16 @@ from prometheus_client import CollectorRegistry
 from adapters_manifest.open_store import open_store
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
+from gateway.api import inference
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
 from gateway.api.admin import resident_adapters, trigger_sync
-from gateway.api.completions import create_chat_completion, create_completion
 from gateway.api.health import healthz, readyz
-from gateway.api.models import list_models
+from gateway.api.models import list_models, show_model
+from gateway.api.openai_layer import build_openai_layer
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_document
 from gateway.app_keys import (
     BASE_SPEC,
+    CACHE_SALT_SECRET,
     CATALOG,
     DISK_CACHE,
     LIMITER,
@@ -54,13 +57,21 @@ from gateway.disk_cache import DiskCache
 from gateway.draining import drain_middleware
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
-from gateway.errors import error_middleware
+from gateway.engine_start import EngineProcessWatch
+from gateway.errors import describe, error_middleware
 from gateway.fair_share import UserLimiter
 from gateway.metrics import metrics, register_state_collector
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
+from gateway.slow_clients import (
+    STALLED_READERS,
+    StalledReaderWatch,
+    stalled_reader_middleware,
+    watch_stalled_readers,
+)
 from gateway.telemetry.http import server_span_middleware
 from gateway.telemetry.instruments import GatewayMetrics
+from gateway.telemetry.request_id import add_request_id_header, request_id_middleware
 from gateway.telemetry.spans import tracer_of
 from gateway.upload_admission import UploadAdmission
 from gateway.version_collector import VersionCollector
@@ -100,11 +111,20 @@ def create_app(
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         # The server span is outermost: it sees the status the error middleware gives every failure.
-        middlewares=[server_span_middleware(tracer_provider), error_middleware, drain_middleware, auth_middleware],
+        middlewares=[
+            server_span_middleware(tracer_provider),
+            request_id_middleware,
+            stalled_reader_middleware,
+            error_middleware,
+            drain_middleware,
+            auth_middleware,
+        ],
     )
+    app.on_response_prepare.append(add_request_id_header)
     app[TRACER_PROVIDER] = tracer_provider
     app[TRACER] = tracer_of(tracer_provider)
     app[SETTINGS] = settings
+    app[CACHE_SALT_SECRET] = secrets.token_bytes(32)
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
     app[STORE] = open_store(settings.store)
@@ -129,6 +149,10 @@ def create_app(
         on_retired=retire,
         tracer=app[TRACER],
         metrics=app[METRICS],
+        lookups=UserLimiter(
+            settings.max_store_lookups_per_user, settings.max_queued_per_user, settings.queue_timeout_s
+        ),
+        miss_ttl_s=settings.adapter_miss_ttl_s,
     )
     register_state_collector(app)
     app[OPENAPI] = build_openapi()
@@ -138,13 +162,19 @@ def create_app(
     app.on_cleanup.append(_close_versions)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.cleanup_ctx.append(_watch_keys_file)
+    app[STALLED_READERS] = StalledReaderWatch(settings.stalled_read_timeout_s)
+    app.cleanup_ctx.append(watch_stalled_readers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/completions", create_completion)
-    app.router.add_post("/v1/chat/completions", create_chat_completion)
+    app.router.add_get("/v1/models/{model:.+}", show_model)
+    app.router.add_post("/v1/completions", inference.handler(inference.COMPLETIONS))
+    app.router.add_post("/v1/chat/completions", inference.handler(inference.CHAT_COMPLETIONS))
+    app.router.add_post("/v1/responses", inference.handler(inference.RESPONSES))
+    app.router.add_post("/tokenize", inference.handler(inference.TOKENIZE))
+    app.router.add_post("/detokenize", inference.handler(inference.DETOKENIZE))
     app.router.add_post("/v1/adapters", upload_adapter)
     app.router.add_get("/v1/adapters", list_adapters)
     app.router.add_get("/v1/adapters/{owner}/{name}", show_adapter)
@@ -235,8 +265,11 @@ def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application
 
 async def _start_engine(app: web.Application, engine_factory: EngineFactory, work_dir: Path) -> None:
     settings, serving = app[SETTINGS], app[SERVING]
+    watch = EngineProcessWatch()
+    engine: Engine | None = None
     try:
-        engine = await asyncio.to_thread(engine_factory, settings)
+        with watch:
+            engine = await asyncio.to_thread(engine_factory, settings)
         pool = AdapterPool(
             engine,
             app[DISK_CACHE],
@@ -253,9 +286,19 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
         )
         if engine.base_via_zero_adapter:
             await pool.register_base_adapter(write_zero_adapter(settings.model, work_dir / "base-zero-adapter"))
+        openai = await build_openai_layer(engine.client, engine.frontend_args, app[TRACER])
     except Exception as exc:
-        log.exception("engine failed to start")
+        # The root cause: the exception, and how the engine's processes ended (a worker killed for
+        # memory leaves no traceback; vLLM then says only "see stack trace for root cause").
+        log.error(
+            "engine failed to start: %s; engine processes that ended: %s", describe(exc), watch.summary(), exc_info=exc
+        )
         serving.startup_error = f"{type(exc).__name__}: {exc}"
+        if engine is not None:  # started, then its setup failed: its processes must not outlive the gateway
+            try:
+                await asyncio.to_thread(engine.shutdown)
+            except Exception:
+                log.exception("shutting down the engine that failed its setup failed too")
         return
-    serving.engine, serving.pool = engine, pool
+    serving.engine, serving.pool, serving.openai = engine, pool, openai
     log.info("engine ready: serving %s; base-model requests run %s", settings.base_model_name, engine.base_requests)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from adapters_manifest.store import AdapterStore
 from adapters_manifest.validation import BaseModelSpec
+from gateway.api.openai_layer import OpenAILayer
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
@@ -24,10 +25,12 @@ from gateway.version_collector import VersionCollector
 
 @dataclass
 class Serving:
-    """The engine and its adapter pool once the engine has started; readiness derives from it."""
+    """The engine, its adapter pool and vLLM's OpenAI layer on it, once the engine has started;
+    readiness derives from it."""
 
     engine: Engine | None = None
     pool: AdapterPool | None = None
+    openai: OpenAILayer | None = None
     startup_error: str | None = None
     draining: bool = False  # set on SIGTERM: new work is refused (draining.py)
     in_flight: int = 0  # requests being handled, streams included
@@ -36,8 +39,8 @@ class Serving:
         if self.draining:
             return "shutting down"
         if self.startup_error is not None:
-            return f"engine failed to start: {self.startup_error}"
-        if self.engine is None or self.pool is None:
+            return "engine failed to start"  # why: in the log (anonymous callers read this)
+        if self.engine is None or self.pool is None or self.openai is None:
             return "engine starting"
         if not self.engine.is_alive():
             return "engine dead"
@@ -55,8 +58,15 @@ class Serving:
         assert self.pool is not None  # set together with the engine
         return self.pool
 
+    def openai_or_raise(self) -> OpenAILayer:
+        self.engine_or_raise()
+        assert self.openai is not None  # set together with the engine
+        return self.openai
+
 
 SETTINGS = web.AppKey("settings", ServeSettings)
+# This process's secret for tenants' prefix-cache salts (each replica has its own engine cache).
+CACHE_SALT_SECRET = web.AppKey("cache_salt_secret", bytes)
 STORE = web.AppKey("store", AdapterStore)
 BASE_SPEC = web.AppKey("base_spec", BaseModelSpec)  # what an adapter must fit
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)

@@ -5,6 +5,11 @@ Sync: a full listing at start, then polling. Each poll is one cheap listing of r
 disappeared is handed to `on_retired`, which takes it out of the engine and off the disk once
 its last request ends. A failed poll changes nothing: what is known keeps being served.
 Each sync is a trace of its own (`adapter.sync`), linked to the request that asked for it, if any.
+
+A name not yet synced, in the caller's own namespace, is looked up in the store. Those look-ups
+are admitted per user first (a few at once, then a queue, then 429: `lookups`), concurrent ones
+for one name share one read, and a miss is remembered for `miss_ttl_s` (a flood of misses costs
+the store next to nothing; a name published meanwhile on another replica waits that long).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import bisect
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,12 +30,14 @@ from adapters_manifest.record import AdapterRecord, check_name
 from adapters_manifest.store import AdapterStore
 from gateway.auth.keys import Principal
 from gateway.errors import ModelNotFoundError
+from gateway.fair_share import UserLimiter
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import GatewayMetrics, detached_metrics
 
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL_READS = 16
+MAX_REMEMBERED_MISSES = 10_000  # names sprayed at random must not grow memory without bound
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,14 @@ class AdapterCatalog:
         on_retired: Callable[[AdapterRecord], None] = lambda record: None,
         tracer: Tracer | None = None,
         metrics: GatewayMetrics | None = None,
+        lookups: UserLimiter | None = None,
+        miss_ttl_s: float = 5.0,
     ) -> None:
         self._store = store
+        self._lookups = lookups or UserLimiter(max_running=4, max_queued=64, queue_timeout_s=30.0)
+        self._miss_ttl_s = miss_ttl_s
+        self._misses: OrderedDict[str, float] = OrderedDict()  # ref -> forgotten at (monotonic)
+        self._reading: dict[str, asyncio.Future[AdapterRecord | None]] = {}  # ref -> the read in flight
         self.base_model_name = base_model_name
         self._on_retired = on_retired
         self._records: dict[str, AdapterRecord] = {}
@@ -126,6 +140,7 @@ class AdapterCatalog:
         old = self._records.pop(ref, None)
         if record is not None:
             self._records[ref] = record
+            self._misses.pop(ref, None)
         if (old is None) != (record is None):
             self._sorted_refs = None
         if old is not None and (record is None or record.version != old.version):
@@ -180,12 +195,44 @@ class AdapterCatalog:
             # Not seen yet: it may have been published since the last poll. Only in one's own
             # namespace: a look-up elsewhere would answer faster for names that exist (an
             # existence oracle); other users' public adapters appear with the next poll.
-            record = await self._store.get_record(owner, name)  # an outage: 503 (errors.py)
-            if record is not None:
-                self._replace(ref, record)
+            record = await self._look_up(owner, name, principal.user)
         if record is None or not self.may_use(principal, record):
             raise ModelNotFoundError(model)
         return record
+
+    async def _look_up(self, owner: str, name: str, user: str) -> AdapterRecord | None:
+        """One store read per name at a time, admitted for `user`; a miss is remembered a while."""
+        ref = f"{owner}/{name}"
+        forgotten_at = self._misses.get(ref)
+        if forgotten_at is not None and time.monotonic() < forgotten_at:
+            return None
+        self._misses.pop(ref, None)
+        reading = self._reading.get(ref)
+        if reading is None:
+            # A task of its own: a caller that hangs up does not cancel the read others wait for.
+            reading = asyncio.ensure_future(self._admitted_read(owner, name, user))
+            self._reading[ref] = reading
+            reading.add_done_callback(lambda done: self._reading.pop(ref, None))
+            reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
+        return await asyncio.shield(reading)
+
+    async def _admitted_read(self, owner: str, name: str, user: str) -> AdapterRecord | None:
+        async with self._lookups.admit(user):  # RateLimitError (429) beyond the user's queue
+            record = await self._store.get_record(owner, name)  # an outage: 503 (errors.py)
+        ref = f"{owner}/{name}"
+        if record is None:
+            self._remember_miss(ref)
+        elif ref not in self._records:  # a sync may have brought it meanwhile
+            self._replace(ref, record)
+        return record
+
+    def _remember_miss(self, ref: str) -> None:
+        if self._miss_ttl_s <= 0:
+            return
+        self._misses[ref] = time.monotonic() + self._miss_ttl_s
+        self._misses.move_to_end(ref)
+        while len(self._misses) > MAX_REMEMBERED_MISSES:
+            self._misses.popitem(last=False)
 
     def add(self, record: AdapterRecord) -> None:
         """This replica published the adapter itself: serve it without waiting for a poll."""

@@ -1,17 +1,30 @@
-"""The gateway's errors, and the one place that maps them to HTTP status and OpenAI's error shape."""
+"""The gateway's errors, and the one place that maps them to HTTP status and OpenAI's error shape.
+
+What a client is told is a stable message of the gateway's own: never an exception's text, which
+names buckets, endpoints, object URLs and server paths. A server-side failure (5xx) quotes the
+request id (telemetry/request_id.py); its details go to the log line and the span carrying that id.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import trace
 
 from adapters_manifest.store import StoreUnavailableError
+from gateway.telemetry.request_id import request_id_of
 
 log = logging.getLogger(__name__)
+
+STORE_UNREACHABLE = "The adapter store is unreachable. Retry shortly."
+INTERNAL_ERROR = "The server had an error while processing your request."
+# An absolute path of two or more parts (a server's folder layout): reduced to its last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+=-]+/)+([\w.@+=-]+)")
 
 
 class GatewayError(Exception):
@@ -134,20 +147,63 @@ class ServiceUnavailableError(GatewayError):
     code = "service_unavailable"
 
 
+class EngineRequestError(GatewayError):
+    """vLLM's OpenAI layer refused or failed a request; its status and words, in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        self.error_type = "invalid_request_error" if status < 500 else "server_error"
+
+
+def engine_request_error(status: int, message: str, param: str | None = None) -> GatewayError:
+    if status >= 500:  # vLLM's text for its own failures names internals: those go to the log
+        log.error("vLLM's OpenAI layer failed a request (%d): %s", status, message)
+        return GatewayError("The server had an error while processing your request.")
+    if status == 404:  # the gateway resolved the model; vLLM's 404s are for what it cannot find inside it
+        return NotFoundError(message, param=param)
+    return EngineRequestError(status, message, param)
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def error_response(error: GatewayError) -> web.Response:
+def redact_paths(text: str) -> str:
+    """`text` with absolute paths cut to their last part: `/var/cache/x/adapter_model.safetensors`
+    becomes `adapter_model.safetensors`, which is all the adapter's owner needs to know."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception and what caused it, in one line, for the log and the span (never for clients)."""
+    parts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__ or current.__context__
+    return " <- ".join(parts)
+
+
+def client_message(error: GatewayError, request_id: str | None) -> str:
+    """The message a client gets: a server-side failure quotes the request id to report."""
+    if error.status < 500 or request_id is None:
+        return error.message
+    return f"{error.message} (Please include the request ID {request_id} when you report this.)"
+
+
+def client_error_body(error: GatewayError, request: web.BaseRequest) -> dict[str, Any]:
+    """The error object for `request`, also for an error event inside a stream already under way."""
+    return error_body(client_message(error, request_id_of(request)), error.error_type, error.param, error.code)
+
+
+def error_response(error: GatewayError, request_id: str | None = None) -> web.Response:
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    return web.Response(
-        status=error.status,
-        text=json.dumps(error_body(error.message, error.error_type, error.param, error.code)),
-        content_type="application/json",
-        headers=headers,
-    )
+    body = error_body(client_message(error, request_id), error.error_type, error.param, error.code)
+    return web.Response(status=error.status, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
@@ -169,8 +225,22 @@ def known_error(exc: BaseException) -> GatewayError | None:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, StoreUnavailableError):  # serving from cache goes on; this request needed the store
-        return ServiceUnavailableError(f"The adapter store is unreachable: {exc}", retry_after_s=5)
+        return ServiceUnavailableError(STORE_UNREACHABLE, retry_after_s=5)
     return None
+
+
+def report_server_error(request: web.BaseRequest, exc: BaseException, error: GatewayError | None) -> None:
+    """A 5xx (or a bug): its details to the log, with the request id, and to the current (server) span."""
+    request_id = request_id_of(request)
+    if error is None:
+        log.error("unhandled error on %s %s (request %s)", request.method, request.path, request_id, exc_info=exc)
+    else:
+        log.warning(
+            "%s %s answered %d (request %s): %s", request.method, request.path, error.status, request_id, describe(exc)
+        )
+    span = trace.get_current_span()
+    span.record_exception(exc)
+    span.set_attribute("error.detail", describe(exc))
 
 
 @web.middleware
@@ -180,13 +250,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(_from_http_exception(exc))
+        response = error_response(_from_http_exception(exc), request_id_of(request))
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception as exc:
         error = known_error(exc)
-        if error is None:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            error = GatewayError("The server had an error while processing your request.")
-        return error_response(error)
+        if error is None or error.status >= 500:
+            report_server_error(request, exc, error)
+        return error_response(error or GatewayError(INTERNAL_ERROR), request_id_of(request))

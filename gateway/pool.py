@@ -38,7 +38,14 @@ from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
 from adapters_manifest.validation import AdapterValidationError
 from gateway.engine.interface import AdapterLoadError, Engine, EngineAdapter, EngineDeadError
-from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
+from gateway.errors import (
+    STORE_UNREACHABLE,
+    AdapterCapacityError,
+    AdapterLoadFailedError,
+    ServiceUnavailableError,
+    describe,
+    redact_paths,
+)
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import TIER_ENGINE, GatewayMetrics, detached_metrics, elapsed_since
 
@@ -272,16 +279,22 @@ class AdapterPool:
                 await asyncio.shield(removal)
             await self._register(entry.adapter, record)
         except (EngineDeadError, StoreUnavailableError) as exc:
-            # Not the adapter's fault: nothing to remember, the client may retry.
+            # Not the adapter's fault: nothing to remember, the client may retry. The details
+            # (endpoint, bucket, object) go to the log and the spans, never to the client.
+            log.warning("adapter %s could not be loaded now: %s", name, describe(exc))
             self._forget(name, record if pinned else None)
-            reason = (
-                "The engine is not serving" if isinstance(exc, EngineDeadError) else "The adapter store is unreachable"
+            unavailable = ServiceUnavailableError(
+                "The engine is not serving. Retry shortly." if isinstance(exc, EngineDeadError) else STORE_UNREACHABLE,
+                retry_after_s=5,
             )
-            entry.loaded.set_exception(ServiceUnavailableError(f"{reason}: {exc}", retry_after_s=5))
+            unavailable.__cause__ = exc
+            entry.loaded.set_exception(unavailable)
         except Exception as exc:
+            log.warning("adapter %s failed to load: %s", name, describe(exc))
+            # What is wrong with the adapter itself is its owner's to know (without server paths);
+            # anything else is the server's business.
             known = isinstance(exc, (AdapterLoadError, AdapterValidationError))
-            reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
-            log.warning("adapter %s failed to load: %s", name, reason)
+            reason = redact_paths(str(exc)) if known else "the server could not prepare it"
             self._failures[name] = (reason, time.monotonic() + self._failure_ttl_s)
             self._forget(name, record if pinned else None)
             entry.loaded.set_exception(_failure_error(name, reason))

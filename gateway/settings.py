@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters_manifest.validation import ValidationLimits
@@ -34,6 +34,17 @@ class ServeSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Also serve GET /metrics on this port, adapter names included (for the Inference Extension's "
+        "endpoint picker and Prometheus; only they should reach it). /metrics on --port leaves them out.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="A scraper sending 'Authorization: Bearer TOKEN' to /metrics on --port gets the adapter names.",
+    )
 
     # Engine
     max_loras: int = Field(default=4, ge=1, description="Distinct user adapters in one batch.")
@@ -69,6 +80,26 @@ class ServeSettings(BaseSettings):
         default=None,
         description="Let vLLM export its own request spans to this OTLP endpoint; they join the gateway's "
         "traces (the gateway's own spans follow the standard OTEL_* variables).",
+    )
+
+    # vLLM's OpenAI layer, as `vllm serve` takes them
+    chat_template: str | None = Field(
+        default=None, description="A chat template (file or inline Jinja) instead of the model's own."
+    )
+    enable_auto_tool_choice: bool = Field(
+        default=False, description="Let the model choose to call tools (tool_choice 'auto'); needs --tool-call-parser."
+    )
+    tool_call_parser: str | None = Field(
+        default=None, description="vLLM's parser of tool calls in the model's output (e.g. hermes, llama3_json)."
+    )
+    reasoning_parser: str | None = Field(
+        default=None, description="vLLM's parser of reasoning in the model's output (e.g. deepseek_r1, qwen3)."
+    )
+
+    prefix_cache_per_tenant: bool = Field(
+        default=True,
+        description="Give each tenant its own prefix-cache salt (vLLM's cache_salt): nobody can time whether "
+        "another tenant sent a prompt prefix. Off: tenants share cached prefixes (faster, leaks timing).",
     )
 
     # Adapter store, sync and disk cache
@@ -120,6 +151,16 @@ class ServeSettings(BaseSettings):
         "them) before they are collected.",
     )
     max_list_page: int = Field(default=100, ge=1, le=10_000, description="Adapters in one page of GET /v1/adapters.")
+    max_store_lookups_per_user: int = Field(
+        default=4,
+        ge=1,
+        description="Store look-ups of names not yet synced one user may have at once (more wait, as requests do).",
+    )
+    adapter_miss_ttl_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a name the store does not have is answered 404 without asking the store again.",
+    )
 
     # HTTP
     max_adapter_bytes: int = Field(default=512 << 20, ge=1024, description="Largest adapter weights file accepted.")
@@ -133,6 +174,18 @@ class ServeSettings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Time a client gets to send its request body.")
     upload_timeout_s: float = Field(default=600.0, gt=0, description="Time a client gets to upload an adapter.")
+    keepalive_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A connection that has not sent a complete request head within this time is closed: idle "
+        "between requests, or sending its headers slowly. Keep a proxy's upstream idle timeout below it.",
+    )
+    stalled_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A response (a stream above all) whose client reads nothing for this long is cut off, and "
+        "its generation aborted.",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_authenticate(self) -> ServeSettings:

@@ -1,8 +1,10 @@
 """Test doubles: a deterministic in-process engine, and tiny adapters and base models on disk.
 
-`FakeEngine` implements gateway.engine.interface.Engine without vLLM. What it generates is a
-pure function of (adapter, prompt, choice, step), so a test can tell which adapter produced a
-response and compute the exact expected text with `expected_text`. It also checks the
+`FakeEngine` implements gateway.engine.interface.Engine without vLLM's engine: its `client` is a
+fake vLLM engine client under vLLM's real OpenAI layer (real protocol, tokenizer and chat template:
+the tiny model's, config only). What it generates is a pure function of (adapter, prompt, choice,
+step), so a test can tell which adapter produced a response and compute the exact expected text
+with `expected_text` from the prompt's token ids (`FakeEngine.prompt_ids`). It also checks the
 guarantees the gateway owes the real engine (never more adapters resident than vLLM's
 `max_cpu_loras`, never generate with an unregistered adapter, never add twice) and records
 every violation in `violations` instead of only raising, so that a violation swallowed by
@@ -11,9 +13,12 @@ the code under test still fails the test (`check()`).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import functools
 import hashlib
 import json
+import tempfile
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -26,21 +31,12 @@ from safetensors.numpy import save_file
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import ADAPTER_FILES, AdapterFile, AdapterRecord, content_version
-from gateway.engine.interface import (
-    AdapterLoadError,
-    Alternative,
-    ChoiceDelta,
-    EngineAdapter,
-    EngineDeadError,
-    GenerationDelta,
-    SamplingOptions,
-    TokenLogprob,
-)
+from gateway.dev import tiny_model
+from gateway.engine.interface import AdapterLoadError, EngineAdapter, EngineDeadError
 from gateway.settings import ServeSettings
 
 NO_ADAPTER = "<no-adapter>"  # the label of generations without any adapter
-VOCAB_SIZE = 0x110000  # one token per character: every code point is a token id
-FAKE_TOKEN_ID_BASE = 100_000  # ids of generated tokens in logprobs: 100000 + 1000 * choice + step
+FAKE_TOKEN_ID_BASE = 100  # ids of generated tokens: 100 + 50 * choice + step (inside the tiny vocabulary)
 
 
 def adapter_label(adapter: EngineAdapter | None) -> str:
@@ -61,24 +57,41 @@ def expected_text(label: str, prompt_token_ids: list[int], choice: int, tokens: 
     return "".join(token_text(label, prompt_token_ids, choice, step) for step in range(tokens))
 
 
-def tokenize(text: str) -> list[int]:
-    """The fake tokenizer: one token per character (its code point)."""
-    return [ord(c) for c in text]
+@functools.cache
+def tokenizer_model_dir() -> Path:
+    """The tiny model's tokenizer, chat template and config (no weights), once per test process: what
+    vLLM's OpenAI layer needs to serve on the fake engine."""
+    from transformers import LlamaConfig
+
+    folder = Path(tempfile.mkdtemp(prefix="fake-engine-model-"))
+    tiny_model.build_tokenizer(folder)
+    LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1 << 21,  # any context a test asks for fits
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    ).save_pretrained(folder)
+    return folder
 
 
-def render_chat(messages: list[dict[str, Any]]) -> list[int]:
-    """The fake chat template: one `<role>content` line per message, then the assistant's turn."""
-    rendered = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
-    return tokenize(rendered)
+def fake_token_id(choice: int, step: int) -> int:
+    return FAKE_TOKEN_ID_BASE + 50 * choice + step % 50
 
 
 @dataclass(frozen=True)
 class GenerateCall:
     request_id: str
     prompt_token_ids: list[int]
-    options: SamplingOptions
+    params: Any  # vLLM's SamplingParams
     adapter: EngineAdapter | None
     trace_headers: dict[str, str]
+    cache_salt: str | None = None  # the prefix-cache salt of the engine input
 
 
 @dataclass(frozen=True)
@@ -106,8 +119,6 @@ class FakeEngine:
     fail_loads: dict[str, str] = field(default_factory=dict)
     # When set, add_adapter waits for it (lets a test hold a load in flight).
     add_gate: asyncio.Event | None = None
-    # When set, render_chat raises ValueError with this message (a template that rejects input).
-    chat_template_error: str | None = None
     alive: bool = True
 
     resident: dict[int, EngineAdapter] = field(default_factory=dict, init=False)
@@ -119,11 +130,25 @@ class FakeEngine:
     peak_resident: int = field(default=0, init=False)
     violations: list[str] = field(default_factory=list, init=False)
     shut_down: bool = field(default=False, init=False)
+    client: FakeEngineClient = field(init=False)
+    frontend_args: argparse.Namespace = field(init=False)
 
     def started_with(self, settings: ServeSettings) -> FakeEngine:
-        """The engine factory: as vLLM's, sized by the settings, with a slot for the zero adapter."""
+        """The engine factory: as vLLM's, sized by the settings, with a slot for the zero adapter;
+        vLLM's OpenAI layer configured from the same settings, on the tiny tokenizer."""
+        from gateway.engine.vllm_engine import build_engine_args, vllm_args
+
         self.capacity, self.extra = settings.max_cpu_loras, int(self.base_via_zero_adapter)
+        on_tokenizer = settings.model_copy(
+            update={"model": tokenizer_model_dir(), "max_model_len": settings.max_model_len or self.max_model_len}
+        )
+        self.frontend_args = vllm_args(on_tokenizer, "float32", self.extra)
+        self.client = FakeEngineClient(self, build_engine_args(self.frontend_args).create_engine_config())
         return self
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A completion prompt's token ids, as vLLM's layer tokenizes it."""
+        return list(self.client.renderer.get_tokenizer().encode(text))
 
     # -- checks ----------------------------------------------------------------------
 
@@ -146,57 +171,78 @@ class FakeEngine:
         """add_adapter calls (successful or not) for an adapter ref or engine name."""
         return sum(1 for name in self.add_calls if name == ref or name.partition("@")[0] == ref)
 
-    # -- prompts ---------------------------------------------------------------------
-
-    def tokenize(self, text: str) -> list[int]:
-        return tokenize(text)
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        if self.chat_template_error is not None:
-            raise ValueError(self.chat_template_error)
-        return render_chat(messages)
-
-    # -- generation ------------------------------------------------------------------
+    # -- generation (through FakeEngineClient) ------------------------------------------
 
     async def generate(
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        options: SamplingOptions,
-        adapter: EngineAdapter | None,
-        trace_headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[GenerationDelta]:
+        params: Any,
+        lora: Any,
+        trace_headers: Mapping[str, str],
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[Any]:
+        from vllm.logprobs import Logprob
+        from vllm.outputs import CompletionOutput, RequestOutput
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        adapter = None if lora is None else self.resident.get(lora.lora_int_id)
         self.generate_calls.append(
-            GenerateCall(request_id, list(prompt_token_ids), options, adapter, dict(trace_headers or {}))
+            GenerateCall(request_id, list(prompt_token_ids), params, adapter, dict(trace_headers), cache_salt)
         )
         if not self.alive:
-            raise EngineDeadError("the fake engine is dead")
-        if adapter is not None and self.resident.get(adapter.engine_id) != adapter:
-            self._violate(f"generate with {adapter.engine_name} (id {adapter.engine_id}), which is not registered")
-        bad = [t for t in prompt_token_ids if not 0 <= t < VOCAB_SIZE]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of vocabulary")
-        if len(prompt_token_ids) + options.max_tokens > self.max_model_len:
-            self._violate(f"prompt of {len(prompt_token_ids)} + {options.max_tokens} tokens exceeds the context")
+            raise VllmEngineDeadError("the fake engine is dead")
+        if lora is not None and (adapter is None or adapter.engine_name != lora.lora_name):
+            self._violate(f"generate with {lora.lora_name} (id {lora.lora_int_id}), which is not registered")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            self._violate(f"prompt of {len(prompt_token_ids)} + {params.max_tokens} tokens exceeds the context")
 
         label = adapter_label(adapter)
-        texts = ["" for _ in range(options.n)]
-        finished = [False] * options.n
+        n, delta = params.n, params.output_kind == RequestOutputKind.DELTA
+        texts, token_ids = [""] * n, [[] for _ in range(n)]
+        logprobs: list[list[dict[int, Logprob]]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
         self.active_generations += 1
         completed = False
+
+        def output(index: int, since_text: int, since_tokens: int) -> CompletionOutput:
+            ids = token_ids[index][since_tokens:]
+            return CompletionOutput(
+                index=index,
+                text=texts[index][since_text:],
+                token_ids=ids,
+                cumulative_logprob=None,
+                logprobs=logprobs[index][since_tokens:] if params.logprobs is not None else None,
+                finish_reason=finish[index],
+            )
+
         try:
-            for step in range(options.max_tokens):
+            for step in range(params.max_tokens):
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
                 if not self.alive:
-                    raise EngineDeadError("the fake engine died while generating")
-                choices = []
-                for index in range(options.n):
-                    if finished[index]:
+                    raise VllmEngineDeadError("the fake engine died while generating")
+                outputs = []
+                for index in range(n):
+                    if finish[index] is not None:
                         continue
-                    choices.append(self._step(label, prompt_token_ids, options, texts, finished, index, step))
-                yield GenerationDelta(prompt_tokens=len(prompt_token_ids), choices=choices)
-                if all(finished):
+                    before = (len(texts[index]), len(token_ids[index]))
+                    self._step(label, prompt_token_ids, params, texts, token_ids, logprobs, finish, index, step)
+                    outputs.append(output(index, *before) if delta else output(index, 0, 0))
+                done = all(f is not None for f in finish)
+                if delta or params.output_kind == RequestOutputKind.CUMULATIVE or done:
+                    if not delta:
+                        outputs = [output(index, 0, 0) for index in range(n)]
+                    yield RequestOutput(
+                        request_id=request_id,
+                        prompt=None,
+                        prompt_token_ids=list(prompt_token_ids),
+                        prompt_logprobs=None,
+                        outputs=outputs,
+                        finished=done,
+                    )
+                if done:
                     break
             completed = True
         finally:
@@ -208,30 +254,31 @@ class FakeEngine:
         self,
         label: str,
         prompt_token_ids: list[int],
-        options: SamplingOptions,
+        params: Any,
         texts: list[str],
-        finished: list[bool],
+        token_ids: list[list[int]],
+        logprobs: list[list[Any]],
+        finish: list[str | None],
         index: int,
         step: int,
-    ) -> ChoiceDelta:
+    ) -> None:
+        from vllm.logprobs import Logprob
+
         token = token_text(label, prompt_token_ids, index, step)
         whole = texts[index] + token
-        cut = min((i for i in (whole.find(s) for s in options.stop) if i >= 0), default=-1)
-        finish_reason = None
+        cut = min((i for i in (whole.find(s) for s in params.stop or ()) if i >= 0), default=-1)
         if cut >= 0:  # like vLLM: the stop sequence itself is not part of the output
-            token, finish_reason = whole[len(texts[index]) : cut], "stop"
-        elif step == options.max_tokens - 1:
-            finish_reason = "length"
+            token, finish[index] = whole[len(texts[index]) : cut], "stop"
+        elif step == params.max_tokens - 1:
+            finish[index] = "length"
         texts[index] += token
-        finished[index] = finish_reason is not None
-        logprobs = None
-        if options.logprobs is not None:
+        token_id = fake_token_id(index, step)
+        token_ids[index].append(token_id)
+        if params.logprobs is not None:
             # The sampled token is the most likely one; the alternatives are made-up tokens.
-            token_id = FAKE_TOKEN_ID_BASE + index * 1000 + step
-            top = [Alternative(token_id, token, -0.25)]
-            top += [Alternative(k, f"alt{k}", -1.0 - k) for k in range(1, options.logprobs)]
-            logprobs = [TokenLogprob(token_id=token_id, token=token, logprob=-0.25, top=top[: options.logprobs])]
-        return ChoiceDelta(index=index, text=token, token_count=1, logprobs=logprobs, finish_reason=finish_reason)
+            top = {token_id: Logprob(-0.25, 1, token)}
+            top |= {k: Logprob(-1.0 - k, k + 1, f"alt{k}") for k in range(1, max(params.logprobs, 1))}
+            logprobs[index].append(top)
 
     # -- adapters --------------------------------------------------------------------
 
@@ -280,6 +327,67 @@ class FakeEngine:
     def shutdown(self) -> None:
         self.shut_down = True
         self.alive = False
+
+
+class FakeEngineClient:
+    """The part of vLLM's EngineClient its OpenAI layer uses, generating through `FakeEngine`."""
+
+    def __init__(self, engine: FakeEngine, vllm_config: Any) -> None:
+        from vllm.renderers import renderer_from_config
+        from vllm.v1.engine.input_processor import InputProcessor
+
+        self._engine = engine
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.renderer = renderer_from_config(vllm_config)
+        self.input_processor = InputProcessor(vllm_config, self.renderer)
+        self.is_running, self.is_stopped = True, False
+
+    @property
+    def errored(self) -> bool:
+        return not self._engine.alive
+
+    async def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    async def is_tracing_enabled(self) -> bool:
+        return False
+
+    def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
+        pass
+
+    def get_tokenizer(self) -> Any:
+        return self.renderer.get_tokenizer()
+
+    async def generate(
+        self,
+        prompt: Any,
+        sampling_params: Any,
+        request_id: str,
+        *,
+        lora_request: Any = None,
+        trace_headers: Mapping[str, str] | None = None,
+        **_: Any,
+    ) -> AsyncIterator[Any]:
+        vocab = self.model_config.get_vocab_size()
+        bad = [t for t in prompt["prompt_token_ids"] if not 0 <= t < vocab]
+        if bad:  # vLLM's input processor refuses these before the engine sees them
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(f"Token id {bad[0]} is out of vocabulary", parameter="prompt")
+        generation = self._engine.generate(
+            request_id,
+            prompt["prompt_token_ids"],
+            sampling_params,
+            lora_request,
+            trace_headers or {},
+            prompt.get("cache_salt"),
+        )
+        try:
+            async for output in generation:
+                yield output
+        finally:
+            await generation.aclose()
 
 
 # -- adapters and records ----------------------------------------------------------------

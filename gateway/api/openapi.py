@@ -14,7 +14,6 @@ from pydantic.json_schema import models_json_schema
 
 from adapters_manifest.record import ADAPTER_FILES, NAME_PATTERN
 from gateway.api.adapters import FORM_FIELDS
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.auth.middleware import OPEN_PATHS
 
 REF = "#/components/schemas/{model}"
@@ -23,6 +22,7 @@ SSE = "text/event-stream"
 BODY_SCHEMAS = {JSON: {"type": "object"}, SSE: {"type": "object", "required": ["data"]}}  # SSE: each event
 STREAMED = (JSON, SSE)
 GENERATION_ERRORS = (400, 404, 408, 413, 422, 429, 503)  # a bad, slow or large body, no such model, adapter, limits
+TOKEN_ERRORS = (400, 404, 408, 413, 429, 503)
 
 
 class ErrorDetail(BaseModel):
@@ -52,36 +52,68 @@ class Operation:
     query: tuple[tuple[str, dict[str, Any]], ...] = ()  # optional query parameters: name, schema
 
 
-OPERATIONS = (
-    Operation("post", "/v1/completions", "Create a text completion", CompletionRequest, STREAMED, GENERATION_ERRORS),
-    Operation(
-        "post", "/v1/chat/completions", "Create a chat completion", ChatCompletionRequest, STREAMED, GENERATION_ERRORS
-    ),
-    Operation("get", "/v1/models", "List the base model and the adapters the caller may use"),
-    Operation(
-        "get",
-        "/v1/adapters",
-        "List the adapters the caller may use, a page at a time",
-        errors=(400,),
-        query=(("limit", {"type": "integer", "minimum": 1}), ("after", {"type": "string"})),
-    ),
-    Operation("post", "/v1/adapters", "Upload an adapter", "multipart", errors=(400, 403, 413, 429, 503), ok=201),
-    Operation("get", "/v1/adapters/{owner}/{name}", "Show an adapter", errors=(404, 503)),
-    Operation("delete", "/v1/adapters/{owner}/{name}", "Delete an adapter", errors=(403, 404, 503)),
-    Operation("post", "/admin/sync", "Sync the adapter catalog with the store now (admins)", errors=(403, 503)),
-    Operation("get", "/admin/resident", "Adapters the engine holds (admins)", errors=(403, 503)),
-    Operation("get", "/healthz", "The process answers"),
-    Operation("get", "/readyz", "The engine serves and the first sync is done", errors=(503,)),
-    Operation("get", "/metrics", "Prometheus metrics", ok_types=("text/plain",)),
-    Operation("get", "/openapi.json", "This document"),
-)
+def _operations() -> tuple[Operation, ...]:
+    # The bodies are vLLM's own protocol models: what its OpenAI layer validates with, behind the gate.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeCompletionRequest
+
+    return (
+        Operation(
+            "post", "/v1/completions", "Create a text completion", CompletionRequest, STREAMED, GENERATION_ERRORS
+        ),
+        Operation(
+            "post",
+            "/v1/chat/completions",
+            "Create a chat completion",
+            ChatCompletionRequest,
+            STREAMED,
+            GENERATION_ERRORS,
+        ),
+        Operation("post", "/v1/responses", "Create a model response", ResponsesRequest, STREAMED, GENERATION_ERRORS),
+        Operation(
+            "post", "/tokenize", "Tokenize a prompt or conversation", TokenizeCompletionRequest, errors=TOKEN_ERRORS
+        ),
+        Operation("post", "/detokenize", "Token ids back to text", DetokenizeRequest, errors=TOKEN_ERRORS),
+        Operation("get", "/v1/models", "List the base model and the adapters the caller may use"),
+        Operation("get", "/v1/models/{model}", "One model the caller may use", errors=(404,)),
+        Operation(
+            "get",
+            "/v1/adapters",
+            "List the adapters the caller may use, a page at a time",
+            errors=(400,),
+            query=(("limit", {"type": "integer", "minimum": 1}), ("after", {"type": "string"})),
+        ),
+        Operation(
+            "post", "/v1/adapters", "Upload an adapter", "multipart", errors=(400, 403, 413, 429, 503), ok=201
+        ),
+        Operation("get", "/v1/adapters/{owner}/{name}", "Show an adapter", errors=(404, 503)),
+        Operation("delete", "/v1/adapters/{owner}/{name}", "Delete an adapter", errors=(403, 404, 503)),
+        Operation("post", "/admin/sync", "Sync the adapter catalog with the store now (admins)", errors=(403, 503)),
+        Operation("get", "/admin/resident", "Adapters the engine holds (admins)", errors=(403, 503)),
+        Operation("get", "/healthz", "The process answers"),
+        Operation("get", "/readyz", "The engine serves and the first sync is done", errors=(503,)),
+        Operation(
+            "get",
+            "/metrics",
+            "Prometheus metrics (adapter names only with the metrics token)",
+            errors=(401,),
+            ok_types=("text/plain",),
+        ),
+        Operation("get", "/openapi.json", "This document"),
+    )
 
 
 def build_openapi() -> dict[str, Any]:
-    bodies = [op.body for op in OPERATIONS if isinstance(op.body, type)]
+    operations = _operations()
+    bodies = [op.body for op in operations if isinstance(op.body, type)]
     refs, defs = models_json_schema([(m, "validation") for m in (*bodies, Error)], ref_template=REF)
+    for schema in defs["$defs"].values():  # vLLM's models keep extras; the gateway's gate refuses them
+        if schema.get("additionalProperties") is True and "properties" in schema:
+            schema["additionalProperties"] = False
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in operations:
         paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
     return {
         "openapi": "3.1.0",
@@ -117,6 +149,8 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         operation["parameters"] = [
             {"name": part, "in": "path", "required": True, "schema": name} for part in ("owner", "name")
         ]
+    if "{model}" in op.path:
+        operation["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
     if op.query:
         operation["parameters"] = [{"name": n, "in": "query", "required": False, "schema": q} for n, q in op.query]
     if isinstance(op.body, type):

@@ -37,9 +37,10 @@ import aiohttp
 from gateway.auth.keys import add_key
 from gateway.bench.report import config_of, percentile, raise_on_sigterm, ratio_of, write_json
 from gateway.bench.report import markdown_table as table
-from gateway.bench.serve import ENGINE_ENV, KV_CACHE_GIB, PROMPTS, running
+from gateway.bench.serve import ENGINE_ENV, KV_CACHE_GIB, running
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 
+PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
 ADAPTER = "chat"  # alice/chat and bob/chat: each user names their own adapter by its bare name
 UNLIMITED = 1_000_000  # max_running_per_user "off" for --compare-unlimited
 REQUEST_TIMEOUT_S = 60.0  # one request of bob's or alice's; beyond it bob's counts as an error

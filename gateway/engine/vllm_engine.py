@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from gateway.engine.interface import (
-    AdapterLoadError,
-    Alternative,
-    ChoiceDelta,
-    EngineAdapter,
-    EngineDeadError,
-    GenerationDelta,
-    SamplingOptions,
-    TokenLogprob,
-)
+from gateway.engine.interface import AdapterLoadError, EngineAdapter, EngineDeadError
 from gateway.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -53,34 +44,47 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def build_engine_args(settings: ServeSettings, dtype: str, extra_lora_slots: int) -> Any:
-    """vLLM engine arguments; `extra_lora_slots` are taken by the gateway's own zero adapter."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
+def vllm_args(settings: ServeSettings, dtype: str, extra_lora_slots: int) -> argparse.Namespace:
+    """The settings as `vllm serve` flags, parsed by vLLM's own parser: one namespace configures both the
+    engine and vLLM's OpenAI layer, with vLLM's defaults for everything the gateway does not set.
+    `extra_lora_slots` are taken by the gateway's own zero adapter."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     memory_fraction = settings.gpu_memory_utilization
     if memory_fraction is None and current_platform.is_cpu():
         memory_fraction = CPU_MEMORY_FRACTION
-    optional: dict[str, Any] = {}
-    if memory_fraction is not None:
-        optional["gpu_memory_utilization"] = memory_fraction
-    if settings.max_num_seqs is not None:
-        optional["max_num_seqs"] = settings.max_num_seqs
-    if settings.engine_otlp_traces_endpoint is not None:
-        optional["otlp_traces_endpoint"] = settings.engine_otlp_traces_endpoint
-    return AsyncEngineArgs(
-        model=str(settings.model),
-        served_model_name=[settings.base_model_name],
-        dtype=dtype,
-        max_model_len=settings.max_model_len,
-        kv_cache_memory_bytes=int(settings.kv_cache_gib * (1 << 30)),
-        enable_lora=True,
-        max_loras=settings.max_loras + extra_lora_slots,
-        max_cpu_loras=settings.max_cpu_loras + extra_lora_slots,
-        max_lora_rank=settings.max_lora_rank,
-        enable_log_requests=False,
-        **optional,
-    )
+    flags: dict[str, object] = {
+        "model": settings.model,
+        "served-model-name": settings.base_model_name,
+        "dtype": dtype,
+        "kv-cache-memory-bytes": int(settings.kv_cache_gib * (1 << 30)),
+        # vLLM refuses more adapters in a batch than it holds: the batch is bounded by what is resident.
+        "max-loras": min(settings.max_loras, settings.max_cpu_loras) + extra_lora_slots,
+        "max-cpu-loras": settings.max_cpu_loras + extra_lora_slots,
+        "max-lora-rank": settings.max_lora_rank,
+        "max-model-len": settings.max_model_len,
+        "max-num-seqs": settings.max_num_seqs,
+        "gpu-memory-utilization": memory_fraction,
+        "otlp-traces-endpoint": settings.engine_otlp_traces_endpoint,
+        "chat-template": settings.chat_template,
+        "tool-call-parser": settings.tool_call_parser,
+        "reasoning-parser": settings.reasoning_parser,
+    }
+    argv = ["--enable-lora"] + (["--enable-auto-tool-choice"] if settings.enable_auto_tool_choice else [])
+    for flag, value in flags.items():
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def build_engine_args(args: argparse.Namespace) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs.from_cli_args(args)
 
 
 def base_request_path(settings: ServeSettings) -> tuple[bool, str]:
@@ -117,14 +121,12 @@ def base_request_path(settings: ServeSettings) -> tuple[bool, str]:
 
 
 class VllmEngine:
-    def __init__(self, llm: Any, base_via_zero_adapter: bool, base_requests: str) -> None:
-        self._llm = llm
+    def __init__(self, llm: Any, frontend_args: argparse.Namespace, base_via_zero_adapter: bool, base_requests: str):
+        self.client = llm
+        self.frontend_args = frontend_args
         self.base_via_zero_adapter = base_via_zero_adapter
         self.base_requests = base_requests
-        self._tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
-        # vLLM warns on every request that carries trace context while its own tracing is off.
-        self._tracing: bool = llm.observability_config.otlp_traces_endpoint is not None
 
     @classmethod
     def start(cls, settings: ServeSettings) -> VllmEngine:
@@ -134,8 +136,9 @@ class VllmEngine:
         zero, how = base_request_path(settings)
         dtype, why = choose_dtype(settings.dtype)
         log.info("engine dtype %s (%s)", dtype, why)
-        llm = AsyncLLM.from_engine_args(build_engine_args(settings, dtype, extra_lora_slots=1 if zero else 0))
-        engine = cls(llm, zero, how)
+        args = vllm_args(settings, dtype, extra_lora_slots=1 if zero else 0)
+        llm = AsyncLLM.from_engine_args(build_engine_args(args))
+        engine = cls(llm, args, zero, how)
         niceness = settings.engine_niceness
         if niceness is None:
             niceness = CPU_ENGINE_NICENESS if current_platform.is_cpu() else 0
@@ -143,100 +146,26 @@ class VllmEngine:
             lower_engine_priority(niceness)
         return engine
 
-    # -- prompts ---------------------------------------------------------------
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text))
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        rendered = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The template writes the special tokens itself.
-        return list(self._tokenizer.encode(rendered, add_special_tokens=False))
-
-    # -- generation ------------------------------------------------------------
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        options: SamplingOptions,
-        adapter: EngineAdapter | None,
-        trace_headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[GenerationDelta]:
-        from vllm.exceptions import VLLMClientError
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
-        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
-
-        try:
-            params = SamplingParams(
-                n=options.n,
-                max_tokens=options.max_tokens,
-                temperature=options.temperature,
-                top_p=options.top_p,
-                seed=options.seed,
-                stop=list(options.stop) or None,
-                logprobs=options.logprobs,
-                output_kind=RequestOutputKind.DELTA if options.incremental else RequestOutputKind.FINAL_ONLY,
-            )
-        except VLLMClientError as exc:  # e.g. n > 1 with greedy sampling
-            raise ValueError(str(exc)) from exc
-        stream = self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_token_ids),
-            params,
-            request_id,
-            lora_request=_lora_request(adapter),
-            trace_headers=trace_headers if self._tracing else None,
-        )
-        try:
-            async for output in stream:
-                yield GenerationDelta(
-                    prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
-                    choices=[self._choice_delta(c, options.logprobs) for c in output.outputs],
-                )
-        except VllmEngineDeadError as exc:
-            raise EngineDeadError(str(exc)) from exc
-        except VLLMClientError as exc:  # the request's own fault; not a ValueError since vLLM 0.32
-            raise ValueError(str(exc)) from exc
-        finally:
-            # Closing vLLM's generator aborts the request in the engine (client gone).
-            await stream.aclose()
-
-    def _choice_delta(self, output: Any, top_k: int | None) -> ChoiceDelta:
-        logprobs = None
-        if top_k is not None and output.logprobs is not None:
-            logprobs = [
-                _token_logprob(token_id, alternatives, top_k)
-                for token_id, alternatives in zip(output.token_ids, output.logprobs)
-            ]
-        return ChoiceDelta(
-            index=output.index,
-            text=output.text,
-            token_count=len(output.token_ids),
-            logprobs=logprobs,
-            finish_reason=output.finish_reason,
-        )
-
     # -- adapters --------------------------------------------------------------
 
     async def add_adapter(self, adapter: EngineAdapter) -> None:
         try:
-            await self._llm.add_lora(_lora_request(adapter))
+            await self.client.add_lora(lora_request(adapter))
         except Exception as exc:  # vLLM raises whatever the loader raised
-            if self._llm.errored:
+            if self.client.errored:
                 raise EngineDeadError(str(exc)) from exc
             raise AdapterLoadError(_first_line(exc)) from exc
 
     async def remove_adapter(self, adapter: EngineAdapter) -> None:
-        await self._llm.remove_lora(adapter.engine_id)
+        await self.client.remove_lora(adapter.engine_id)
 
     # -- lifetime --------------------------------------------------------------
 
     def is_alive(self) -> bool:
-        return not self._llm.errored
+        return not self.client.errored
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        self.client.shutdown()
 
 
 def lower_engine_priority(niceness: int) -> None:
@@ -254,24 +183,13 @@ def lower_engine_priority(niceness: int) -> None:
         log.info("engine process %d (%s) runs at nice %d", child.pid, child.name(), niceness)
 
 
-def _lora_request(adapter: EngineAdapter | None) -> Any:
+def lora_request(adapter: EngineAdapter | None) -> Any:
+    """The adapter as vLLM's engine takes it (None: the base model)."""
     if adapter is None:
         return None
     from vllm.lora.request import LoRARequest
 
     return LoRARequest(lora_name=adapter.engine_name, lora_int_id=adapter.engine_id, lora_path=str(adapter.path))
-
-
-def _token_logprob(token_id: int, alternatives: Mapping[int, Any], top_k: int) -> TokenLogprob:
-    # vLLM adds the sampled token to the top-k when it is not among them: keep the k best.
-    ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)[:top_k]
-    chosen = alternatives[token_id]
-    return TokenLogprob(
-        token_id=token_id,
-        token=chosen.decoded_token or "",
-        logprob=chosen.logprob,
-        top=[Alternative(i, lp.decoded_token or "", lp.logprob) for i, lp in ranked],
-    )
 
 
 # vLLM wraps a worker's error as: Call to add_lora method failed: Worker failed with error '<why>', ...

@@ -32,7 +32,7 @@ KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 CRD_KINDS = {"ServiceMonitor", "InferencePool"}
 # ServeSettings fields the chart sets itself, from its own sections (model, store, auth, cache).
 CHART_MANAGED_SETTINGS = {
-    "model", "store", "served_model_name", "host", "port", "cache_dir",
+    "model", "store", "served_model_name", "host", "port", "metrics_port", "metrics_token", "cache_dir",
     "keys_file", "trusted_user_header", "trusted_admin_header", "insecure_no_auth",
 }  # fmt: skip
 START_UP_BUDGET_S = 600  # a large model from a cold disk takes minutes

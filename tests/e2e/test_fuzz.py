@@ -33,13 +33,17 @@ def fuzz_document(document: dict[str, Any]) -> dict[str, Any]:
     exist: a random name is a 404 long before the engine (invalid requests still bring others)."""
     document = copy.deepcopy(document)
     schemas = document["components"]["schemas"]
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
+    for name, budget in (
+        ("CompletionRequest", "max_tokens"),
+        ("ChatCompletionRequest", "max_tokens"),
+        ("ResponsesRequest", "max_output_tokens"),
+    ):
         fields = schemas[name]["properties"]
         fields["model"] = {"enum": MODELS}
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if field in fields:
                 fields[field] = {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS}
-        schemas[name]["required"].append("max_tokens")
+        schemas[name].setdefault("required", []).append(budget)
     for operation in document["paths"]["/v1/adapters/{owner}/{name}"].values():
         for parameter in operation["parameters"]:
             parameter["schema"] = {"enum": KNOWN_PARTS[parameter["name"]]}
@@ -49,9 +53,9 @@ def fuzz_document(document: dict[str, Any]) -> dict[str, Any]:
 def cheap(body: Any) -> bool:
     """Whether the engine has little to do for this body: invalid values are refused before it
     runs; an accepted max_tokens above MAX_TOKENS or a missing one is not."""
-    if not isinstance(body, dict) or not ({"prompt", "messages"} & body.keys()):
+    if not isinstance(body, dict) or not ({"prompt", "messages", "input"} & body.keys()):
         return True
-    budgets = [body[f] for f in ("max_tokens", "max_completion_tokens") if f in body]
+    budgets = [body[f] for f in ("max_tokens", "max_completion_tokens", "max_output_tokens") if f in body]
     return bool(budgets) and not any(type(b) is int and b > MAX_TOKENS for b in budgets)
 
 

@@ -33,11 +33,23 @@ def receiver() -> Iterator[TraceReceiver]:
 
 
 @pytest.fixture(scope="module")
+def metrics_port() -> int:
+    """Where the traced gateway serves its whole /metrics page, adapter names included."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
 def traced_gateway(
-    tiny: DevModel, keys: Keys, receiver: TraceReceiver, tmp_path_factory: pytest.TempPathFactory
+    tiny: DevModel, keys: Keys, receiver: TraceReceiver, metrics_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     port = free_port()
-    flags = {"keys_file": keys.file, "max_loras": 1, "max_cpu_loras": 1, "engine_otlp_traces_endpoint": receiver.url}
+    flags = {
+        "keys_file": keys.file,
+        "max_loras": 1,
+        "max_cpu_loras": 1,
+        "engine_otlp_traces_endpoint": receiver.url,
+        "metrics_port": metrics_port,
+    }
     command = gateway_command(tiny.base, tiny.store, port, served_model_name=tiny.served_name, **ENGINE, **flags)
     env = {
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
@@ -78,7 +90,7 @@ def one(found: list[ReceivedSpan], name: str) -> ReceivedSpan:
 
 
 def test_cold_load_swap_and_eviction_are_named_spans_and_metrics(
-    traced_gateway: ServerProcess, receiver: TraceReceiver, keys: Keys, tiny: DevModel
+    traced_gateway: ServerProcess, receiver: TraceReceiver, keys: Keys, tiny: DevModel, metrics_port: int
 ) -> None:
     alice, bob = record_of(tiny, "alice/chat"), record_of(tiny, "bob/chat")
     cold, swap = secrets.token_hex(16), secrets.token_hex(16)
@@ -113,8 +125,11 @@ def test_cold_load_swap_and_eviction_are_named_spans_and_metrics(
     assert evict.attributes[spans.EVICT_REASON] == "lru"
     assert one(swapped, spans.ACQUIRE).attributes[spans.ADAPTER_VERSION] == bob.version
 
-    # /metrics: the gateway's own and vLLM's, among them the LoRA info the Inference Extension routes by.
-    text = requests.get(traced_gateway.base_url + "/metrics", timeout=10).text
+    # /metrics: the gateway's own and vLLM's, among them the LoRA info the Inference Extension routes by,
+    # on the metrics port; the open page on the API port names no adapter.
+    open_page = requests.get(traced_gateway.base_url + "/metrics", timeout=10).text
+    assert "lora_gateway_resident_adapters" in open_page and alice.ref not in open_page
+    text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     ours = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples}
     assert ours[("lora_gateway_adapter_loads_total", (("outcome", "ok"), ("tier", "engine")))] == 2

@@ -33,9 +33,7 @@ from tests.fakes import (
     FakeEngine,
     expected_text,
     publish_adapter,
-    render_chat,
     token_text,
-    tokenize,
     write_base_model,
 )
 
@@ -53,6 +51,9 @@ class Gateway:
     records: dict[str, AdapterRecord]
     scratch: Path
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.engine.client.get_tokenizer().decode(token_ids)
+
     def label(self, model: str) -> str:
         """The engine name the fake engine puts in the text it generates for `model`."""
         return "__base__" if model == BASE else self.records[model].versioned_ref
@@ -60,7 +61,7 @@ class Gateway:
     async def post(self, path: str, body: Any) -> ClientResponse:
         return await self.client.post(path, json=body)
 
-    async def wait_ready(self, timeout_s: float = 5.0) -> None:
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:  # the first vLLM config of a process: ~15 s
         deadline = time.monotonic() + timeout_s
         while True:
             resp = await self.client.get("/readyz")
@@ -169,6 +170,12 @@ def completion(model: str = BASE, prompt: str = "Hello", **fields: Any) -> dict[
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 
 
+def chatml(messages: list[dict[str, str]]) -> str:
+    """A conversation as the tiny model's chat template renders it, with the assistant's turn."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
 def chat(model: str = BASE, messages: list[dict[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
     return {"model": model, "messages": MESSAGES if messages is None else messages, "max_tokens": 3, **fields}
 
@@ -213,7 +220,9 @@ async def test_not_ready_while_the_engine_starts(start_gateway: StartGateway) ->
     assert resp.status == 200
 
 
-async def test_not_ready_when_the_engine_failed_to_start(start_gateway: StartGateway) -> None:
+async def test_not_ready_when_the_engine_failed_to_start(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken_factory(settings: ServeSettings) -> Engine:
         raise RuntimeError("no memory for the KV cache")
 
@@ -221,7 +230,9 @@ async def test_not_ready_when_the_engine_failed_to_start(start_gateway: StartGat
     await until(lambda: gw.app[SERVING].startup_error is not None)
     resp = await gw.client.get("/readyz")
     assert resp.status == 503
-    assert "no memory for the KV cache" in (await resp.json())["reason"]
+    # Why is for the log: /readyz is anonymous (tests/unit/test_error_privacy.py).
+    assert (await resp.json())["reason"] == "engine failed to start"
+    assert "no memory for the KV cache" in caplog.text
 
 
 async def test_not_ready_when_the_engine_died(gw: Gateway) -> None:
@@ -270,15 +281,12 @@ async def test_completion(gw: Gateway, model: str) -> None:
     assert body["object"] == "text_completion"
     assert body["model"] == model
     assert body["id"].startswith("cmpl-")
-    assert body["choices"] == [
-        {
-            "index": 0,
-            "text": expected_text(gw.label(model), tokenize("Hello"), 0, 4),
-            "logprobs": None,
-            "finish_reason": "length",
-        }
-    ]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    [choice] = body["choices"]
+    assert (choice["index"], choice["logprobs"], choice["finish_reason"]) == (0, None, "length")
+    prompt_ids = gw.engine.prompt_ids("Hello")
+    assert choice["text"] == expected_text(gw.label(model), prompt_ids, 0, 4)
+    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 4, "total_tokens": len(prompt_ids) + 4}
+    assert usage.items() <= body["usage"].items()
 
 
 async def test_concurrent_requests_each_get_their_own_adapter(gw: Gateway) -> None:
@@ -290,7 +298,7 @@ async def test_concurrent_requests_each_get_their_own_adapter(gw: Gateway) -> No
     )
     for model, prompt, resp in zip(models, prompts, resps):
         body = await resp.json()
-        assert body["choices"][0]["text"] == expected_text(gw.label(model), tokenize(prompt), 0, 5)
+        assert body["choices"][0]["text"] == expected_text(gw.label(model), gw.engine.prompt_ids(prompt), 0, 5)
     assert all(r.holders == 0 for r in gw.app[SERVING].pool.resident())  # type: ignore[union-attr]
     assert gw.engine.adds_of("alice/coding") == 1 and gw.engine.adds_of("bob/poems") == 1
 
@@ -307,30 +315,24 @@ async def test_completion_with_n_choices(gw: Gateway) -> None:
     body = await resp.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert [c["text"] for c in body["choices"]] == [
-        expected_text(gw.label("bob/poems"), tokenize("Hi"), i, 2) for i in range(3)
+        expected_text(gw.label("bob/poems"), gw.engine.prompt_ids("Hi"), i, 2) for i in range(3)
     ]
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
-    assert gw.engine.generate_calls[-1].options.n == 3
+    assert body["usage"]["completion_tokens"] == 6
+    assert gw.engine.generate_calls[-1].params.n == 3
 
 
 async def test_sampling_options_reach_the_engine(gw: Gateway) -> None:
     body = completion(temperature=0.5, top_p=0.9, seed=7, stop=["zz"], max_tokens=2)
     resp = await gw.post("/v1/completions", body)
     assert resp.status == 200
-    options = gw.engine.generate_calls[-1].options
-    assert (options.temperature, options.top_p, options.seed, options.stop, options.max_tokens) == (
-        0.5,
-        0.9,
-        7,
-        ("zz",),
-        2,
-    )
+    params = gw.engine.generate_calls[-1].params
+    assert (params.temperature, params.top_p, params.seed, params.stop, params.max_tokens) == (0.5, 0.9, 7, ["zz"], 2)
 
 
 async def test_completion_stops_at_a_stop_sequence(gw: Gateway) -> None:
     resp = await gw.post("/v1/completions", completion("alice/coding", "Hi", max_tokens=5, stop=".2>"))
     choice = (await resp.json())["choices"][0]
-    whole = expected_text(gw.label("alice/coding"), tokenize("Hi"), 0, 5)
+    whole = expected_text(gw.label("alice/coding"), gw.engine.prompt_ids("Hi"), 0, 5)
     assert choice["text"] == whole[: whole.index(".2>")]
     assert choice["finish_reason"] == "stop"
 
@@ -338,7 +340,7 @@ async def test_completion_stops_at_a_stop_sequence(gw: Gateway) -> None:
 async def test_completion_logprobs(gw: Gateway) -> None:
     resp = await gw.post("/v1/completions", completion(prompt="Hi", max_tokens=2, logprobs=2))
     logprobs = (await resp.json())["choices"][0]["logprobs"]
-    first, second = (token_text(gw.label(BASE), tokenize("Hi"), 0, step) for step in range(2))
+    first, second = (token_text(gw.label(BASE), gw.engine.prompt_ids("Hi"), 0, step) for step in range(2))
     assert logprobs["tokens"] == [first, second]
     assert logprobs["token_logprobs"] == [-0.25, -0.25]
     assert logprobs["text_offset"] == [0, len(first)]
@@ -355,11 +357,21 @@ async def test_completion_logprobs_as_token_ids(gw: Gateway) -> None:
     ]
 
 
-async def test_trace_context_is_passed_to_the_engine(gw: Gateway) -> None:
+async def test_trace_context_is_passed_to_the_engine(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(engine_otlp_traces_endpoint="http://127.0.0.1:1")  # vLLM's own spans on
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     resp = await gw.client.post("/v1/completions", json=completion(), headers={"traceparent": traceparent})
     assert resp.status == 200
-    assert gw.engine.generate_calls[-1].trace_headers == {"traceparent": traceparent}
+    # The engine's spans join the caller's trace, under the gateway's own engine.generate span.
+    version, trace_id, span_id, flags = gw.engine.generate_calls[-1].trace_headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", "0af7651916cd43dd8448eb211c80319c", "01")
+
+
+async def test_no_trace_context_reaches_the_engine_while_its_tracing_is_off(gw: Gateway) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    resp = await gw.client.post("/v1/completions", json=completion(), headers={"traceparent": traceparent})
+    assert resp.status == 200
+    assert gw.engine.generate_calls[-1].trace_headers == {}
 
 
 async def test_completion_stream(gw: Gateway) -> None:
@@ -372,7 +384,7 @@ async def test_completion_stream(gw: Gateway) -> None:
         (choice,) = chunk["choices"]
         texts[choice["index"]] += choice["text"]
     for i in (0, 1):
-        assert texts[i] == expected_text(gw.label("alice/coding"), tokenize("Hey"), i, 3)
+        assert texts[i] == expected_text(gw.label("alice/coding"), gw.engine.prompt_ids("Hey"), i, 3)
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["index"] == i] == [
             None,
             None,
@@ -386,7 +398,9 @@ async def test_completion_stream(gw: Gateway) -> None:
 async def test_completion_stream_without_usage(gw: Gateway) -> None:
     events = await sse_events(await gw.post("/v1/completions", completion(stream=True)))
     assert all("usage" not in e for e in events)
-    assert "".join(e["choices"][0]["text"] for e in events) == expected_text(gw.label(BASE), tokenize("Hello"), 0, 3)
+    assert "".join(e["choices"][0]["text"] for e in events) == expected_text(
+        gw.label(BASE), gw.engine.prompt_ids("Hello"), 0, 3
+    )
 
 
 async def test_client_disconnect_mid_stream_aborts_generation_and_releases_the_adapter(gw: Gateway) -> None:
@@ -412,16 +426,14 @@ async def test_chat_completion(gw: Gateway, model: str) -> None:
     assert resp.status == 200
     body = await resp.json()
     assert body["object"] == "chat.completion" and body["model"] == model and body["id"].startswith("chatcmpl-")
-    prompt = render_chat(MESSAGES)
-    assert body["choices"] == [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": expected_text(gw.label(model), prompt, 0, 4)},
-            "logprobs": None,
-            "finish_reason": "length",
-        }
-    ]
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 4, "total_tokens": len(prompt) + 4}
+    prompt = gw.engine.generate_calls[-1].prompt_token_ids
+    assert gw.decode(prompt) == chatml(MESSAGES)
+    [choice] = body["choices"]
+    assert (choice["index"], choice["logprobs"], choice["finish_reason"]) == (0, None, "length")
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == expected_text(gw.label(model), prompt, 0, 4)
+    usage = {"prompt_tokens": len(prompt), "completion_tokens": 4, "total_tokens": len(prompt) + 4}
+    assert usage.items() <= body["usage"].items()
 
 
 async def test_chat_content_parts_and_developer_role(gw: Gateway) -> None:
@@ -431,7 +443,9 @@ async def test_chat_content_parts_and_developer_role(gw: Gateway) -> None:
     ]
     resp = await gw.post("/v1/chat/completions", chat(messages=messages, max_tokens=1))
     assert resp.status == 200
-    assert gw.engine.generate_calls[-1].prompt_token_ids == render_chat(MESSAGES)
+    # As vLLM: text parts joined by newlines, the developer role a system message.
+    expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi \nthere"}]
+    assert gw.decode(gw.engine.generate_calls[-1].prompt_token_ids) == chatml(expected)
 
 
 async def test_chat_max_completion_tokens_wins_and_default_fills_the_context(gw: Gateway) -> None:
@@ -441,7 +455,8 @@ async def test_chat_max_completion_tokens_wins_and_default_fills_the_context(gw:
     del body["max_tokens"]
     resp = await gw.post("/v1/chat/completions", body)
     assert resp.status == 200
-    assert gw.engine.generate_calls[-1].options.max_tokens == MAX_MODEL_LEN - len(render_chat(MESSAGES))
+    call = gw.engine.generate_calls[-1]
+    assert call.params.max_tokens == MAX_MODEL_LEN - len(call.prompt_token_ids)
 
 
 async def test_chat_logprobs(gw: Gateway) -> None:
@@ -458,13 +473,13 @@ async def test_chat_stream(gw: Gateway) -> None:
     body = chat("bob/poems", n=2, stream=True, stream_options={"include_usage": True})
     events = await sse_events(await gw.post("/v1/chat/completions", body))
     *chunks, usage = events
-    prompt = render_chat(MESSAGES)
+    prompt = gw.engine.generate_calls[-1].prompt_token_ids
     for i in (0, 1):
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
         assert mine[0]["delta"] == {"role": "assistant", "content": ""}
         text = "".join(c["delta"].get("content", "") for c in mine)
         assert text == expected_text(gw.label("bob/poems"), prompt, i, 3)
-        assert mine[-1] == {"index": i, "delta": {}, "finish_reason": "length"}
+        assert mine[-1]["finish_reason"] == "length"
         assert all(c["finish_reason"] is None for c in mine[:-1])
     assert all(c["object"] == "chat.completion.chunk" for c in events)
     assert usage["choices"] == [] and usage["usage"] == {
@@ -474,11 +489,13 @@ async def test_chat_stream(gw: Gateway) -> None:
     }
 
 
-async def test_chat_template_rejection_is_a_400(gw: Gateway) -> None:
-    gw.engine.chat_template_error = "Conversation roles must alternate"
+async def test_chat_template_rejection_is_a_400(start_gateway: StartGateway) -> None:
+    template = "{% if messages|length > 1 %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+    gw = await start_gateway(chat_template=template)
     resp = await gw.post("/v1/chat/completions", chat())
-    error = await assert_error(resp, 400, param="messages")
+    error = await assert_error(resp, 400)
     assert "Conversation roles must alternate" in error["message"]
+    assert gw.engine.generate_calls == []
 
 
 # -- adapters: resolution, capacity, failures ------------------------------------------------
@@ -519,7 +536,9 @@ async def test_adapter_published_after_start_is_served(gw: Gateway) -> None:
     gw.records[record.ref] = record
     resp = await gw.post("/v1/completions", completion("carol/late"))
     assert resp.status == 200
-    assert (await resp.json())["choices"][0]["text"] == expected_text(record.versioned_ref, tokenize("Hello"), 0, 3)
+    assert (await resp.json())["choices"][0]["text"] == expected_text(
+        record.versioned_ref, gw.engine.prompt_ids("Hello"), 0, 3
+    )
 
 
 async def test_all_adapter_slots_busy_is_503_with_retry_after(start_gateway: StartGateway) -> None:
@@ -594,117 +613,126 @@ async def test_body_over_the_size_limit_is_413(start_gateway: StartGateway) -> N
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/completions", completion(frequency_penalty=0.5), "frequency_penalty"),
-        ("/v1/completions", completion(best_of=2), "best_of"),
-        ("/v1/chat/completions", chat(tools=[]), "tools"),
+        ("/v1/completions", completion(frequncy_penalty=0.5), "frequncy_penalty"),  # a typo
+        ("/v1/completions", completion(best_of=2), "best_of"),  # not in vLLM's API any more
         (
             "/v1/completions",
             completion(stream=True, stream_options={"include_usage": True, "x": 1}),
             "stream_options.x",
         ),
-        (
-            "/v1/chat/completions",
-            chat(messages=[{"role": "user", "content": "hi", "tool_call_id": "1"}]),
-            "messages.0.tool_call_id",
-        ),
-        (
-            "/v1/chat/completions",
-            chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi", "cache": True}]}]),
-            "messages.0.content.0.cache",
-        ),
+        ("/v1/chat/completions", chat(top_logprob=2), "top_logprob"),
     ],
 )
 async def test_unknown_field_is_400_naming_it(gw: Gateway, path: str, body: dict, param: str) -> None:
     error = await assert_error(await gw.post(path, body), 400, param=param, code="unsupported_parameter")
     assert param in error["message"]
+    assert gw.engine.generate_calls == []
 
 
+@pytest.mark.parametrize("field", ["guided_json", "guided_regex", "guided_choice"])
+async def test_removed_guided_fields_are_400_pointing_at_structured_outputs(gw: Gateway, field: str) -> None:
+    # vLLM ignores them since it removed them: output would silently not be constrained.
+    error = await assert_error(await gw.post("/v1/completions", completion(**{field: "x"})), 400, param=field)
+    assert "structured_outputs" in error["message"]
+
+
+# What vLLM's OpenAI server refuses, with the parameter it names (None where vLLM names none).
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"max_tokens": "5"}, "max_tokens"),
-        ({"max_tokens": 5.0}, "max_tokens"),
         ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"max_tokens": True}, "max_tokens"),
-        ({"n": 0}, "n"),
-        ({"n": 17}, "n"),
-        ({"n": "2"}, "n"),
+        ({"n": 0}, None),
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
-        ({"temperature": "0.5"}, "temperature"),
         ({"seed": 1.5}, "seed"),
         ({"seed": 2**63}, "seed"),
-        ({"stream": "true"}, "stream"),
-        ({"stream": 1}, "stream"),
-        ({"logprobs": 6}, "logprobs"),
-        ({"logprobs": -1}, "logprobs"),
         ({"model": 5}, "model"),
-        ({"model": ""}, "model"),
-        ({"model": None}, "model"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": None}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt.0"),
         ({"prompt": [1, 1.5]}, "prompt.1"),
-        ({"prompt": [[1, 2]]}, "prompt.0"),
         ({"prompt": {"text": "hi"}}, "prompt"),
         ({"prompt": ""}, "prompt"),
-        ({"prompt": []}, "prompt"),
+        ({"prompt": []}, None),
         ({"stop": 5}, "stop"),
-        ({"stop": ""}, "stop"),
+        ({"stop": ""}, None),
         ({"stop": [1]}, "stop.0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"stop": ["a", ""]}, "stop.1"),
+        ({"stop": ["a", ""]}, None),
         ({"user": 5}, "user"),
-        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
         ({"stream": True, "stream_options": []}, "stream_options"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
     ],
 )
-async def test_completion_field_errors_are_400_naming_the_field(gw: Gateway, fields: dict, param: str) -> None:
+async def test_completion_field_errors_are_400(gw: Gateway, fields: dict, param: str | None) -> None:
     resp = await gw.post("/v1/completions", completion(**fields))
     error = await assert_error(resp, 400, param=param)
-    assert error["type"] == "invalid_request_error"
-    assert f"'{param}'" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["message"]
     assert gw.engine.generate_calls == []
 
 
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"messages": []}, "messages"),
+        ({"messages": []}, None),
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-        ({"messages": [{"content": "x"}]}, "messages.0.role"),
-        ({"messages": [{"role": "user"}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
-        (
-            {"messages": [MESSAGES[0], {"role": "user", "content": [{"type": "image_url"}]}]},
-            "messages.1.content.0.type",
-        ),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "messages.0.content.0.text"),
-        ({"max_tokens": "5"}, "max_tokens"),
-        ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"logprobs": 1}, "logprobs"),
-        ({"logprobs": True, "top_logprobs": 9}, "top_logprobs"),
+        ({"messages": [MESSAGES[0], {"role": "user", "content": [{"type": "image_url"}]}]}, None),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, None),
+        ({"max_completion_tokens": 0}, "max_tokens"),
+        ({"tools": []}, "tools"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
     ],
 )
-async def test_chat_field_errors_are_400_naming_the_field(gw: Gateway, fields: dict, param: str) -> None:
+async def test_chat_field_errors_are_400(gw: Gateway, fields: dict, param: str | None) -> None:
     resp = await gw.post("/v1/chat/completions", chat(**fields))
     error = await assert_error(resp, 400, param=param)
-    assert f"'{param}'" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert gw.engine.generate_calls == []
 
 
-async def test_missing_required_field_is_400(gw: Gateway) -> None:
+# What vLLM's OpenAI server accepts although OpenAI's would not (lax types, its wider limits) and its
+# extras: the gateway answers as vLLM does, and the value reaches the engine as vLLM reads it.
+@pytest.mark.parametrize(
+    ("fields", "seen"),
+    [
+        ({"max_tokens": "5"}, ("max_tokens", 5)),
+        ({"max_tokens": 5.0}, ("max_tokens", 5)),
+        ({"n": 17}, ("n", 17)),
+        ({"temperature": "0.5"}, ("temperature", 0.5)),
+        ({"logprobs": 6}, ("logprobs", 6)),
+        ({"frequency_penalty": 0.5}, ("frequency_penalty", 0.5)),
+        ({"repetition_penalty": 1.1, "top_k": 5, "min_p": 0.1}, ("top_k", 5)),
+        ({"ignore_eos": True, "min_tokens": 2}, ("min_tokens", 2)),
+    ],
+)
+async def test_completion_values_vllm_accepts(gw: Gateway, fields: dict, seen: tuple[str, object]) -> None:
+    resp = await gw.post("/v1/completions", completion(**fields))
+    assert resp.status == 200, await resp.text()
+    name, value = seen
+    assert getattr(gw.engine.generate_calls[-1].params, name) == value
+
+
+@pytest.mark.parametrize("model", [None, ""])
+async def test_no_model_is_the_base_model_as_in_vllm(gw: Gateway, model: str | None) -> None:
+    body = chat()
+    if model is None:
+        del body["model"]
+    else:
+        body["model"] = model
+    resp = await gw.post("/v1/chat/completions", body)
+    assert resp.status == 200
+    assert (await resp.json())["model"] == BASE
+    assert gw.engine.generate_calls[-1].adapter.engine_name == "__base__"  # the zero adapter: exactly the base
+
+
+async def test_missing_prompt_is_400(gw: Gateway) -> None:
     body = completion()
     del body["prompt"]
-    error = await assert_error(await gw.post("/v1/completions", body), 400, param="prompt")
-    assert "Missing required parameter" in error["message"]
-    body = chat()
-    del body["model"]
-    await assert_error(await gw.post("/v1/chat/completions", body), 400, param="model")
+    await assert_error(await gw.post("/v1/completions", body), 400, param="prompt")
 
 
 async def test_infinite_temperature_is_400(gw: Gateway) -> None:
@@ -721,51 +749,38 @@ async def test_non_finite_number_literals_are_400(gw: Gateway, literal: str) -> 
     await assert_error(resp, 400, param="temperature")
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-async def test_stream_options_without_stream_is_400(gw: Gateway, path: str) -> None:
-    body = (completion if path == "/v1/completions" else chat)(stream_options={"include_usage": True})
-    error = await assert_error(await gw.post(path, body), 400)
-    assert "stream_options" in error["message"]
-
-
-async def test_top_logprobs_without_logprobs_is_400(gw: Gateway) -> None:
-    error = await assert_error(await gw.post("/v1/chat/completions", chat(top_logprobs=2)), 400)
-    assert "top_logprobs" in error["message"]
-
-
 async def test_token_ids_outside_the_vocabulary_are_400(gw: Gateway) -> None:
-    resp = await gw.post("/v1/completions", completion(prompt=[1, -1]))
-    error = await assert_error(resp, 400)
+    resp = await gw.post("/v1/completions", completion(prompt=[1, 100_000]))
+    error = await assert_error(resp, 400, param="prompt")
     assert "vocabulary" in error["message"]
+    await assert_error(await gw.post("/v1/completions", completion(prompt=[1, -1])), 400, param="prompt.1")
+    assert gw.engine.generate_calls == []
 
 
 # -- the context window ----------------------------------------------------------------------
 
 
-async def test_prompt_plus_max_tokens_beyond_the_context_is_400(gw: Gateway) -> None:
-    prompt = "x" * 250
-    resp = await gw.post("/v1/completions", completion(prompt=prompt, max_tokens=7))
-    error = await assert_error(resp, 400, param="max_tokens", code="context_length_exceeded")
+async def test_a_prompt_beyond_the_context_is_400(gw: Gateway) -> None:
+    resp = await gw.post("/v1/completions", completion(prompt=[5] * (MAX_MODEL_LEN + 1)))
+    error = await assert_error(resp, 400, param="input_tokens")
     assert f"maximum context length is {MAX_MODEL_LEN} tokens" in error["message"]
-    assert "257" in error["message"]  # what was asked for
-    resp = await gw.post("/v1/completions", completion(prompt=prompt, max_tokens=6))  # exactly fits
-    assert resp.status == 200
-    assert (await resp.json())["usage"]["total_tokens"] == MAX_MODEL_LEN
-
-
-async def test_default_max_tokens_counts_against_the_context(gw: Gateway) -> None:
-    body = completion(prompt="x" * 250)
-    del body["max_tokens"]  # OpenAI's default for completions: 16
-    await assert_error(await gw.post("/v1/completions", body), 400, param="max_tokens", code="context_length_exceeded")
-
-
-async def test_chat_prompt_filling_the_context_is_400(gw: Gateway) -> None:
-    messages = [{"role": "user", "content": "x" * MAX_MODEL_LEN}]
-    body = chat(messages=messages)
-    del body["max_tokens"]
-    resp = await gw.post("/v1/chat/completions", body)
-    error = await assert_error(resp, 400, param="max_tokens", code="context_length_exceeded")
+    messages = [{"role": "user", "content": "x " * MAX_MODEL_LEN}]
+    resp = await gw.post("/v1/chat/completions", chat(messages=messages))
+    error = await assert_error(resp, 400, param="input_tokens")
     assert str(MAX_MODEL_LEN) in error["message"]
+    assert gw.engine.generate_calls == []
+
+
+async def test_max_tokens_beyond_the_context_is_cut_to_what_fits(gw: Gateway) -> None:
+    # As vLLM's server: the completion gets what is left of the context (finish_reason "length").
+    resp = await gw.post("/v1/completions", completion(prompt=[5] * 250, max_tokens=7))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["usage"]["total_tokens"] == MAX_MODEL_LEN
+    assert body["choices"][0]["finish_reason"] == "length"
+    body = completion(prompt=[5] * 250)
+    del body["max_tokens"]  # the default (16) is cut the same way
+    assert (await (await gw.post("/v1/completions", body)).json())["usage"]["completion_tokens"] == 6
 
 
 # -- routing ----------------------------------------------------------------------------------
@@ -831,7 +846,7 @@ async def test_openapi_schemas_are_the_request_models_and_the_error_shape(gw: Ga
     body = completion("nobody/nothing")
     jsonschema.validate(body, request_schema)
     with pytest.raises(jsonschema.ValidationError):  # unknown fields are refused by both
-        jsonschema.validate({**body, "frequency_penalty": 0}, request_schema)
+        jsonschema.validate({**body, "frequncy_penalty": 0}, request_schema)
     resp = await gw.post("/v1/completions", body)
     await assert_error(resp, 404, param="model", code="model_not_found")
     jsonschema.validate(await resp.json(), error_schema)

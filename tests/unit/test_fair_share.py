@@ -13,7 +13,7 @@ import pytest
 from gateway.auth.keys import add_key
 from gateway.errors import RateLimitError
 from gateway.fair_share import UserLimiter
-from tests.fakes import FakeEngine, tokenize
+from tests.fakes import FakeEngine
 from tests.unit import test_api
 from tests.unit.test_api import (
     BASE,
@@ -275,8 +275,11 @@ async def test_idle_users_are_forgotten() -> None:
 # -- through the app ---------------------------------------------------------------------------
 
 
+HOLD = "HOLD on"
+
+
 class HeldEngine(FakeEngine):
-    """Generations whose prompt starts with HOLD wait for `release` before their first token."""
+    """Generations of the prompt HOLD wait for `release` before their first token."""
 
     def __init__(self, **fields: Any) -> None:
         super().__init__(**fields)
@@ -286,7 +289,7 @@ class HeldEngine(FakeEngine):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], *args: Any, **kwargs: Any
     ) -> AsyncIterator[Any]:
-        if prompt_token_ids[:4] == tokenize("HOLD"):
+        if list(prompt_token_ids) == self.prompt_ids(HOLD):
             self.held += 1
             await self.release.wait()
         async for delta in super().generate(request_id, prompt_token_ids, *args, **kwargs):
@@ -304,7 +307,7 @@ async def test_a_users_second_request_is_429_while_another_user_is_served(
     def post(key: str, body: dict[str, Any]) -> Any:
         return gw.client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
 
-    first = asyncio.create_task(post(alice, completion("alice/coding", "HOLD on")))
+    first = asyncio.create_task(post(alice, completion("alice/coding", HOLD)))
     await until(lambda: engine.held == 1, timeout_s=10)
     resp = await post(alice, completion(BASE))
     error = await assert_error(resp, 429, code="rate_limit_exceeded")

@@ -25,7 +25,7 @@ from tests.unit.test_api import (
     chat,
     completion,
 )
-from tests.unit.test_tenants import ADMIN, StoreCalls, publish_extra, raw_http, watch_store
+from tests.unit.test_tenants import ADMIN, StoreCalls, publish_extra, raw_http, response, watch_store
 
 # test_api's fixtures: the app on a fake engine, without ambient LORA_GATEWAY_* settings.
 start_gateway = test_api.start_gateway
@@ -108,7 +108,8 @@ async def test_a_slow_body_without_a_key_is_refused_before_it_is_read(
     gw, _, _ = hostile
     reader, writer = await asyncio.open_connection(gw.client.host, gw.client.port)
     writer.write(
-        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
     )
     try:
         status, _, data = await asyncio.wait_for(read_response(reader), 10)
@@ -154,14 +155,22 @@ HOSTILE_MODELS = [
 ]
 
 
+MODEL_BODIES = {
+    "/v1/completions": completion,
+    "/v1/chat/completions": chat,
+    "/v1/responses": response,
+    "/tokenize": lambda model: {"model": model, "prompt": "Hello"},
+}
+
+
 @pytest.mark.parametrize("user", ["alice", ADMIN])  # an admin's names are looked up in every namespace
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", MODEL_BODIES)
 async def test_hostile_model_names_are_404_and_never_reach_the_store(
     hostile: tuple[Gateway, StoreCalls, dict[str, str]], user: str, path: str
 ) -> None:
     gw, calls, auth = hostile
     for model in HOSTILE_MODELS:
-        body = completion(model) if path == "/v1/completions" else chat(model)
+        body = MODEL_BODIES[path](model)
         resp = await gw.client.post(path, json=body, headers={"Authorization": auth[user]})
         error = await assert_error(resp, 404, param="model", code="model_not_found")
         assert error["message"] == f"The model '{model}' does not exist or you do not have access to it."
@@ -274,17 +283,17 @@ async def test_an_uploaded_file_name_with_a_path_is_refused(
 @pytest.mark.parametrize(
     "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/octet-stream"]
 )
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", MODEL_BODIES)
 async def test_a_json_body_is_accepted_whatever_the_content_type_it_is_sent_with(
     hostile: tuple[Gateway, StoreCalls, dict[str, str]], content_type: str | None, path: str
 ) -> None:
-    """Both endpoints alike: the body is JSON by definition (as `curl -d` sends it, with a form
+    """Every endpoint alike: the body is JSON by definition (as `curl -d` sends it, with a form
     content type); a body that is not JSON is a 400 whatever it claims to be."""
     gw, _, auth = hostile
     headers = {"Authorization": auth["alice"]}
     if content_type:
         headers["Content-Type"] = content_type
-    body = completion("x") if path == "/v1/completions" else chat("x")
+    body = MODEL_BODIES[path]("x")
     resp = await gw.client.post(path, data=json.dumps(body).encode(), headers=headers)
     assert resp.status == 200, await resp.text()
     resp = await gw.client.post(path, data=b"model=x&prompt=hi", headers=headers)

@@ -205,16 +205,32 @@ def test_keyring_notices_a_same_size_rewrite_within_the_timestamp_granularity(tm
     assert ring.principal_for(new) == Principal("alice")
 
 
+# Files that are not a list of entries: nothing in them can be attributed to one key.
 INVALID_FILES = {
     "yaml syntax": b"keys: [\n  - {id: ",
     "not a mapping": b"- a\n- b\n",
     "unknown field": b"keys: []\nextra: 1\n",
-    "bad hash": b"keys:\n  - {id: '12345678', user: alice, sha256: nothex}\n",
-    "invalid user": b"keys:\n  - {id: '12345678', user: ../bob, sha256: '" + b"1" * 64 + b"'}\n",
     "python tag": b"keys: !!python/object/apply:os.system ['true']\n",
     "not utf-8": b"keys:\n  - {id: '\xff\xfe'}\n",
     "binary": bytes(range(256)),
 }
+# Files whose entries are invalid: those entries fail closed (tests/unit/test_keys_hardening.py).
+INVALID_ENTRIES = {
+    "bad hash": b"keys:\n  - {id: '12345678', user: alice, sha256: nothex}\n",
+    "invalid user": b"keys:\n  - {id: '12345678', user: ../bob, sha256: '" + b"1" * 64 + b"'}\n",
+}
+
+
+@pytest.mark.parametrize("content", INVALID_ENTRIES.values(), ids=INVALID_ENTRIES.keys())
+def test_keyring_refuses_invalid_entries_and_lets_no_one_in_by_them(tmp_path: Path, content: bytes) -> None:
+    """Alice's entry was replaced by a broken one: her key stops working, and nobody new gets in."""
+    keys_file = tmp_path / "keys.yaml"
+    alice, _ = add_key(keys_file, "alice")
+    ring = KeyRing(keys_file)
+    keys_file.write_bytes(content)
+    ring.reload_if_changed()
+    assert ring.principal_for(alice) is None
+    assert ring.status.refused_entries == 1
 
 
 @pytest.mark.parametrize("content", INVALID_FILES.values(), ids=INVALID_FILES.keys())
@@ -231,6 +247,7 @@ def test_keyring_keeps_the_previous_keys_when_the_file_becomes_invalid(
     assert ring.reload_if_changed() is False
     assert ring.principal_for(alice) == Principal("alice")
     assert "invalid, keeping the previous keys" in caplog.text
+    assert ring.status.file_refused and not ring.status.valid  # and said so (/readyz, metrics)
     ring.reload_if_changed()  # still broken: still the previous keys
     assert ring.principal_for(alice) == Principal("alice")
 

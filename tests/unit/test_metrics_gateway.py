@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_manifest.local_store import LocalFolderStore
 from gateway.app import create_app
-from gateway.engine.interface import GenerationDelta
 from gateway.settings import ServeSettings
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 
@@ -87,9 +86,11 @@ async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
             engine_factory=engine.started_with,
         )
         client = await aiohttp_client(app)
-        deadline = time.monotonic() + 5
-        while (await client.get("/readyz")).status != 200:
-            assert time.monotonic() < deadline
+        # The first engine of a test process builds vLLM's config and tokenizer: many seconds on a busy host.
+        deadline = time.monotonic() + 60
+        while (ready := await client.get("/readyz")).status != 200:
+            reason = (await ready.json())["reason"]
+            assert time.monotonic() < deadline and not reason.startswith("engine failed"), reason
             await asyncio.sleep(0.005)
         return client, app, engine
 
@@ -105,7 +106,7 @@ async def complete(client: TestClient, model: str, **body: Any) -> int:
 
 
 async def test_requests_loads_and_first_tokens_by_outcome(start: Any) -> None:
-    client, _, engine = await start(max_cpu_loras=1)
+    client, _, engine = await start(max_loras=1, max_cpu_loras=1)
     engine.fail_loads["user2/adapter2"] = "broken on purpose"
     assert await complete(client, "user0/adapter0") == 200  # cold: from the store
     assert await complete(client, "user0/adapter0", stream=True) == 200  # resident
@@ -147,8 +148,35 @@ async def test_requests_loads_and_first_tokens_by_outcome(start: Any) -> None:
     assert 0 <= value(metrics, "lora_gateway_adapter_sync_age_seconds") < 60
 
 
+async def test_every_inference_endpoint_is_counted_under_its_own_label(start: Any) -> None:
+    client, _, _ = await start(adapters=1)
+    calls = {  # endpoint label -> (path, body)
+        "chat_completions": (
+            "/v1/chat/completions",
+            {"model": "user0/adapter0", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        ),
+        "responses": ("/v1/responses", {"model": "user0/adapter0", "input": "Hi", "max_output_tokens": 2}),
+        "tokenize": ("/tokenize", {"model": BASE, "prompt": "Hi"}),
+        "detokenize": ("/detokenize", {"model": BASE, "tokens": [44, 77]}),
+    }
+    for path, body in calls.values():
+        resp = await client.post(path, json=body)
+        assert resp.status == 200, await resp.text()
+    metrics = await scrape(client)
+    for endpoint in calls:
+        labels = {"endpoint": endpoint, "stream": "false", "outcome": "ok"}
+        assert value(metrics, "lora_gateway_requests_total", **labels) == 1, endpoint
+        assert value(metrics, "lora_gateway_request_duration_seconds_count", **labels) == 1, endpoint
+    ttft = "lora_gateway_time_to_first_token_seconds_count"
+    assert value(metrics, ttft, endpoint="chat_completions", stream="false", adapter_source="store") == 1
+    assert value(metrics, ttft, endpoint="responses", stream="false", adapter_source="resident") == 1
+    # Tokenizing generates nothing: no first token to time.
+    assert not [key for key in metrics if key[0] == ttft and ("endpoint", "tokenize") in key[1]]
+    assert not [key for key in metrics if key[0] == ttft and ("endpoint", "detokenize") in key[1]]
+
+
 async def test_label_sets_do_not_grow_with_the_number_of_adapters(start: Any) -> None:
-    client, _, _ = await start(adapters=12, max_cpu_loras=2)
+    client, _, _ = await start(adapters=12, max_loras=2, max_cpu_loras=2)
     for i in range(3):  # cold loads and an eviction
         assert await complete(client, f"user{i}/adapter{i}") == 200
     before = {key for key in await scrape(client) if key[0].startswith("lora_gateway_")}
@@ -182,7 +210,7 @@ async def test_requests_waiting_for_their_fair_share_are_counted(start: Any) -> 
 
 async def test_requests_waiting_for_an_engine_slot_are_counted(start: Any) -> None:
     engine = FakeEngine(max_model_len=256, token_delay_s=0.05)
-    client, _, _ = await start(engine=engine, max_cpu_loras=1, adapter_wait_timeout_s=10)
+    client, _, _ = await start(engine=engine, max_loras=1, max_cpu_loras=1, adapter_wait_timeout_s=10)
     queued = "lora_gateway_requests_queued"
 
     # Another adapter while the only engine slot is in use: it waits for the slot.
@@ -216,13 +244,13 @@ class GatedEngine(FakeEngine):
 
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         first = True
-        async for delta in super().generate(*args, **kwargs):
+        async for output in super().generate(*args, **kwargs):
             if first:
                 await self.release.wait()
                 first = False
-            yield delta
+            yield output
 
 
 LORA_INFO = "lora_gateway:lora_requests_info"
@@ -257,7 +285,7 @@ async def test_lora_requests_info_names_the_adapters_in_flight_as_clients_do(sta
 
 async def test_lora_requests_info_lists_adapters_waiting_for_a_slot_or_their_load(start: Any) -> None:
     engine = GatedEngine(max_model_len=256)
-    client, _, _ = await start(engine=engine, max_cpu_loras=1, adapter_wait_timeout_s=10)
+    client, _, _ = await start(engine=engine, max_loras=1, max_cpu_loras=1, adapter_wait_timeout_s=10)
 
     def adapters(samples: Samples) -> tuple[str, str]:
         labels, _ = lora_info(samples)

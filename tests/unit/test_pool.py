@@ -10,13 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
-from gateway.engine.interface import EngineAdapter, SamplingOptions
+from gateway.engine.interface import EngineAdapter
+from gateway.engine.vllm_engine import lora_request
 from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
 from gateway.pool import AdapterPool
-from tests.fakes import FakeEngine, make_record
+from tests.fakes import FakeEngine, expected_text, make_record
 
 A, B, C, D = (make_record("alice", name) for name in ("a", "b", "c", "d"))
 
@@ -419,8 +421,10 @@ async def test_missing_local_files_are_a_load_failure(make_pool) -> None:
             raise FileNotFoundError(f"no files for {record.ref}")
 
     pool, engine = make_pool(files=MissingFiles())
-    with pytest.raises(AdapterLoadFailedError, match="FileNotFoundError"):
+    with pytest.raises(AdapterLoadFailedError, match="could not be loaded") as failure:
         await use(pool, A)
+    # What went wrong on the server is for its log (a real FileNotFoundError names a server path).
+    assert "FileNotFoundError" not in failure.value.message
     assert engine.add_calls == []
     assert pool.resident() == []
 
@@ -492,8 +496,9 @@ async def test_retiring_a_version_in_use_serves_the_request_then_removes_it(make
             await retired.wait()
             await finish.wait()
             # Still registered: generating with it is no violation (the fake engine checks).
-            async for delta in engine.generate("r1", [1, 2, 3], SamplingOptions(max_tokens=3), adapter):
-                texts.extend(c.text for c in delta.choices)
+            params = SamplingParams(max_tokens=3, output_kind=RequestOutputKind.DELTA)
+            async for output in engine.generate("r1", [1, 2, 3], params, lora_request(adapter), {}):
+                texts.extend(c.text for c in output.outputs)
 
     task = asyncio.create_task(long_request())
     await until(lambda: holders(pool).get(A.versioned_ref) == 1)
@@ -504,7 +509,7 @@ async def test_retiring_a_version_in_use_serves_the_request_then_removes_it(make
     assert files.pins[A.versioned_ref] == 1
     finish.set()
     await task
-    assert len(texts) == 3
+    assert "".join(texts) == expected_text(A.versioned_ref, [1, 2, 3], 0, 3) and len(texts) == 3
     await until(lambda: A.versioned_ref not in engine.resident_names())
     assert files.pins[A.versioned_ref] == 0
     assert pool.resident() == []

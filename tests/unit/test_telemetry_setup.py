@@ -72,9 +72,11 @@ async def start_app(provider: TracerProvider, tmp_path: Path, aiohttp_client: An
         insecure_no_auth=True,
     )  # fmt: skip
     client = await aiohttp_client(create_app(settings, engine_factory=engine.started_with, tracer_provider=provider))
-    deadline = time.monotonic() + 5
-    while (await client.get("/readyz")).status != 200:
-        assert time.monotonic() < deadline
+    # The first engine of a test process builds vLLM's config and tokenizer: many seconds on a busy host.
+    deadline = time.monotonic() + 60
+    while (ready := await client.get("/readyz")).status != 200:
+        reason = (await ready.json())["reason"]
+        assert time.monotonic() < deadline and not reason.startswith("engine failed"), reason
         await asyncio.sleep(0.005)
     return client
 

@@ -25,7 +25,7 @@ from gateway.app_keys import STORE
 from gateway.auth.keys import add_key, remove_keys
 from gateway.auth.middleware import OPEN_PATHS
 from gateway.settings import ServeSettings
-from tests.fakes import expected_text, publish_adapter, tokenize, write_adapter_dir, write_base_model
+from tests.fakes import expected_text, publish_adapter, write_adapter_dir, write_base_model
 from tests.unit import test_api
 from tests.unit.test_api import (
     BASE,
@@ -94,10 +94,11 @@ class Tenants:
         resp = await self.complete(user, model, "Hello")
         assert resp.status == 200, await resp.text()
         text = (await resp.json())["choices"][0]["text"]
+        prompt = self.gw.engine.prompt_ids("Hello")
         for ref, record in self.records.items():
-            if text == expected_text(record.versioned_ref, tokenize("Hello"), 0, 3):
+            if text == expected_text(record.versioned_ref, prompt, 0, 3):
                 return ref
-        if text == expected_text("__base__", tokenize("Hello"), 0, 3):
+        if text == expected_text("__base__", prompt, 0, 3):
             return BASE
         raise AssertionError(f"unexpected output {text!r}")
 
@@ -137,9 +138,17 @@ def concrete(path: str, owner: str = "alice", name: str = "x") -> str:
     return path.replace("{owner}", owner).replace("{name}", name)
 
 
+def response(model: str, text: str = "Hello") -> dict[str, Any]:
+    """A Responses API request body."""
+    return {"model": model, "input": text, "max_output_tokens": 3}
+
+
 REQUEST_BODIES: dict[str, Callable[[], dict[str, Any]]] = {
     "/v1/completions": lambda: {"json": completion("alice/x")},
     "/v1/chat/completions": lambda: {"json": chat("alice/x")},
+    "/v1/responses": lambda: {"json": response("alice/x")},
+    "/tokenize": lambda: {"json": {"model": "alice/x", "prompt": "Hello"}},
+    "/detokenize": lambda: {"json": {"model": "alice/x", "tokens": [44, 73]}},
 }
 
 
@@ -149,6 +158,9 @@ def protected_routes(gw: Gateway) -> list[tuple[str, str]]:
     assert {
         ("POST", "/v1/completions"),
         ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/responses"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
         ("GET", "/v1/models"),
         ("GET", "/v1/adapters"),
         ("POST", "/v1/adapters"),
@@ -456,6 +468,20 @@ async def test_a_bare_name_is_the_callers_own_adapter(tenants: Tenants) -> None:
         await assert_not_found(await tenants.complete(user, model))
 
 
+async def test_the_responses_api_resolves_names_in_the_callers_namespace_too(tenants: Tenants) -> None:
+    for user, model, ref in (("alice", "x", "alice/x"), ("bob", "chat", "bob/chat"), ("carol", "bob/pub", "bob/pub")):
+        resp = await tenants.request(user, "POST", "/v1/responses", json=response(model))
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert body["model"] == model
+        prompt = tenants.gw.engine.generate_calls[-1].prompt_token_ids  # as vLLM rendered the input
+        assert body["output"][0]["content"][0]["text"] == expected_text(
+            tenants.records[ref].versioned_ref, prompt, 0, 3
+        )
+    for user, model in (("carol", "x"), ("alice", "chat"), ("alice", "bob/chat"), ("bob", "alice/x")):
+        await assert_not_found(await tenants.request(user, "POST", "/v1/responses", json=response(model)))
+
+
 async def test_another_users_public_adapter_is_usable_by_its_full_name(tenants: Tenants) -> None:
     assert await tenants.served_by("alice", "bob/pub") == "bob/pub"
     assert await tenants.served_by("carol", "bob/pub") == "bob/pub"
@@ -465,8 +491,9 @@ async def test_another_users_public_adapter_is_usable_by_its_full_name(tenants: 
 
 
 async def fingerprint(resp: ClientResponse, name: str) -> tuple[Any, ...]:
-    """What a client can observe of an answer, with the name it asked for blanked out."""
-    headers = sorted((k, v) for k, v in resp.headers.items() if k.lower() != "date")
+    """What a client can observe of an answer, with the name it asked for blanked out (and the
+    values that differ for every answer alike: the date and the random request id)."""
+    headers = sorted((k, v) for k, v in resp.headers.items() if k.lower() not in ("date", "x-request-id"))
     return resp.status, headers, (await resp.text()).replace(name, "<NAME>")
 
 
@@ -474,6 +501,9 @@ PROBES: dict[str, Callable[[Tenants, str], Awaitable[ClientResponse]]] = {
     "completion": lambda t, ref: t.request("alice", "POST", "/v1/completions", json=completion(ref)),
     "stream": lambda t, ref: t.request("alice", "POST", "/v1/completions", json=completion(ref, stream=True)),
     "chat": lambda t, ref: t.request("alice", "POST", "/v1/chat/completions", json=chat(ref)),
+    "responses": lambda t, ref: t.request("alice", "POST", "/v1/responses", json=response(ref)),
+    "tokenize": lambda t, ref: t.request("alice", "POST", "/tokenize", json={"model": ref, "prompt": "Hello"}),
+    "detokenize": lambda t, ref: t.request("alice", "POST", "/detokenize", json={"model": ref, "tokens": [44, 73]}),
     "show": lambda t, ref: t.request("alice", "GET", f"/v1/adapters/{ref}"),
     "delete": lambda t, ref: t.request("alice", "DELETE", f"/v1/adapters/{ref}"),
 }
@@ -581,3 +611,32 @@ async def test_admin_endpoints_are_for_admins(tenants: Tenants, method: str, pat
     assert [c for c in tenants.store.calls if c[0] == "list_stamps"] == []  # a refused sync touched nothing
     resp = await tenants.request(ADMIN, method, path)
     assert resp.status == 200, await resp.text()
+
+
+# -- the prefix cache --------------------------------------------------------------------
+
+
+async def test_each_tenant_has_its_own_prefix_cache_salt(tenants: Tenants) -> None:
+    """The base model is shared, so its prefix cache would be: a salt per tenant keeps one tenant's
+    prompts from warming (and so timing) another's; a salt the caller sends cannot name another's."""
+
+    async def salt(user: str, **fields: Any) -> str:
+        body = completion(BASE, "The same long prefix, then a question", **fields)
+        resp = await tenants.request(user, "POST", "/v1/completions", json=body)
+        assert resp.status == 200, await resp.text()
+        call = tenants.gw.engine.generate_calls[-1]
+        assert call.cache_salt
+        return call.cache_salt
+
+    alice = await salt("alice")
+    assert await salt("alice") == alice  # one tenant shares its own cached prefixes
+    bob = await salt("bob")
+    assert bob != alice
+    assert await salt("bob", cache_salt=alice) not in (alice, bob)  # choosing alice's salt does not reach it
+    assert await salt("alice", cache_salt="mine") != alice  # a caller's own salt splits within the tenant
+
+
+async def test_prefix_cache_sharing_across_tenants_when_turned_off(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(prefix_cache_per_tenant=False)
+    assert (await gw.post("/v1/completions", completion(BASE, "Hi"))).status == 200
+    assert gw.engine.generate_calls[-1].cache_salt is None

@@ -13,6 +13,15 @@
       name: {{ $s3Secret }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
+{{- with .Values.metrics.tokenSecret }}
+{{- if .name }}
+- name: LORA_GATEWAY_METRICS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
 {{- if .Values.otel.endpoint }}
 - name: POD_NAME
   valueFrom:

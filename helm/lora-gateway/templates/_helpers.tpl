@@ -108,4 +108,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.inferencePool.enabled (not .Values.store.url) }}
 {{- fail "inferencePool.enabled spreads requests over replicas: they must share an S3 store (store.url)" }}
 {{- end }}
+{{- if and .Values.inferencePool.enabled (not .Values.metrics.port) }}
+{{- fail "inferencePool.enabled needs metrics.port (e.g. 9090): the endpoint picker reads adapter names there, /metrics on the API port names none" }}
+{{- end }}
 {{- end }}
