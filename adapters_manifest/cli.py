@@ -8,15 +8,17 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
 from adapter_training.dataset import DatasetError
 from adapters_manifest.open_store import open_store
 from adapters_manifest.publish import publish, validated_record
+from adapters_manifest.published_base import PublishedBase
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, AdapterRecord, check_name
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
-from adapters_manifest.validation import AdapterValidationError, BaseModelSpec
+from adapters_manifest.validation import AdapterValidationError, BaseModelSpec, ValidationLimits
 
 DEFAULT_STORE = "adapter-store"
 
@@ -55,9 +57,18 @@ def _upload_options(required: bool) -> argparse.ArgumentParser:
     upload.add_argument(
         "--warm", action="store_true", help="gateways fetch it to disk at start, before the first request"
     )
-    upload.add_argument("--model", type=Path, help="base model folder: also check modules and tensor shapes against it")
+    upload.add_argument(
+        "--model",
+        type=Path,
+        help="base model folder to check modules and shapes against (default: the base a gateway published to "
+        "the store)",
+    )
     upload.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
-    upload.add_argument("--base-model", help="base model name for the record (default: from adapter_config.json)")
+    upload.add_argument(
+        "--base-model",
+        help="served base model name: the published base to check against, and the record's "
+        "(default: the store's only published base, else from adapter_config.json)",
+    )
     return upload
 
 
@@ -182,16 +193,15 @@ async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -
 
     check_name(opts.owner, "owner")
     check_name(opts.name)
-    if opts.max_lora_rank is not None and opts.model is None:
-        raise ValueError("--max-lora-rank needs --model (the base the rank and shapes are checked against)")
-    # Without the base only the structure is checked here; the gateway checks the rest before loading.
-    base = BaseModelSpec.from_model_dir(opts.model, opts.max_lora_rank) if opts.model else None
+    checks = await _checks_for(store, folder, opts)
+    print(checks.said, file=sys.stderr)  # before validating: a refusal says what it was judged by too
     record = validated_record(
         folder,
         opts.owner,
         opts.name,
-        base=base,
-        base_model=opts.base_model or _base_model_of(folder),
+        base=checks.base,
+        limits=checks.limits,
+        base_model=checks.base_model,
         description=opts.description,
         visibility="public" if opts.public else "private",
         warm=opts.warm,
@@ -199,6 +209,51 @@ async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -
     total = sum(f.size for f in record.files)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"{record.ref}", file=sys.stderr) as bar:
         return await publish(store, folder, record, progress=bar.update)
+
+
+@dataclass(frozen=True)
+class _Checks:
+    base: BaseModelSpec | None  # None: the adapter's structure only
+    limits: ValidationLimits
+    base_model: str  # for the record
+    said: str  # what the adapter was checked against, for the user
+
+
+async def _checks_for(store: AdapterStore, folder: Path, opts: argparse.Namespace) -> _Checks:
+    """A base folder given with --model; else the base a gateway published to the store (the
+    exact checks that gateway runs); else structural checks only, said loudly."""
+    if opts.model is not None:
+        return _Checks(
+            BaseModelSpec.from_model_dir(opts.model, opts.max_lora_rank),
+            ValidationLimits(),
+            opts.base_model or _base_model_of(folder),
+            f"checked against the base model in {opts.model}",
+        )
+    published = await store.list_bases()
+    wanted = opts.base_model or (published[0] if len(published) == 1 else _base_model_of(folder))
+    data = await store.get_base(wanted) if wanted in published else None
+    if data is None:
+        if opts.max_lora_rank is not None:
+            raise ValueError("--max-lora-rank needs --model (the base the rank and shapes are checked against)")
+        return _Checks(
+            None,
+            ValidationLimits(),
+            wanted,
+            f"warning: no gateway published base {wanted!r} to {store.url} "
+            f"(published: {', '.join(published) or 'none'}): only the adapter's structure was checked; "
+            "pass --model BASE_FOLDER, --base-model NAME, or start a gateway on this store first",
+        )
+    base = PublishedBase.model_validate_json(data)
+    spec = base.spec()
+    if opts.max_lora_rank is not None:  # stricter than the gateway's, never looser
+        spec = replace(spec, max_lora_rank=min(opts.max_lora_rank, spec.max_lora_rank or opts.max_lora_rank))
+    return _Checks(
+        spec,
+        base.limits(),
+        base.base_model,
+        f"checked against base {base.base_model} as its gateway published it to {store.url} "
+        f"({base.published_at:%Y-%m-%d %H:%M} UTC): max rank {base.max_lora_rank}, {len(base.module_shapes)} modules",
+    )
 
 
 def _base_model_of(folder: Path) -> str:

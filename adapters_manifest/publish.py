@@ -6,8 +6,10 @@ from pathlib import Path
 
 from adapters_manifest.adapter_dir import describe_files, read_config
 from adapters_manifest.record import AdapterRecord, content_version
-from adapters_manifest.store import AdapterStore, ProgressCallback
+from adapters_manifest.store import AdapterStore, ProgressCallback, RecordConflictError
 from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
+
+MAX_COMMIT_ATTEMPTS = 5
 
 
 def record_for(
@@ -61,9 +63,17 @@ def validated_record(
 async def publish(
     store: AdapterStore, folder: Path, record: AdapterRecord, progress: ProgressCallback | None = None
 ) -> AdapterRecord:
-    """Upload the version's files unless the store has them (versions are immutable), then the record."""
-    if not await store.has_version(record):
-        for f in record.files:
-            await store.put_file(record, f.name, folder / f.name, progress)
-    await store.put_record(record)
-    return record
+    """Upload the version's files unless the store has them (versions are immutable), then the
+    record, conditionally: a delete (or another publish) that came in between makes the commit
+    fail, and the files are checked (and put back) before trying again."""
+    for _ in range(MAX_COMMIT_ATTEMPTS):
+        stamp = await store.record_stamp(record.owner, record.name)
+        if not await store.has_version(record):
+            for f in record.files:
+                await store.put_file(record, f.name, folder / f.name, progress)
+        try:
+            await store.put_record(record, if_stamp=stamp, if_absent=stamp is None)
+        except RecordConflictError:
+            continue
+        return record
+    raise RecordConflictError(f"{record.ref} kept changing while it was published; try again")

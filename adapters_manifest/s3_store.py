@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import logging
 import os
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -38,10 +42,13 @@ from botocore.exceptions import (
 from adapters_manifest import layout
 from adapters_manifest.atomic_file import replacing
 from adapters_manifest.record import AdapterRecord
-from adapters_manifest.store import ProgressCallback, StoreAccessError, StoreUnavailableError
+from adapters_manifest.store import ProgressCallback, RecordConflictError, StoreAccessError, StoreUnavailableError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+VERSION = re.compile(r"[0-9a-f]{16}")
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 ACCESS_CODES = {
@@ -54,6 +61,11 @@ ACCESS_CODES = {
     "AllAccessDisabled",
     "AccountProblem",
 }
+# A conditional write that lost (412), or one that raced another conditional write (409).
+CONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+LOCK_LEASE_S = 60.0  # a lock older than this was left by a writer that died: it may be taken over
+LOCK_WAIT_S = 30.0
+LOCK_POLL_S = 0.05
 THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable"}
 
 
@@ -93,6 +105,11 @@ def _error_code(exc: ClientError) -> tuple[str, int]:
 
 def _is_not_found(exc: ClientError) -> bool:
     return _error_code(exc)[0] in NOT_FOUND_CODES
+
+
+def _lost_condition(exc: ClientError) -> bool:
+    code, status = _error_code(exc)
+    return code in CONDITION_CODES or status in (409, 412)
 
 
 class S3Store:
@@ -185,13 +202,14 @@ class S3Store:
 
     # -- reading -------------------------------------------------------------------
 
-    async def list_stamps(self) -> dict[str, str]:
-        return await self._run(self._list_stamps)
+    async def list_stamps(self, owner: str | None = None) -> dict[str, str]:
+        return await self._run(self._list_stamps, owner)
 
-    def _list_stamps(self) -> dict[str, str]:
+    def _list_stamps(self, owner: str | None = None) -> dict[str, str]:
         base = self._key(layout.MANIFEST_DIR) + "/"
         stamps = {}
-        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+        prefix = f"{base}{owner}/" if owner else base
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 owner, _, file_name = obj["Key"][len(base) :].partition("/")
                 # Exactly `<owner>/<name>.json`, like the local store's `*/*.json`.
@@ -202,6 +220,18 @@ class S3Store:
     async def get_record(self, owner: str, name: str) -> AdapterRecord | None:
         data = await self._run(self._get_bytes, self._key(layout.record_key(owner, name)))
         return None if data is None else AdapterRecord.model_validate_json(data)
+
+    async def record_stamp(self, owner: str, name: str) -> str | None:
+        return await self._run(self._record_stamp, owner, name)
+
+    def _record_stamp(self, owner: str, name: str) -> str | None:
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self._key(layout.record_key(owner, name)))
+        except ClientError as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        return head["ETag"].strip('"')
 
     def _get_bytes(self, key: str) -> bytes | None:
         try:
@@ -285,28 +315,172 @@ class S3Store:
             Config=self._transfer,
         )
 
-    async def put_record(self, record: AdapterRecord) -> None:
+    async def put_record(self, record: AdapterRecord, *, if_stamp: str | None = None, if_absent: bool = False) -> None:
+        await self._run(self._put_record, record, if_stamp, if_absent)
+
+    def _put_record(self, record: AdapterRecord, if_stamp: str | None, if_absent: bool) -> None:
+        conditions = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": f'"{if_stamp}"'} if if_stamp else {}
+        with self._locked(record.owner, record.name):
+            if not self._has_version(record):  # a delete took them since they were put
+                raise RecordConflictError(f"files of {record.versioned_ref} are missing")
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(layout.record_key(record.owner, record.name)),
+                    Body=record.model_dump_json(indent=2).encode(),
+                    ContentType="application/json",
+                    **conditions,
+                    **self._checksum,
+                )
+            except ClientError as exc:
+                # If-Match on a record deleted meanwhile: 404 rather than 412.
+                if _lost_condition(exc) or (if_stamp is not None and _is_not_found(exc)):
+                    raise RecordConflictError(f"the record of {record.ref} changed meanwhile") from None
+                raise
+            try:
+                self._mark_retired(record)
+            except (
+                BotoCoreError,
+                ClientError,
+            ) as e:  # committed all the same: the grace then counts from the files' time
+                log.warning("marking the versions %s replaced failed: %s", record.versioned_ref, e)
+
+    def _version_objects(self, owner: str, name: str) -> dict[str, list[dict[str, Any]]]:
+        """version -> its objects (as listed: Key, LastModified...)."""
+        prefix = self._key(layout.versions_prefix(owner, name))
+        versions: dict[str, list[dict[str, Any]]] = {}
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                version, _, file_name = obj["Key"][len(prefix) :].partition("/")
+                if VERSION.fullmatch(version) and file_name:
+                    versions.setdefault(version, []).append(obj)
+        return versions
+
+    def _mark_retired(self, current: AdapterRecord) -> None:
+        """The grace period of every version the commit replaced starts now (once: the first
+        replacement counts); the current one's marker goes, should it have been retired before."""
+        for version, objects in self._version_objects(current.owner, current.name).items():
+            marker = (
+                f"{self._key(layout.versions_prefix(current.owner, current.name))}{version}/{layout.RETIRED_MARKER}"
+            )
+            marked = any(obj["Key"] == marker for obj in objects)
+            if version == current.version and marked:
+                self._client.delete_object(Bucket=self.bucket, Key=marker)
+            elif version != current.version and not marked:
+                self._client.put_object(Bucket=self.bucket, Key=marker, Body=b"")
+
+    async def list_versions(self, owner: str, name: str) -> dict[str, float]:
+        return await self._run(self._list_versions, owner, name)
+
+    def _list_versions(self, owner: str, name: str) -> dict[str, float]:
+        versions = {}
+        for version, objects in self._version_objects(owner, name).items():
+            markers = [o for o in objects if o["Key"].endswith("/" + layout.RETIRED_MARKER)]
+            versions[version] = max(o["LastModified"].timestamp() for o in markers or objects)
+        return versions
+
+    async def delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        return await self._run(self._delete_versions, owner, name, versions)
+
+    def _delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        with self._locked(owner, name):
+            data = self._get_bytes(self._key(layout.record_key(owner, name)))
+            current = AdapterRecord.model_validate_json(data).version if data is not None else None
+            removed = sorted(v for v in versions if v != current and VERSION.fullmatch(v))
+            for version in removed:
+                self._delete_prefix(f"{self._key(layout.versions_prefix(owner, name))}{version}/", f"{owner}/{name}")
+            return removed
+
+    @contextmanager
+    def _locked(self, owner: str, name: str) -> Iterator[None]:
+        """A lock object created only if absent (a conditional PUT): record commits and deletes of
+        one adapter take turns across every gateway and CLI. A lock older than its lease was left
+        by a writer that died and is taken over."""
+        key = self._key(layout.lock_key(owner, name))
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            lease = json.dumps({"expires_at": time.time() + LOCK_LEASE_S}).encode()
+            try:
+                etag = self._client.put_object(Bucket=self.bucket, Key=key, Body=lease, IfNoneMatch="*")["ETag"]
+                break
+            except ClientError as exc:
+                if not _lost_condition(exc):
+                    raise
+            self._take_over_if_expired(key)
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(f"{self._where}: {owner}/{name} stayed locked by another writer")
+            time.sleep(LOCK_POLL_S)
+        try:
+            yield
+        finally:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+            except ClientError as exc:
+                if not _lost_condition(exc):  # else: taken over after our lease ran out
+                    raise
+
+    def _take_over_if_expired(self, key: str) -> None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                return
+            raise
+        with response["Body"] as body:
+            try:
+                expires_at = float(json.loads(body.read())["expires_at"])
+            except (ValueError, KeyError, TypeError):
+                expires_at = 0.0
+        if expires_at < time.time():
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch=response["ETag"])
+            except ClientError as exc:
+                if not _lost_condition(exc):
+                    raise
+
+    async def put_base(self, base_model: str, data: bytes) -> None:
         await self._run(
             self._client.put_object,
             Bucket=self.bucket,
-            Key=self._key(layout.record_key(record.owner, record.name)),
-            Body=record.model_dump_json(indent=2).encode(),
+            Key=self._key(layout.base_key(base_model)),
+            Body=data,
             ContentType="application/json",
             **self._checksum,
         )
+
+    async def get_base(self, base_model: str) -> bytes | None:
+        return await self._run(self._get_bytes, self._key(layout.base_key(base_model)))
+
+    async def list_bases(self) -> list[str]:
+        return await self._run(self._list_bases)
+
+    def _list_bases(self) -> list[str]:
+        base = self._key(layout.BASES_DIR) + "/"
+        names = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            names += [
+                layout.base_name(o["Key"][len(base) :]) for o in page.get("Contents", []) if o["Key"].endswith(".json")
+            ]
+        return sorted(names)
 
     async def delete_adapter(self, owner: str, name: str) -> bool:
         return await self._run(self._delete_adapter, owner, name)
 
     def _delete_adapter(self, owner: str, name: str) -> bool:
         record_key = self._key(layout.record_key(owner, name))
-        # DeleteObject succeeds on missing keys, so ask first. A GET (not a HEAD) so that a
-        # missing bucket says NoSuchBucket instead of a bare 404.
-        if self._get_bytes(record_key) is None:
-            return False
-        self._client.delete_object(Bucket=self.bucket, Key=record_key)  # the commit point: serving stops
-        files = self._key(f"{layout.ADAPTERS_DIR}/{owner}/{name}/")  # the slash keeps `name2` out
-        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=files):
+        with self._locked(owner, name):
+            # DeleteObject succeeds on missing keys, so ask first. A GET (not a HEAD) so that a
+            # missing bucket says NoSuchBucket instead of a bare 404.
+            if self._get_bytes(record_key) is None:
+                return False
+            self._client.delete_object(Bucket=self.bucket, Key=record_key)  # the commit point: serving stops
+            # No record names any version now, and none can be committed until the lock is free.
+            self._delete_prefix(self._key(f"{layout.ADAPTERS_DIR}/{owner}/{name}/"), f"{owner}/{name}")
+        return True
+
+    def _delete_prefix(self, prefix: str, what: str) -> None:
+        """Every object under `prefix` (end it with a slash: `name/` keeps `name2` out)."""
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]  # at most 1,000 a page
             if not keys:
                 continue
@@ -314,7 +488,6 @@ class S3Store:
             if errors := response.get("Errors"):
                 first = errors[0]
                 raise StoreUnavailableError(
-                    f"{self._where}: {len(errors)} files of {owner}/{name} were not deleted "
+                    f"{self._where}: {len(errors)} files of {what} were not deleted "
                     f"(first: {first.get('Key')}: {first.get('Code')})"
                 )
-        return True

@@ -16,8 +16,13 @@ from typing import Any
 
 from safetensors import safe_open
 
-# The safetensors library refuses larger headers too.
+# The safetensors library refuses larger headers too; callers pass a much smaller bound.
 MAX_HEADER_BYTES = 100_000_000
+# Bounds checked before any arithmetic on a shape: the product of a long shape of large dims is
+# a huge integer whose computation holds the GIL (a 1.2 MB header stalled the event loop 7.7 s).
+MAX_TENSOR_RANK = 8
+MAX_DIM = 1 << 40
+MAX_NAME_CHARS = 1024
 
 
 class HeaderError(ValueError):
@@ -36,8 +41,9 @@ class TensorInfo:
         return self.end - self.start
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Name -> TensorInfo, after checking the file's whole layout (a truncated file is refused)."""
+def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo, after checking the file's whole layout (a truncated file is refused).
+    The header is bounded before it is read: parsing JSON holds the GIL for as long as it takes."""
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
@@ -49,8 +55,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"header length {length} exceeds the {size - 8} bytes after the length prefix: "
                 "the file is truncated or not safetensors"
             )
-        if length > MAX_HEADER_BYTES:
-            raise HeaderError(f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if length > max_header_bytes:
+            raise HeaderError(f"header length {length} exceeds the {max_header_bytes}-byte limit")
         raw = f.read(length)
     return parse_header(raw, data_size=size - 8 - length)
 
@@ -85,18 +91,31 @@ def parse_header(raw: bytes, data_size: int) -> dict[str, TensorInfo]:
 
 
 def _tensor_info(name: str, entry: Any) -> TensorInfo:
+    if len(name) > MAX_NAME_CHARS:  # every message names the tensor: keep them short
+        raise HeaderError(f"a tensor name is {len(name)} characters long; at most {MAX_NAME_CHARS} are accepted")
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise HeaderError(f"tensor {name} must have dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str):
-        raise HeaderError(f"tensor {name} has dtype {dtype!r}, expected a string")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise HeaderError(f"tensor {name} has shape {shape!r}, expected a list of non-negative integers")
+        raise HeaderError(f"tensor {name} has dtype {_brief(dtype)}, expected a string")
+    if isinstance(shape, list) and len(shape) > MAX_TENSOR_RANK:  # before looking at the dims
+        raise HeaderError(f"tensor {name} has {len(shape)} dimensions; at most {MAX_TENSOR_RANK} are accepted")
+    if not isinstance(shape, list) or not all(_is_count(d) and d <= MAX_DIM for d in shape):
+        raise HeaderError(
+            f"tensor {name} has shape {_brief(shape)}, "
+            f"expected a list of non-negative integers (each at most {MAX_DIM})"
+        )
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)) or (
         offsets[0] > offsets[1]
     ):
-        raise HeaderError(f"tensor {name} has data_offsets {offsets!r}, expected [begin, end] with begin <= end")
+        raise HeaderError(f"tensor {name} has data_offsets {_brief(offsets)}, expected [begin, end] with begin <= end")
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=offsets[0], end=offsets[1])
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """A value for a message, cut short: messages go back to clients."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_count(value: Any) -> bool:

@@ -28,14 +28,23 @@ class StoreAccessError(StoreUnavailableError):
     """
 
 
+class RecordConflictError(Exception):
+    """A conditional record write lost: the record changed (or appeared, or went) since its stamp
+    was read, or the version's files are no longer all in the store. Read again and retry."""
+
+
 class AdapterStore(Protocol):
     url: str  # for logs and messages: never holds credentials
 
-    async def list_stamps(self) -> dict[str, str]:
-        """`owner/name` -> a stamp (ETag) of its record, for every record: one cheap listing."""
+    async def list_stamps(self, owner: str | None = None) -> dict[str, str]:
+        """`owner/name` -> a stamp (ETag) of its record, for every record (of `owner`, if given):
+        one cheap listing."""
 
     async def get_record(self, owner: str, name: str) -> AdapterRecord | None:
         """One record, or None when there is none."""
+
+    async def record_stamp(self, owner: str, name: str) -> str | None:
+        """The stamp `list_stamps` gives this record now; None when there is none."""
 
     async def list_records(self) -> list[AdapterRecord]:
         """Every record (a listing plus one read each)."""
@@ -51,9 +60,29 @@ class AdapterStore(Protocol):
     ) -> None:
         """Store one file of a version (before its record)."""
 
-    async def put_record(self, record: AdapterRecord) -> None:
-        """Commit a record: from now on readers see this version."""
+    async def put_record(self, record: AdapterRecord, *, if_stamp: str | None = None, if_absent: bool = False) -> None:
+        """Commit a record: from now on readers see this version. Under the adapter's lock (which
+        delete_adapter takes too), and only if every file of the version is stored and, when
+        asked, the record still has stamp `if_stamp` (or, `if_absent`, there is none); else
+        RecordConflictError and nothing is written."""
+
+    async def list_versions(self, owner: str, name: str) -> dict[str, float]:
+        """Every stored version of an adapter -> since when (epoch seconds) it is not current: its
+        retirement marker's time, else its newest file's (a version never committed)."""
+
+    async def delete_versions(self, owner: str, name: str, versions: set[str]) -> list[str]:
+        """Under the adapter's lock: remove these versions' files, except the one its record names
+        now. Returns the versions removed."""
+
+    async def put_base(self, base_model: str, data: bytes) -> None:
+        """Publish what a gateway's base model accepts (`bases/<name>.json`)."""
+
+    async def get_base(self, base_model: str) -> bytes | None:
+        """What `put_base` published for this served name, or None."""
+
+    async def list_bases(self) -> list[str]:
+        """The served names of every published base."""
 
     async def delete_adapter(self, owner: str, name: str) -> bool:
-        """Remove the record (the commit point: serving stops), then every version's files.
-        False when there was no record."""
+        """Under the adapter's lock: remove the record (the commit point: serving stops), then
+        every version's files, which no record names any more. False when there was no record."""

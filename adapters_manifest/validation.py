@@ -2,9 +2,9 @@
 before the gateway loads an adapter into the engine: a bad adapter is refused with a message
 naming the problem, and never reaches vLLM.
 
-Nothing is unpickled and no tensor is loaded: the config is JSON and the weights are judged by
-their safetensors header. Messages name files by their role, never by a server path, because
-they go back to HTTP clients.
+Nothing is unpickled: the config is JSON, the weights are judged by their safetensors header,
+then their values are read in bounded chunks (tensor_values.py). Messages name files by their
+role, never by a server path, because they go back to HTTP clients.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from adapters_manifest.safetensors_header import (
     read_header,
     refuse_duplicate_keys,
 )
+from adapters_manifest.tensor_values import SERVING_MAX, TensorValueError, check_values
 
 # Pickle-based checkpoints: loading one runs whatever code its author put in it.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -59,22 +60,37 @@ class BaseModelSpec:
 
     module_shapes: dict[str, tuple[int, int]]  # "model.layers.0.self_attn.q_proj" -> (out, in)
     max_lora_rank: int | None = None
+    serving_dtype: str | None = None  # float16, bfloat16 or float32; None: unknown (finiteness only)
 
     @classmethod
-    def from_model_dir(cls, path: Path, max_lora_rank: int | None = None) -> BaseModelSpec:
-        """From the base's safetensors headers: every 2-D `.weight` is a module LoRA may target."""
+    def from_model_dir(cls, path: Path, max_lora_rank: int | None = None, dtype: str = "auto") -> BaseModelSpec:
+        """From the base's safetensors headers: every 2-D `.weight` is a module LoRA may target.
+        `dtype` as the gateway's --dtype: auto is the model config's."""
         modules = {
             name.removesuffix(".weight"): (shape[0], shape[1])
             for name, shape in base_weight_shapes(path).items()
             if name.endswith(".weight") and len(shape) == 2
         }
-        return cls(module_shapes=modules, max_lora_rank=max_lora_rank)
+        serving = dtype if dtype != "auto" else _config_dtype(path)
+        return cls(module_shapes=modules, max_lora_rank=max_lora_rank, serving_dtype=serving)
+
+
+def _config_dtype(model_dir: Path) -> str | None:
+    """The dtype a Hugging Face config declares (`torch_dtype`, or `dtype` in newer ones)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    declared = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return declared if declared in SERVING_MAX else None
 
 
 @dataclass(frozen=True)
 class ValidationLimits:
     max_weights_bytes: int = 512 << 20
     max_config_bytes: int = 64 << 10
+    # A PEFT header is ~130 bytes a tensor: 4 MiB is some 30,000 tensors.
+    max_header_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,11 @@ def validate_adapter_dir(
     structural checks only (no rank limit, no module or shape checks against a base)."""
     _check_files(folder, limits)
     summary = _check_config(_read_config(folder / CONFIG_FILE), base)
-    _check_tensors(folder / WEIGHTS_FILE, summary, base)
+    header = _check_tensors(folder / WEIGHTS_FILE, summary, base, limits)
+    try:
+        check_values(folder / WEIGHTS_FILE, header, base.serving_dtype if base is not None else None)
+    except TensorValueError as e:
+        raise AdapterValidationError(f"{WEIGHTS_FILE}: {e}") from None
     return summary
 
 
@@ -190,9 +210,11 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec | None) -> Adapter
     return AdapterSummary(rank=rank, alpha=float(alpha), target_modules=tuple(sorted(set(targets))))
 
 
-def _check_tensors(path: Path, summary: AdapterSummary, base: BaseModelSpec | None) -> None:
+def _check_tensors(
+    path: Path, summary: AdapterSummary, base: BaseModelSpec | None, limits: ValidationLimits
+) -> dict[str, TensorInfo]:
     try:
-        header = read_header(path)
+        header = read_header(path, limits.max_header_bytes)
     except HeaderError as e:
         raise AdapterValidationError(f"{WEIGHTS_FILE}: {e}") from None
     if not header:
@@ -243,6 +265,7 @@ def _check_tensors(path: Path, summary: AdapterSummary, base: BaseModelSpec | No
         for name, info, expected in ((a_name, a, [rank, in_features]), (b_name, b, [out_features, rank])):
             if list(info.shape) != expected:
                 raise AdapterValidationError(f"tensor {name} has shape {list(info.shape)}, expected {expected} ({why})")
+    return header
 
 
 def _targets(module_path: str, target: str) -> bool:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from adapters_manifest.open_store import open_store
 from adapters_manifest.record import AdapterRecord
-from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
+from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
 from gateway.api import inference
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
 from gateway.api.admin import resident_adapters, trigger_sync
@@ -38,6 +38,8 @@ from gateway.app_keys import (
     STORE,
     TRACER,
     TRACER_PROVIDER,
+    UPLOADS,
+    VERSIONS,
     Serving,
 )
 from gateway.auth.keys import KeyRing
@@ -49,6 +51,7 @@ from gateway.auth.middleware import (
     TrustedHeaderAuthenticator,
     auth_middleware,
 )
+from gateway.base_publishing import publish_base
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
 from gateway.draining import drain_middleware
@@ -70,6 +73,8 @@ from gateway.telemetry.http import server_span_middleware
 from gateway.telemetry.instruments import GatewayMetrics
 from gateway.telemetry.request_id import add_request_id_header, request_id_middleware
 from gateway.telemetry.spans import tracer_of
+from gateway.upload_admission import UploadAdmission
+from gateway.version_collector import VersionCollector
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +128,10 @@ def create_app(
     app[AUTHENTICATOR] = _authenticator(settings)
     app[LIMITER] = UserLimiter(settings.max_running_per_user, settings.max_queued_per_user, settings.queue_timeout_s)
     app[STORE] = open_store(settings.store)
-    app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank)
+    app[BASE_SPEC] = BaseModelSpec.from_model_dir(settings.model, settings.max_lora_rank, settings.dtype)
     app[SERVING] = Serving()
+    app[VERSIONS] = VersionCollector(app[STORE], settings.version_grace_s)
+    app[UPLOADS] = UploadAdmission(settings.max_uploads_per_user, settings.max_concurrent_uploads)
 
     def retire(record: AdapterRecord) -> None:
         """A version left the store: out of the engine, then off the disk, once unused."""
@@ -132,6 +139,7 @@ def create_app(
             app[SERVING].pool.retire(record)
         if DISK_CACHE in app:
             app[DISK_CACHE].retire(record)
+        app[VERSIONS].schedule(record.owner, record.name)
 
     app[METRICS_REGISTRY] = CollectorRegistry(auto_describe=True)
     app[METRICS] = GatewayMetrics(app[METRICS_REGISTRY])
@@ -150,6 +158,8 @@ def create_app(
     app[OPENAPI] = build_openapi()
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
+    app.cleanup_ctx.append(publish_base)
+    app.on_cleanup.append(_close_versions)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
     app.cleanup_ctx.append(_watch_keys_file)
     app[STALLED_READERS] = StalledReaderWatch(settings.stalled_read_timeout_s)
@@ -172,6 +182,10 @@ def create_app(
     app.router.add_post("/admin/sync", trigger_sync)
     app.router.add_get("/admin/resident", resident_adapters)
     return app
+
+
+async def _close_versions(app: web.Application) -> None:
+    app[VERSIONS].close()  # scheduled collections are idempotent: the next upload redoes one
 
 
 async def _watch_keys_file(app: web.Application) -> AsyncIterator[None]:
@@ -265,7 +279,7 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             validate=partial(
                 validate_adapter_dir,
                 base=app[BASE_SPEC],
-                limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
+                limits=settings.validation_limits(),
             ),
             tracer=app[TRACER],
             metrics=app[METRICS],

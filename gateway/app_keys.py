@@ -19,6 +19,8 @@ from gateway.fair_share import UserLimiter
 from gateway.pool import AdapterPool
 from gateway.settings import ServeSettings
 from gateway.telemetry.instruments import GatewayMetrics
+from gateway.upload_admission import UploadAdmission
+from gateway.version_collector import VersionCollector
 
 
 @dataclass
@@ -68,9 +70,11 @@ CACHE_SALT_SECRET = web.AppKey("cache_salt_secret", bytes)
 STORE = web.AppKey("store", AdapterStore)
 BASE_SPEC = web.AppKey("base_spec", BaseModelSpec)  # what an adapter must fit
 DISK_CACHE = web.AppKey("disk_cache", DiskCache)
+VERSIONS = web.AppKey("versions", VersionCollector)  # collects replaced versions after their grace
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", UserLimiter)
+UPLOADS = web.AppKey("uploads", UploadAdmission)  # uploads in progress, per user and in all
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", GatewayMetrics)  # the instruments, registered in METRICS_REGISTRY
 TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)  # the global one unless create_app got one

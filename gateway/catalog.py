@@ -15,6 +15,8 @@ the store next to nothing; a name published meanwhile on another replica waits t
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -64,6 +66,7 @@ class AdapterCatalog:
         self.base_model_name = base_model_name
         self._on_retired = on_retired
         self._records: dict[str, AdapterRecord] = {}
+        self._sorted_refs: list[str] | None = None  # rebuilt on the first listing after a change
         self._stamps: dict[str, str] = {}
         self.last_success: float | None = None  # time.monotonic() of the last good sync
         self.last_error: str | None = None
@@ -138,6 +141,8 @@ class AdapterCatalog:
         if record is not None:
             self._records[ref] = record
             self._misses.pop(ref, None)
+        if (old is None) != (record is None):
+            self._sorted_refs = None
         if old is not None and (record is None or record.version != old.version):
             log.info(
                 "catalog: %s version %s retired (%s)",
@@ -153,6 +158,21 @@ class AdapterCatalog:
 
     def visible_records(self, principal: Principal) -> list[AdapterRecord]:
         return [r for r in self.records() if self.may_use(principal, r)]
+
+    def visible_page(self, principal: Principal, after: str | None, limit: int) -> tuple[list[AdapterRecord], bool]:
+        """Up to `limit` records `principal` may use, in ref order, after ref `after`; and whether
+        more follow. Stops at the first one past the page: a page costs its size, not the catalog's."""
+        if self._sorted_refs is None:
+            self._sorted_refs = sorted(self._records)
+        refs = self._sorted_refs
+        page: list[AdapterRecord] = []
+        for ref in itertools.islice(refs, bisect.bisect_right(refs, after) if after else 0, None):
+            record = self._records[ref]
+            if self.may_use(principal, record):
+                if len(page) == limit:
+                    return page, True
+                page.append(record)
+        return page, False
 
     async def resolve(self, model: str, principal: Principal) -> AdapterRecord | None:
         """None for the base model; the record `model` names if `principal` may use it; else

@@ -70,6 +70,21 @@ class PermissionDeniedError(GatewayError):
     code = "permission_denied"
 
 
+class QuotaExceededError(GatewayError):
+    """A tenant's bound (adapters per user) is reached: freeing room is up to them."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "quota_exceeded"
+
+
+class TemporaryQuotaError(QuotaExceededError):
+    """A bound that frees itself with time (versions kept in their grace period): retry later."""
+
+    status = 429
+    error_type = "rate_limit_error"
+
+
 class RateLimitError(GatewayError):
     """The caller has too many requests running and waiting: back off."""
 

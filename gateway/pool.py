@@ -116,6 +116,9 @@ class AdapterPool:
         self._base_adapter: EngineAdapter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._removing = 0  # retired adapters out of the pool whose engine removal has not returned
+        # engine name -> done when its removal from the engine returned: a version published
+        # again meanwhile is registered only after that (the engine refuses a name added twice).
+        self._removals: dict[str, asyncio.Future[None]] = {}
         self._slot_waiters: Counter[str] = Counter()  # ref -> requests waiting for a free slot
         self._tracer = tracer or trace.NoOpTracer()
         self._metrics = metrics or detached_metrics()
@@ -243,6 +246,7 @@ class AdapterPool:
         if self._occupied() >= self._capacity:
             victim_name = next(n for n, e in self._entries.items() if e.holders == 0 and e.loaded.done())
             victim = self._entries.pop(victim_name)
+            self._removal_started(victim)
         adapter = EngineAdapter(next(self._engine_ids), record.versioned_ref, Path())
         entry = _Entry(record=record, adapter=adapter, loaded=asyncio.get_running_loop().create_future())
         entry.load_span = trace.get_current_span().get_span_context()
@@ -271,6 +275,8 @@ class AdapterPool:
                 with self._tracer.start_as_current_span(spans.VERIFY, attributes=spans.adapter_attributes(record)):
                     await asyncio.to_thread(self._validate, path)
             entry.adapter = EngineAdapter(entry.adapter.engine_id, name, path)
+            if (removal := self._removals.get(name)) is not None:
+                await asyncio.shield(removal)
             await self._register(entry.adapter, record)
         except (EngineDeadError, StoreUnavailableError) as exc:
             # Not the adapter's fault: nothing to remember, the client may retry. The details
@@ -332,11 +338,23 @@ class AdapterPool:
                 log.exception("removing adapter %s from the engine failed", victim.adapter.engine_name)
             finally:
                 self._files.unpin(victim.record)
+                self._removal_finished(victim)
+
+    def _removal_started(self, entry: _Entry) -> None:
+        """Called as `entry` leaves the pool, before anything awaits: a load of the same version
+        started from now on finds the removal and waits for it."""
+        self._removals[entry.adapter.engine_name] = asyncio.get_running_loop().create_future()
+
+    def _removal_finished(self, entry: _Entry) -> None:
+        removal = self._removals.pop(entry.adapter.engine_name, None)
+        if removal is not None and not removal.done():
+            removal.set_result(None)
 
     def _evict_now(self, entry: _Entry) -> None:
         """Take an idle entry out of the pool at once and remove it from the engine in the background."""
         self._entries.pop(entry.record.versioned_ref, None)
         self._removing += 1
+        self._removal_started(entry)
         self._spawn(self._evict_then_free_slot(entry))
 
     async def _evict_then_free_slot(self, entry: _Entry) -> None:

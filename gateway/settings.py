@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters_manifest.validation import ValidationLimits
+
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -132,6 +134,23 @@ class ServeSettings(BaseSettings):
     max_running_per_user: int = Field(default=64, ge=1, description="Requests one user may have generating at once.")
     max_queued_per_user: int = Field(default=512, ge=0, description="Further requests one user may have waiting.")
     queue_timeout_s: float = Field(default=60.0, gt=0, description="How long a waiting request waits before a 429.")
+    max_uploads_per_user: int = Field(default=2, ge=1, description="Uploads one user may have in progress at once.")
+    max_concurrent_uploads: int = Field(
+        default=4, ge=1, description="Uploads in progress at once in all (each may take max_adapter_bytes of /tmp)."
+    )
+    max_adapters_per_user: int = Field(default=100, ge=1, description="Adapters one user may have in the store.")
+    max_versions_per_adapter: int = Field(
+        default=3,
+        ge=2,
+        description="Versions one adapter keeps, the current one included: replaced ones stay for version_grace_s.",
+    )
+    version_grace_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long a replaced version's files stay in the store (replicas not synced yet may fetch "
+        "them) before they are collected.",
+    )
+    max_list_page: int = Field(default=100, ge=1, le=10_000, description="Adapters in one page of GET /v1/adapters.")
     max_store_lookups_per_user: int = Field(
         default=4,
         ge=1,
@@ -145,6 +164,12 @@ class ServeSettings(BaseSettings):
 
     # HTTP
     max_adapter_bytes: int = Field(default=512 << 20, ge=1024, description="Largest adapter weights file accepted.")
+    max_adapter_config_bytes: int = Field(
+        default=64 << 10, ge=1024, description="Largest adapter_config.json accepted (checked while it streams in)."
+    )
+    max_adapter_header_bytes: int = Field(
+        default=4 << 20, ge=1024, description="Largest safetensors header of an adapter's weights file."
+    )
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Time a client gets to send its request body.")
@@ -189,6 +214,14 @@ class ServeSettings(BaseSettings):
         if value not in MAX_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {MAX_LORA_RANKS}")
         return value
+
+    def validation_limits(self) -> ValidationLimits:
+        """What every adapter this gateway uploads or loads must stay within."""
+        return ValidationLimits(
+            max_weights_bytes=self.max_adapter_bytes,
+            max_config_bytes=self.max_adapter_config_bytes,
+            max_header_bytes=self.max_adapter_header_bytes,
+        )
 
     @property
     def base_model_name(self) -> str:

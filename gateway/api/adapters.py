@@ -16,17 +16,20 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from adapters_manifest.publish import publish, validated_record
-from adapters_manifest.record import ADAPTER_FILES, AdapterRecord, check_name
+from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterRecord, check_name
 from adapters_manifest.validation import AdapterValidationError, ValidationLimits
-from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE
+from adapters_manifest.versions import kept_versions
+from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE, UPLOADS, VERSIONS
 from gateway.auth.middleware import PRINCIPAL
 from gateway.errors import (
     InvalidAdapterError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceededError,
     RequestTimeoutError,
     RequestTooLargeError,
+    TemporaryQuotaError,
 )
 
 FORM_FIELDS = {"name", "description", "public", "owner"}
@@ -38,12 +41,18 @@ def adapter_json(record: AdapterRecord) -> dict[str, Any]:
 
 
 async def upload_adapter(request: web.Request) -> web.Response:
+    # Admitted before the body is read: uploads in progress bound the scratch disk they take.
+    async with request.app[UPLOADS].admit(request[PRINCIPAL].user):
+        return await _upload(request)
+
+
+async def _upload(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
         folder = Path(tmp)
         try:  # bounded in time too: a client dribbling its upload must not hold a connection forever
             async with asyncio.timeout(settings.upload_timeout_s):
-                fields = await _receive_form(request, folder, settings.max_adapter_bytes)
+                fields = await _receive_form(request, folder, _part_limits(settings.validation_limits()))
         except (ValueError, BadHttpMessage) as exc:  # aiohttp's multipart parser: no boundary, a malformed part
             raise InvalidRequestError(f"Malformed multipart body: {exc}") from None
         except TimeoutError:
@@ -69,20 +78,46 @@ async def upload_adapter(request: web.Request) -> web.Response:
                 owner,
                 name,
                 base=request.app[BASE_SPEC],
-                limits=ValidationLimits(max_weights_bytes=settings.max_adapter_bytes),
+                limits=settings.validation_limits(),
                 base_model=settings.base_model_name,
                 description=fields.get("description", ""),
                 visibility="public" if fields.get("public", "").lower() in ("1", "true", "yes", "on") else "private",
             )
         except AdapterValidationError as exc:
             raise InvalidAdapterError(f"Adapter refused: {exc}", param="files") from None
+        await _check_quotas(request.app, record)
         await publish(request.app[STORE], folder, record)
     request.app[CATALOG].add(record)
+    request.app[VERSIONS].schedule(record.owner, record.name)  # the one it replaced, after its grace
     return web.json_response(adapter_json(record), status=201)
 
 
-async def _receive_form(request: web.Request, folder: Path, max_file_bytes: int) -> dict[str, str]:
-    """Stream the multipart body: files to `folder` (bounded), small text fields to a dict."""
+async def _check_quotas(app: web.Application, record: AdapterRecord) -> None:
+    """Judged by the store, not this replica's catalog: other replicas and the CLI upload too."""
+    settings, store = app[SETTINGS], app[STORE]
+    owned = await store.list_stamps(record.owner)
+    if record.ref not in owned and len(owned) >= settings.max_adapters_per_user:
+        raise QuotaExceededError(
+            f"'{record.owner}' has {len(owned)} adapters, the most one user may have: delete one first.",
+            param="name",
+        )
+    kept = await kept_versions(store, record.owner, record.name, settings.version_grace_s, excluding=record.version)
+    if kept.count >= settings.max_versions_per_adapter:
+        raise TemporaryQuotaError(
+            f"'{record.ref}' keeps {kept.count} versions, the most one adapter may: a replaced version stays "
+            f"{settings.version_grace_s:g} s for replicas still serving it. Retry later.",
+            param="name",
+            retry_after_s=kept.next_expiry_s,
+        )
+
+
+def _part_limits(limits: ValidationLimits) -> dict[str, int]:
+    """Each file's own limit, enforced while it streams in (not after the whole body arrived)."""
+    return {CONFIG_FILE: limits.max_config_bytes, WEIGHTS_FILE: limits.max_weights_bytes}
+
+
+async def _receive_form(request: web.Request, folder: Path, file_limits: dict[str, int]) -> dict[str, str]:
+    """Stream the multipart body: files to `folder` (each bounded), small text fields to a dict."""
     if not request.content_type.startswith("multipart/"):
         raise InvalidRequestError(
             "Upload with multipart/form-data: fields 'name', files adapter_config.json and adapter_model.safetensors."
@@ -97,7 +132,7 @@ async def _receive_form(request: web.Request, folder: Path, max_file_bytes: int)
             fields[part.name] = (await _read_bounded(part, MAX_FIELD_BYTES, part.name)).decode("utf-8", "replace")
         elif file_name in ADAPTER_FILES or (part.name in ADAPTER_FILES and not file_name):
             target = file_name or str(part.name)
-            await _save_bounded(part, folder / target, max_file_bytes)
+            await _save_bounded(part, folder / target, file_limits[target])
         elif file_name:
             raise InvalidAdapterError(
                 f"Unexpected file '{file_name}': an adapter is exactly adapter_config.json and "
@@ -130,8 +165,21 @@ async def _save_bounded(part: BodyPartReader, dest: Path, limit: int) -> None:
 
 
 async def list_adapters(request: web.Request) -> web.Response:
-    visible = request.app[CATALOG].visible_records(request[PRINCIPAL])
-    return web.json_response({"object": "list", "data": [adapter_json(r) for r in visible]})
+    """One page, in `owner/name` order: `limit` (default and most: max_list_page), `after` an id."""
+    largest = request.app[SETTINGS].max_list_page
+    raw = request.query.get("limit", str(largest))
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= largest):
+        raise InvalidRequestError(f"limit must be an integer from 1 to {largest}.", param="limit")
+    page, has_more = request.app[CATALOG].visible_page(request[PRINCIPAL], request.query.get("after"), int(raw))
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [adapter_json(r) for r in page],
+            "first_id": page[0].ref if page else None,
+            "last_id": page[-1].ref if page else None,
+            "has_more": has_more,
+        }
+    )
 
 
 async def show_adapter(request: web.Request) -> web.Response:

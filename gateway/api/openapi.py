@@ -49,6 +49,7 @@ class Operation:
     ok_types: tuple[str, ...] = (JSON,)
     errors: tuple[int, ...] = ()  # besides 401 and 500, which every authenticated operation may answer
     ok: int = 200
+    query: tuple[tuple[str, dict[str, Any]], ...] = ()  # optional query parameters: name, schema
 
 
 def _operations() -> tuple[Operation, ...]:
@@ -77,8 +78,16 @@ def _operations() -> tuple[Operation, ...]:
         Operation("post", "/detokenize", "Token ids back to text", DetokenizeRequest, errors=TOKEN_ERRORS),
         Operation("get", "/v1/models", "List the base model and the adapters the caller may use"),
         Operation("get", "/v1/models/{model}", "One model the caller may use", errors=(404,)),
-        Operation("get", "/v1/adapters", "List the adapters the caller may use"),
-        Operation("post", "/v1/adapters", "Upload an adapter", "multipart", errors=(400, 403, 413, 503), ok=201),
+        Operation(
+            "get",
+            "/v1/adapters",
+            "List the adapters the caller may use, a page at a time",
+            errors=(400,),
+            query=(("limit", {"type": "integer", "minimum": 1}), ("after", {"type": "string"})),
+        ),
+        Operation(
+            "post", "/v1/adapters", "Upload an adapter", "multipart", errors=(400, 403, 413, 429, 503), ok=201
+        ),
         Operation("get", "/v1/adapters/{owner}/{name}", "Show an adapter", errors=(404, 503)),
         Operation("delete", "/v1/adapters/{owner}/{name}", "Delete an adapter", errors=(403, 404, 503)),
         Operation("post", "/admin/sync", "Sync the adapter catalog with the store now (admins)", errors=(403, 503)),
@@ -142,6 +151,8 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         ]
     if "{model}" in op.path:
         operation["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if op.query:
+        operation["parameters"] = [{"name": n, "in": "query", "required": False, "schema": q} for n, q in op.query]
     if isinstance(op.body, type):
         operation["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[(op.body, "validation")]}}}
     elif op.body == "multipart":

@@ -418,3 +418,26 @@ def test_trusted_header_mode_has_no_keys(monkeypatch) -> None:
         monkeypatch.setenv(key, value)
     settings = ServeSettings(_env_file=None)
     assert settings.trusted_user_header == "X-Forwarded-User" and settings.keys_file is None
+
+
+def parse_quantity(quantity: str) -> int:
+    """A Kubernetes binary quantity ("4Gi") in bytes."""
+    number, unit = re.fullmatch(r"([0-9]+)([KMGTPE]i)?", quantity).groups()  # type: ignore[union-attr]
+    return int(number) << (10 * (" KMGTPE".index(unit[0]) if unit else 0))
+
+
+def test_the_scratch_volume_uploads_land_on_has_a_size_limit(case: tuple[str, Rendered]) -> None:
+    """Uploads are received under /tmp before validation: an unbounded emptyDir there lets uploads
+    fill the node's disk."""
+    _, rendered = case
+    mounts = {m["mountPath"]: m["name"] for m in rendered.gateway["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    scratch = volumes[mounts["/tmp"]]
+    assert parse_quantity(scratch["emptyDir"]["sizeLimit"]) >= 2 * (512 << 20)  # two uploads at the default limit
+
+
+def test_the_scratch_size_limit_is_a_value() -> None:
+    rendered = render(None, ("scratchSizeLimit=9Gi",))
+    mounts = {m["mountPath"]: m["name"] for m in rendered.gateway["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"] == "9Gi"

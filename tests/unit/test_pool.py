@@ -665,3 +665,20 @@ async def test_lora_activity_names_adapters_by_ref_while_loading_waiting_and_run
     await asyncio.gather(a, b)
     done = pool.lora_activity()
     assert (done.running, done.waiting) == (frozenset(), frozenset())
+
+
+async def test_a_version_republished_while_its_removal_runs_is_registered_again_once_removed(make_pool) -> None:
+    """Retired (deleted, or superseded), then the same bytes published again while the engine is
+    still removing it: the new registration waits for the removal, so the engine never sees
+    the same adapter added twice, and the request is served."""
+    pool, engine = make_pool(remove_delay_s=0.2)
+    await use(pool, A)
+    pool.retire(A)  # removal under way in the background
+    adapter = await use(pool, A)  # republished: resolved as current again
+    assert adapter is not None and adapter.engine_name == A.versioned_ref
+    assert [(e.kind, e.engine_name) for e in engine.events] == [
+        ("add", A.versioned_ref),
+        ("remove", A.versioned_ref),
+        ("add", A.versioned_ref),
+    ]
+    await until(lambda: engine.resident_names() == {A.versioned_ref})

@@ -158,10 +158,10 @@ class OrderCheckingStore:
         self.writes.append(file_name)
         await self.store.put_file(record, file_name, source, progress)
 
-    async def put_record(self, record: AdapterRecord) -> None:
+    async def put_record(self, record: AdapterRecord, **conditions: Any) -> None:
         assert await self.store.has_version(record)  # every file is there before the commit point
         self.writes.append("record")
-        await self.store.put_record(record)
+        await self.store.put_record(record, **conditions)
 
 
 async def test_a_record_is_never_visible_before_its_files(store: AdapterStore, tmp_path: Path) -> None:

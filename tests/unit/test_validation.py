@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -354,3 +356,62 @@ def test_half_precision_adapters_pass(adapter: Path, spec: BaseModelSpec) -> Non
     half = {name: t.to(torch.bfloat16 if "lora_A" in name else torch.float16) for name, t in tensors.items()}
     save_torch(half, str(adapter / WEIGHTS))
     assert validate_adapter_dir(adapter, spec).rank == 8
+
+
+# -- tensor values -------------------------------------------------------------------------
+
+
+def with_value(folder: Path, name: str, value: float, dtype: str = "float32") -> None:
+    """Set one element of tensor `name` to `value`, stored as `dtype` (torch for bfloat16)."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    tensors = load_torch(str(folder / WEIGHTS))
+    changed = tensors[name].to(getattr(torch, dtype)).clone()
+    changed.view(-1)[changed.numel() // 2] = value
+    tensors[name] = changed
+    save_torch(tensors, str(folder / WEIGHTS))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("value", "said"), [(float("nan"), "NaN"), (float("inf"), "infinity"), (-float("inf"), "infinity")]
+)
+def test_non_finite_values_are_refused_naming_the_tensor(
+    adapter: Path, spec: BaseModelSpec, dtype: str, value: float, said: str
+) -> None:
+    with_value(adapter, V_B, value, dtype)
+    with pytest.raises(AdapterValidationError, match=f"tensor {re.escape(V_B)} holds {said}"):
+        validate_adapter_dir(adapter, spec)
+    with pytest.raises(AdapterValidationError, match=f"tensor {re.escape(V_B)} holds {said}"):
+        validate_adapter_dir(adapter, None)  # structural checks read the values too
+
+
+def test_values_beyond_the_serving_dtype_are_refused(adapter: Path, spec: BaseModelSpec) -> None:
+    with_value(adapter, Q_A, 1e6)
+    assert validate_adapter_dir(adapter, spec).rank == 8  # the tiny base serves in float32
+    half = dataclasses.replace(spec, serving_dtype="float16")
+    with pytest.raises(
+        AdapterValidationError, match=rf"tensor {re.escape(Q_A)} holds 1e\+06, beyond the range of float16"
+    ):
+        validate_adapter_dir(adapter, half)
+    with_value(adapter, Q_A, 3.4e38)
+    with pytest.raises(AdapterValidationError, match="beyond the range of bfloat16"):
+        validate_adapter_dir(adapter, dataclasses.replace(spec, serving_dtype="bfloat16"))
+
+
+def test_the_serving_dtype_is_the_gateways_or_the_models(tiny: Tiny, tmp_path: Path) -> None:
+    assert BaseModelSpec.from_model_dir(tiny.base).serving_dtype == "float32"  # its config.json
+    assert BaseModelSpec.from_model_dir(tiny.base, dtype="float16").serving_dtype == "float16"
+
+
+def test_values_are_read_in_bounded_chunks(adapter: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters_manifest import tensor_values
+
+    monkeypatch.setattr(tensor_values, "CHUNK_BYTES", 64)  # many chunks per tensor: the last one is bad
+    edit_tensors({Q_A: np.concatenate([np.zeros((7, 128), np.float32), np.full((1, 128), np.nan, np.float32)])})(
+        adapter
+    )
+    with pytest.raises(AdapterValidationError, match=f"tensor {re.escape(Q_A)} holds NaN"):
+        validate_adapter_dir(adapter, spec)
