@@ -260,6 +260,17 @@ def _refusal(serving: Any, caller: Caller | None, error_response: Any) -> Gatewa
     return engine_request_error(info.code, info.message, info.param)
 
 
+def _event_error_response(text: str) -> Any:
+    """vLLM's error event as its ErrorResponse (a 500 where it cannot be read)."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    try:
+        return ErrorResponse.model_validate(_event_data(text))
+    except ValidationError:
+        return ErrorResponse.model_validate({"error": {"message": text, "type": "InternalServerError", "code": 500}})
+
+
 async def _respond(
     request: web.Request, serving: Any, caller: Caller, result: Any, observation: Observation
 ) -> web.StreamResponse:
@@ -291,7 +302,7 @@ async def _stream(
         while event is not None:
             text = _sse(event)
             if text.startswith('data: {"error"'):  # headers are gone: the error travels as an event
-                error = _event_error(text)
+                error = _refusal(serving, caller, _event_error_response(text))
                 observation.outcome = outcome_of(error.status)
                 text = f"data: {json.dumps(client_error_body(error, request))}\n\n"
             await response.write(text.encode())
@@ -315,16 +326,6 @@ def _event_data(text: str) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _event_error(text: str) -> GatewayError:
-    """vLLM's error event as the gateway's error (its 5xx words stay in the log)."""
-    error = _event_data(text).get("error") or {}
-    try:
-        status = int(error.get("code"))
-    except (TypeError, ValueError):
-        status = 500
-    return engine_request_error(status, str(error.get("message")), error.get("param"))
 
 
 def _describe_response_id(payload: dict[str, Any]) -> None:
