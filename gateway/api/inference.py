@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import importlib
 import json
 import logging
 import time
@@ -66,9 +67,9 @@ class Endpoint:
 
 
 def _protocol(module: str, name: str) -> Callable[[dict[str, Any]], type[BaseModel]]:
-    def model(body: dict[str, Any]) -> type[BaseModel]:
-        import importlib
+    """vLLM's protocol model `module.name`, imported at the first request (vLLM is slow to import)."""
 
+    def model(body: dict[str, Any]) -> type[BaseModel]:
         return getattr(importlib.import_module(module), name)
 
     return model
