@@ -168,7 +168,7 @@ class ServeSettings(BaseSettings):
         default=64 << 10, ge=1024, description="Largest adapter_config.json accepted (checked while it streams in)."
     )
     max_adapter_header_bytes: int = Field(
-        default=4 << 20, ge=1024, description="Largest safetensors header of an adapter's weights file."
+        default=1 << 20, ge=1024, description="Largest safetensors header of an adapter's weights file."
     )
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body accepted.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="Time in-flight requests get on shutdown.")
