@@ -36,6 +36,7 @@ from tests.fakes import (
     token_text,
     write_base_model,
 )
+from tests.waiting import ENGINE_START_TIMEOUT_S, until
 
 BASE = "fake-base"
 MAX_MODEL_LEN = 256
@@ -61,7 +62,7 @@ class Gateway:
     async def post(self, path: str, body: Any) -> ClientResponse:
         return await self.client.post(path, json=body)
 
-    async def wait_ready(self, timeout_s: float = 60.0) -> None:  # the first vLLM config of a process: ~15 s
+    async def wait_ready(self, timeout_s: float = ENGINE_START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             resp = await self.client.get("/readyz")
@@ -122,13 +123,6 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
 @pytest.fixture
 async def gw(start_gateway: StartGateway) -> Gateway:
     return await start_gateway()
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def assert_error(resp: ClientResponse, status: int, *, param: str | None = None, code: str | None = None) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from adapters_manifest.local_store import LocalFolderStore
 from gateway.app import create_app
 from gateway.settings import ServeSettings
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
+from tests.waiting import ENGINE_START_TIMEOUT_S, until
 
 BASE = "fake-base"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -45,13 +46,6 @@ async def scrape(client: TestClient) -> Samples:
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     return parse(await resp.text())
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +80,7 @@ async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
             engine_factory=engine.started_with,
         )
         client = await aiohttp_client(app)
-        # The first engine of a test process builds vLLM's config and tokenizer: many seconds on a busy host.
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while (ready := await client.get("/readyz")).status != 200:
             reason = (await ready.json())["reason"]
             assert time.monotonic() < deadline and not reason.startswith("engine failed"), reason

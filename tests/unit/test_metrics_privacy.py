@@ -21,7 +21,8 @@ from gateway.metrics import metrics_only_app
 from gateway.settings import ServeSettings
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 from tests.unit import test_metrics_gateway
-from tests.unit.test_metrics_gateway import BASE, LORA_INFO, GatedEngine, parse, until
+from tests.unit.test_metrics_gateway import BASE, LORA_INFO, GatedEngine, parse
+from tests.waiting import ENGINE_START_TIMEOUT_S, until
 
 _no_ambient_settings = test_metrics_gateway._no_ambient_settings
 
@@ -50,7 +51,7 @@ async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
             engine_factory=engine.started_with,
         )
         client = await aiohttp_client(app)
-        await until(lambda: app[SERVING].pool is not None and app[CATALOG].synced)
+        await until(lambda: app[SERVING].pool is not None and app[CATALOG].synced, ENGINE_START_TIMEOUT_S)
         return client, app, key
 
     return start_app

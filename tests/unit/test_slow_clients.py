@@ -21,18 +21,12 @@ from gateway.server import runner_options
 from gateway.settings import ServeSettings
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 from tests.unit import test_api
+from tests.waiting import ENGINE_START_TIMEOUT_S, until
 
 _no_ambient_settings = test_api._no_ambient_settings
 
 BASE = "fake-base"
 WAIT_S = 10.0  # generous: the bounds under test are a fraction of a second
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 Serve = Callable[..., Awaitable[int]]
@@ -60,7 +54,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        await until(lambda: app[SERVING].pool is not None and app[CATALOG].synced)
+        await until(lambda: app[SERVING].pool is not None and app[CATALOG].synced, ENGINE_START_TIMEOUT_S)
         return int(runner.addresses[0][1])
 
     yield start
@@ -141,8 +135,8 @@ async def test_a_stream_whose_client_stops_reading_is_cut_and_its_generation_abo
     sock = connect(port, receive_buffer=4096)
     await asyncio.get_running_loop().sock_sendall(sock, request)
     # Never read: the buffers fill and the gateway's writes block.
-    await until(lambda: engine.active_generations == 1)
-    await until(lambda: engine.active_generations == 0)
+    await until(lambda: engine.active_generations == 1, WAIT_S)
+    await until(lambda: engine.active_generations == 0, WAIT_S)
     assert len(engine.aborted) == 1  # cut short, not finished
     assert await closed_by_server(sock)
     sock.close()
