@@ -180,7 +180,7 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
     except GatewayError:
         raise
     except Exception as exc:  # vLLM's own validators raise its errors out of pydantic's validation
-        raise _refusal(serving, None, _vllm_error_response(exc)) from exc
+        raise _refusal(serving, None, exc) from exc
     observation.stream = bool(getattr(body, "stream", False))
     layer = serving.openai_or_raise()
     catalog = app[CATALOG]
@@ -221,7 +221,7 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
             try:
                 result = await endpoint.serve(layer)(body, None)
             except Exception as exc:  # vLLM's server maps these in its exception handlers
-                raise _refusal(serving, caller, _vllm_error_response(exc)) from exc
+                raise _refusal(serving, caller, exc) from exc
             response = await _respond(request, serving, caller, result, observation)
     _describe_result(request_span, observation)
     if observation.outcome != "ok":
@@ -241,20 +241,16 @@ async def _read_json(request: web.Request) -> Any:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
 
 
-def _vllm_error_response(exc: Exception) -> Any:
-    """An exception out of vLLM's layer as vLLM's server answers it (its status, type and param)."""
+def _refusal(serving: Any, caller: Caller | None, error: Any) -> GatewayError:
+    """vLLM's ErrorResponse, or an exception out of its layer (mapped as vLLM's server maps it), as the
+    gateway's error: anything while the engine is dead is a 503, and a failure of vLLM's layer before
+    the request reached the engine is the request's (a body vLLM's models let through but its code
+    cannot handle, e.g. `structured_outputs: [null]`): a 400."""
     from vllm.entrypoints.serve import create_error_response
 
-    return create_error_response(exc)
-
-
-def _refusal(serving: Any, caller: Caller | None, error_response: Any) -> GatewayError:
-    """vLLM's ErrorResponse as the gateway's error: anything while the engine is dead is a 503, and a
-    failure of vLLM's layer before the request reached the engine is the request's (a body vLLM's
-    models let through but its code cannot handle, e.g. `structured_outputs: [null]`): a 400."""
     if not serving.engine_or_raise().is_alive():
         return ServiceUnavailableError("The engine is not serving; it is being restarted.", retry_after_s=5)
-    info = error_response.error
+    info = (create_error_response(error) if isinstance(error, Exception) else error).error
     if info.code >= 500 and (caller is None or caller.generations == 0):
         log.warning("vLLM's OpenAI layer failed on a request before the engine saw it: %s", info.message)
         return engine_request_error(400, f"This request could not be processed: {info.message}", info.param)
@@ -294,7 +290,7 @@ async def _stream(
         try:  # before any byte is sent: an early failure is a plain error
             first = await anext(events, None)
         except Exception as exc:
-            raise _refusal(serving, caller, _vllm_error_response(exc)) from exc
+            raise _refusal(serving, caller, exc) from exc
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         event = first

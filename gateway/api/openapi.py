@@ -85,9 +85,7 @@ def _operations() -> tuple[Operation, ...]:
             errors=(400,),
             query=(("limit", {"type": "integer", "minimum": 1}), ("after", {"type": "string"})),
         ),
-        Operation(
-            "post", "/v1/adapters", "Upload an adapter", "multipart", errors=(400, 403, 413, 429, 503), ok=201
-        ),
+        Operation("post", "/v1/adapters", "Upload an adapter", "multipart", errors=(400, 403, 413, 429, 503), ok=201),
         Operation("get", "/v1/adapters/{owner}/{name}", "Show an adapter", errors=(404, 503)),
         Operation("delete", "/v1/adapters/{owner}/{name}", "Delete an adapter", errors=(403, 404, 503)),
         Operation("post", "/admin/sync", "Sync the adapter catalog with the store now (admins)", errors=(403, 503)),

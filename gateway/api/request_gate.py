@@ -16,10 +16,8 @@ REMOVED_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided
 REMOVED_HINT = " vLLM removed the guided_* fields: use 'structured_outputs' or 'response_format' instead."
 
 
-def parse_body(model: type[BaseModel], body: Any) -> Any:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
+def parse_body(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """Validate a decoded JSON object; the first problem becomes a 400 naming its field."""
     try:
         parsed = model.model_validate(body)
     except ValidationError as exc:
