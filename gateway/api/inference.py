@@ -213,7 +213,6 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
         caller = Caller(
             model=body.model,
             lora=lora_request(adapter),
-            engine_id=None if adapter is None else adapter.engine_id,
             on_first_token=first_token,
             on_output=observation.add_output,
         )

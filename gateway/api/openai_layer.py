@@ -28,7 +28,6 @@ class Caller:
 
     model: str  # as the caller wrote it: responses name the model so
     lora: Any  # vLLM's LoRARequest of the held adapter; None: the base model, plain
-    engine_id: int | None = None
     on_first_token: Callable[[], None] = lambda: None
     on_output: Callable[[Any], None] = lambda output: None  # each vLLM RequestOutput
     generations: int = field(default=0, init=False)
@@ -92,7 +91,7 @@ class CallerEngineClient:
     ) -> AsyncIterator[Any]:
         caller = self._caller.get()
         caller.generations += 1
-        attributes = {} if caller.engine_id is None else {spans.ENGINE_ID: caller.engine_id}
+        attributes = {} if caller.lora is None else {spans.ENGINE_ID: caller.lora.lora_int_id}
         # Not the current span: this generator yields to its caller, which must not run inside it.
         span = self._tracer.start_span(spans.GENERATE, attributes=attributes)
         headers: dict[str, str] = {}
