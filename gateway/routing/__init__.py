@@ -1,0 +1,1 @@
+"""Semantic routing for `model: "auto"` (issue 17)."""

@@ -1,0 +1,33 @@
+"""Pick the adapter whose route examples best match a prompt embedding."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: str | None  # None: no candidate reached the threshold, serve the base
+    scores: dict[str, float]
+
+
+def decide(
+    prompt: np.ndarray, routes: Mapping[str, np.ndarray], threshold: float
+) -> Decision:
+    """Score each candidate by its best cosine similarity over its examples.
+
+    `routes` must hold only adapters the caller may use: isolation is the
+    caller's job, so no other user's adapter ever enters the scores.
+    """
+    p = prompt / (np.linalg.norm(prompt) or 1.0)
+    scores: dict[str, float] = {}
+    for name, examples in routes.items():
+        if len(examples) == 0:
+            continue
+        norms = np.linalg.norm(examples, axis=1, keepdims=True)
+        scores[name] = float(np.max((examples / np.where(norms == 0, 1, norms)) @ p))
+    best = max(scores, key=scores.__getitem__, default=None)
+    if best is None or scores[best] < threshold:
+        return Decision(None, scores)
+    return Decision(best, scores)
