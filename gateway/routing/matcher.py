@@ -12,9 +12,7 @@ class Decision:
     scores: dict[str, float]
 
 
-def decide(
-    prompt: np.ndarray, routes: Mapping[str, np.ndarray], threshold: float
-) -> Decision:
+def decide(prompt: np.ndarray, routes: Mapping[str, np.ndarray], threshold: float) -> Decision:
     """Score each candidate by its best cosine similarity over its examples.
 
     `routes` must hold only adapters the caller may use: isolation is the
