@@ -1,1 +1,1 @@
-"""Semantic routing for `model: "auto"` (issue 17)."""
+"""Semantic routing: `model: "auto"` served by the caller's adapter whose routes match the prompt."""

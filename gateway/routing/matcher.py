@@ -26,6 +26,4 @@ def decide(prompt: np.ndarray, routes: Mapping[str, np.ndarray], threshold: floa
         norms = np.linalg.norm(examples, axis=1, keepdims=True)
         scores[name] = float(np.max((examples / np.where(norms == 0, 1, norms)) @ p))
     best = max(scores, key=scores.__getitem__, default=None)
-    if best is None or scores[best] < threshold:
-        return Decision(None, scores)
-    return Decision(best, scores)
+    return Decision(best if best is not None and scores[best] >= threshold else None, scores)
