@@ -61,3 +61,12 @@ def cpu_seconds(pgids: set[int]) -> tuple[float, float]:
                 ours += int(rest[11]) + int(rest[12])
     own = os.times()
     return host / tick, ours / tick + own.user + own.system
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads, not its children), Linux only; 0 if gone."""
+    try:
+        rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")

@@ -35,7 +35,15 @@ from typing import Any
 import aiohttp
 
 from gateway.auth.keys import add_key
-from gateway.bench.report import config_of, cpu_seconds, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway.bench.report import (
+    config_of,
+    cpu_seconds,
+    percentile,
+    process_cpu_seconds,
+    raise_on_sigterm,
+    ratio_of,
+    write_json,
+)
 from gateway.bench.report import markdown_table as table
 from gateway.dev.process import ServerProcess, free_port, gateway_command
 from gateway.dev.vllm_server import ENGINE_ENV, KV_CACHE_GIB
@@ -69,6 +77,7 @@ class Run:
     errors: list[str]  # the first failed requests' errors
     other_cpu_s: float = 0.0  # busy CPU time of processes other than the servers and this one
     probe_latencies_s: tuple[float, ...] = ()  # the server's health endpoint, polled during the load
+    front_cpu_s: float = 0.0  # CPU time of the server's HTTP process (its engine processes not counted)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ class Summary:
     # The server's health endpoint during the load: does the HTTP side still answer?
     probe_p99_s: float = nan
     probe_max_s: float = nan
+    # What the HTTP side costs: its process's CPU time per request (the engine's processes excluded).
+    front_cpu_ms_per_request: float = nan
 
 
 # -- vLLM's client ------------------------------------------------------------------------
@@ -124,11 +135,13 @@ def parse_client_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def run_of(result: Mapping[str, Any], other_cpu_s: float = 0.0, probes: Sequence[float] = ()) -> Run:
+def run_of(
+    result: Mapping[str, Any], other_cpu_s: float = 0.0, probes: Sequence[float] = (), front_cpu_s: float = 0.0
+) -> Run:
     """A Run from `vllm.benchmarks.serve.main`'s result."""
     scalars = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
     errors = [e for e in result.get("errors", []) if e][:5]
-    return Run(scalars, errors, other_cpu_s, tuple(probes))
+    return Run(scalars, errors, other_cpu_s, tuple(probes), front_cpu_s)
 
 
 async def measure(args: argparse.Namespace, health_url: str | None) -> tuple[dict[str, Any], list[float]]:
@@ -178,6 +191,7 @@ def summarize(runs: Sequence[Run]) -> Summary:
         other_cores=rate(sum(r.other_cpu_s for r in runs)),
         probe_p99_s=percentile(probes, 99),
         probe_max_s=max(probes, default=nan),
+        front_cpu_ms_per_request=1000 * sum(r.front_cpu_s for r in runs) / completed if completed else nan,
     )
 
 
@@ -214,15 +228,16 @@ def markdown_table(summaries: Mapping[str, Summary], ratio_rows: Mapping[str, Ma
     rows = [
         [name, f"{s.requests_per_s:.2f}", f"{s.output_tokens_per_s:.1f}",
          *(f"{getattr(s, f'{m}_median_ms'):.1f} / {getattr(s, f'{m}_p99_ms'):.1f}" for m in LATENCIES),
-         str(s.failed), f"{s.probe_p99_s * 1000:.0f} / {s.probe_max_s * 1000:.0f}", f"{s.other_cores:.2f}"]
+         str(s.failed), f"{s.probe_p99_s * 1000:.0f} / {s.probe_max_s * 1000:.0f}", f"{s.other_cores:.2f}",
+         f"{s.front_cpu_ms_per_request:.1f}"]
         for name, s in summaries.items()
     ]  # fmt: skip
     for label, r in ratio_rows.items():
         pairs = (f"{r[f'{m}_median_ms']:.3f}x / {r[f'{m}_p99_ms']:.3f}x" for m in LATENCIES)
-        rows.append([label, f"{r['requests_per_s']:.3f}x", f"{r['output_tokens_per_s']:.3f}x", *pairs, "", "", ""])
+        rows.append([label, f"{r['requests_per_s']:.3f}x", f"{r['output_tokens_per_s']:.3f}x", *pairs, "", "", "", ""])
     header = ["server, load", "requests/s", "output tokens/s", "TTFT median / p99 (ms)", "TPOT median / p99 (ms)",
               "E2E latency median / p99 (ms)", "failed", "health probe p99 / max (ms)",
-              "other load (cores)"]  # fmt: skip
+              "other load (cores)", "HTTP process CPU (ms/request)"]  # fmt: skip
     return table(header, rows)
 
 
@@ -362,10 +377,12 @@ def _run_client(argv: list[str], health_url: str | None, log_path: Path) -> tupl
 
 
 def _measure_loads(
-    opts: argparse.Namespace, url: str, health_url: str, pgids: set[int], base: Path,
+    opts: argparse.Namespace, url: str, health_url: str, front_pid: int, base: Path,
     loads: Mapping[str, list[str]], api_key: str, client_log: Path,
 ) -> dict[str, Run]:  # fmt: skip
-    """Each load warmed up (every model of it at least once, other prompts) then measured."""
+    """Each load warmed up (every model of it at least once, other prompts) then measured; the server's
+    process `front_pid` leads the process group of its engine processes."""
+    pgids = {front_pid}
     runs = {}
     for load, models in loads.items():
         shape = {"concurrency": opts.concurrency, "input_len": opts.input_len, "output_len": opts.max_tokens}
@@ -375,9 +392,11 @@ def _measure_loads(
         measured = client_argv(url, base, opts.served_model_name, models, api_key, **shape,
                                requests=opts.requests, seed=opts.seed)  # fmt: skip
         host_before, ours_before = cpu_seconds(pgids)
+        front_before = process_cpu_seconds(front_pid)
         result, probes = _run_client(measured, health_url, client_log)
+        front_s = process_cpu_seconds(front_pid) - front_before
         host_after, ours_after = cpu_seconds(pgids)
-        runs[load] = run_of(result, max(0.0, (host_after - host_before) - (ours_after - ours_before)), probes)
+        runs[load] = run_of(result, max(0.0, (host_after - host_before) - (ours_after - ours_before)), probes, front_s)
     return runs
 
 
@@ -386,7 +405,8 @@ def _progress(round_no: int, name: str, run: Run) -> str:
     return (
         f"round {round_no}: {name} {s.requests_per_s:.2f} req/s, TTFT median {s.ttft_median_ms:.0f} ms, "
         f"TPOT median {s.tpot_median_ms:.1f} ms, E2E median {s.e2el_median_ms:.0f} ms, failed {s.failed} "
-        f"{run.errors[:1]}, health probe p99 {s.probe_p99_s * 1000:.0f} ms, other load {s.other_cores:.2f} cores"
+        f"{run.errors[:1]}, health probe p99 {s.probe_p99_s * 1000:.0f} ms, other load {s.other_cores:.2f} cores, "
+        f"HTTP process {s.front_cpu_ms_per_request:.1f} ms CPU/request"
     )
 
 
@@ -417,8 +437,9 @@ def main(argv: list[str]) -> int:
                 print(f"round {round_no}: {server_name} starting (log: {log_path})", file=sys.stderr, flush=True)
                 with running(server, opts.startup_timeout) as url:
                     assert server.process is not None
-                    pgids = {server.process.pid}  # the server leads its process group (engine processes too)
-                    measured = _measure_loads(opts, url, url + health, pgids, base, loads, api_key, client_log)
+                    measured = _measure_loads(
+                        opts, url, url + health, server.process.pid, base, loads, api_key, client_log
+                    )
                 for load, run in measured.items():
                     runs.setdefault(f"{server_name}, {load}", []).append(run)
                     print(_progress(round_no, f"{server_name}, {load}", run), file=sys.stderr, flush=True)

@@ -4,11 +4,14 @@ ratios, targets, the table."""
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.bench.report import process_cpu_seconds
 from gateway.bench.serve import (
     client_argv,
     loads_of,
@@ -76,6 +79,22 @@ def test_summarize_pools_rates_and_takes_the_median_of_the_rounds_latencies() ->
     assert (s.tpot_median_ms, s.e2el_p99_ms) == (10.0, 800.0)
     assert s.other_cores == pytest.approx(4.5 / 6.0)
     assert math.isnan(s.probe_p99_s)
+
+
+def test_the_http_process_cpu_is_per_completed_request() -> None:
+    rounds = [vllm_result(10, 2, 1.0), vllm_result(20, 0, 3.0)]
+    s = summarize([run_of(r, front_cpu_s=cpu) for r, cpu in zip(rounds, (0.3, 0.6), strict=True)])
+    assert s.front_cpu_ms_per_request == pytest.approx(1000 * 0.9 / 30)
+    assert math.isnan(summarize([run_of(vllm_result(0, 3, 1.0), front_cpu_s=0.1)]).front_cpu_ms_per_request)
+
+
+def test_a_process_cpu_time_counts_its_own_work_only() -> None:
+    before = process_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    assert process_cpu_seconds(os.getpid()) - before >= 0.1
+    assert process_cpu_seconds(2**22 + 1) == 0.0  # no such process
 
 
 def test_a_round_without_successes_counts_as_failures_not_latencies() -> None:
