@@ -54,6 +54,7 @@ class AdapterRecord(BaseModel):
     target_modules: list[str]
     files: list[AdapterFile]
     description: str = ""
+    routes: list[str] = []
     visibility: Literal["private", "public"] = "private"
     warm: bool = False
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

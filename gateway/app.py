@@ -33,6 +33,7 @@ from gateway.app_keys import (
     LIMITER,
     METRICS,
     METRICS_REGISTRY,
+    ROUTER,
     SERVING,
     SETTINGS,
     STORE,
@@ -62,6 +63,8 @@ from gateway.errors import describe, error_middleware
 from gateway.fair_share import UserLimiter
 from gateway.metrics import metrics, register_state_collector
 from gateway.pool import AdapterPool
+from gateway.routing.encoder import SentenceEncoder, load_encoder
+from gateway.routing.router import Router
 from gateway.settings import ServeSettings
 from gateway.slow_clients import (
     STALLED_READERS,
@@ -82,12 +85,18 @@ KEYS_FILE_CHECK_INTERVAL_S = 2.0
 
 # settings -> a started engine (with a LoRA slot of its own where base requests need the zero adapter). Blocking.
 EngineFactory = Callable[[ServeSettings], Engine]
+# settings -> the sentence encoder of model "auto". Blocking; runs in the router's thread.
+EncoderFactory = Callable[[ServeSettings], SentenceEncoder]
 
 
 def _start_vllm(settings: ServeSettings) -> Engine:
     from gateway.engine.vllm_engine import VllmEngine
 
     return VllmEngine.start(settings)
+
+
+def _load_route_encoder(settings: ServeSettings) -> SentenceEncoder:
+    return load_encoder(settings.route_encoder)
 
 
 def _authenticator(settings: ServeSettings) -> Authenticator:
@@ -105,6 +114,7 @@ def create_app(
     settings: ServeSettings,
     engine_factory: EngineFactory = _start_vllm,
     tracer_provider: trace.TracerProvider | None = None,
+    encoder_factory: EncoderFactory = _load_route_encoder,
 ) -> web.Application:
     """`tracer_provider`: where this app's spans go (default: the global provider, which the server sets)."""
     tracer_provider = tracer_provider or trace.get_tracer_provider()
@@ -154,10 +164,13 @@ def create_app(
         ),
         miss_ttl_s=settings.adapter_miss_ttl_s,
     )
+    app[ROUTER] = Router(partial(encoder_factory, settings), settings.route_threshold, app[TRACER], app[METRICS])
     register_state_collector(app)
     app[OPENAPI] = build_openapi()
     app.cleanup_ctx.append(_disk_cache)
     app.cleanup_ctx.append(_adapter_sync)
+    if settings.routing:
+        app.cleanup_ctx.append(_routing)
     app.cleanup_ctx.append(publish_base)
     app.on_cleanup.append(_close_versions)
     app.cleanup_ctx.append(_engine_lifetime(engine_factory))
@@ -233,6 +246,26 @@ async def _adapter_sync(app: web.Application) -> AsyncIterator[None]:
     yield
     polling.cancel()
     prefetching.cancel()
+
+
+async def _routing(app: web.Application) -> AsyncIterator[None]:
+    """Every synced record's routes are embedded before anyone routes to them (a request then pays for
+    its own prompt only, and no timing tells who asked first). The encoder loads with the first routes
+    or the first routed request: a gateway whose adapters have no routes never loads it."""
+    router, catalog = app[ROUTER], app[CATALOG]
+
+    async def embed_routes() -> None:
+        while True:
+            try:
+                await router.warm(catalog.records())
+            except Exception:  # the encoder failed to load (logged) or failed once: requests see it
+                log.warning("routing: embedding the adapters' routes failed", exc_info=True)
+            await asyncio.sleep(app[SETTINGS].sync_interval_s)
+
+    embedding = asyncio.create_task(embed_routes())
+    yield
+    embedding.cancel()
+    router.close()
 
 
 async def _prefetch_warm_adapters(app: web.Application) -> None:

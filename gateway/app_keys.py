@@ -17,6 +17,7 @@ from gateway.engine.interface import Engine
 from gateway.errors import ServiceUnavailableError
 from gateway.fair_share import UserLimiter
 from gateway.pool import AdapterPool
+from gateway.routing.router import Router
 from gateway.settings import ServeSettings
 from gateway.telemetry.instruments import GatewayMetrics
 from gateway.upload_admission import UploadAdmission
@@ -74,6 +75,7 @@ VERSIONS = web.AppKey("versions", VersionCollector)  # collects replaced version
 CATALOG = web.AppKey("catalog", AdapterCatalog)
 SERVING = web.AppKey("serving", Serving)
 LIMITER = web.AppKey("limiter", UserLimiter)
+ROUTER = web.AppKey("router", Router)  # model "auto": which of the caller's adapters answers
 UPLOADS = web.AppKey("uploads", UploadAdmission)  # uploads in progress, per user and in all
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", GatewayMetrics)  # the instruments, registered in METRICS_REGISTRY

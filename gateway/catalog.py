@@ -159,12 +159,22 @@ class AdapterCatalog:
     def visible_records(self, principal: Principal) -> list[AdapterRecord]:
         return [r for r in self.records() if self.may_use(principal, r)]
 
+    def owned_by(self, owner: str) -> list[AdapterRecord]:
+        """`owner`'s records in ref order; a slice of the sorted refs, not a walk of the catalog."""
+        refs = self._refs_in_order()
+        start = bisect.bisect_left(refs, f"{owner}/")
+        end = bisect.bisect_left(refs, f"{owner}0")  # '0' follows '/': past every `owner/...`
+        return [self._records[ref] for ref in refs[start:end]]
+
+    def _refs_in_order(self) -> list[str]:
+        if self._sorted_refs is None:
+            self._sorted_refs = sorted(self._records)
+        return self._sorted_refs
+
     def visible_page(self, principal: Principal, after: str | None, limit: int) -> tuple[list[AdapterRecord], bool]:
         """Up to `limit` records `principal` may use, in ref order, after ref `after`; and whether
         more follow. Stops at the first one past the page: a page costs its size, not the catalog's."""
-        if self._sorted_refs is None:
-            self._sorted_refs = sorted(self._records)
-        refs = self._sorted_refs
+        refs = self._refs_in_order()
         page: list[AdapterRecord] = []
         for ref in itertools.islice(refs, bisect.bisect_right(refs, after) if after else 0, None):
             record = self._records[ref]

@@ -102,6 +102,22 @@ class ServeSettings(BaseSettings):
         "another tenant sent a prompt prefix. Off: tenants share cached prefixes (faster, leaks timing).",
     )
 
+    # Semantic routing
+    routing: bool = Field(
+        default=True,
+        description="Serve model 'auto' (and 'owner/auto') with the caller's adapter whose routes match the prompt.",
+    )
+    route_threshold: float = Field(
+        default=0.4,
+        ge=-1,
+        le=1,
+        description="Least cosine similarity between a prompt and an adapter's routes to route to it; below: the base.",
+    )
+    route_encoder: Path | None = Field(
+        default=None,
+        description="A sentence-transformers model folder for routing (default: the packaged all-MiniLM-L6-v2).",
+    )
+
     # Adapter store, sync and disk cache
     sync_interval_s: float = Field(default=10.0, gt=0, description="Seconds between polls of the adapter store.")
     cache_dir: Path | None = Field(

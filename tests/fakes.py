@@ -18,9 +18,10 @@ import asyncio
 import functools
 import hashlib
 import json
+import re
 import tempfile
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,3 +465,24 @@ def write_base_model(folder: Path, layers: int = 2, hidden: int = 8) -> Path:
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden}))
     return folder
+
+
+class FakeEncoder:
+    """A sentence encoder by shared words: each word (lower-cased, 3+ letters) hashes to a dimension,
+    so texts about the same words score high and unrelated texts 0. It counts what it encoded."""
+
+    DIMENSIONS = 256
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+        self.calls = 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        self.encoded.extend(texts)
+        rows = np.zeros((len(texts), self.DIMENSIONS), np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z]{3,}", text.lower()):
+                rows[row, int(hashlib.sha256(word.encode()).hexdigest(), 16) % self.DIMENSIONS] += 1.0
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return rows / np.where(norms == 0, 1, norms)

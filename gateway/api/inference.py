@@ -1,7 +1,8 @@
 """The OpenAI inference endpoints (completions, chat, Responses, tokenize, detokenize).
 
-A request's path: the strict gate (vLLM's protocol models, unknown fields refused) -> the catalog
-resolves `model` for the caller -> fair share admits -> the pool holds the adapter in the engine ->
+A request's path: the strict gate (vLLM's protocol models, unknown fields refused) -> fair share
+admits -> `model: "auto"` is routed to one of the caller's adapters (or the base) -> the catalog
+resolves `model` for the caller -> the pool holds the adapter in the engine ->
 vLLM's own OpenAI layer serves it as that caller -> the answer, whole or streamed, errors in OpenAI's
 shape (gateway/errors.py).
 
@@ -32,7 +33,7 @@ from pydantic import BaseModel
 
 from gateway.api.openai_layer import Caller
 from gateway.api.request_gate import parse_body
-from gateway.app_keys import CACHE_SALT_SECRET, CATALOG, LIMITER, METRICS, SERVING, SETTINGS
+from gateway.app_keys import CACHE_SALT_SECRET, CATALOG, LIMITER, METRICS, ROUTER, SERVING, SETTINGS
 from gateway.auth.middleware import PRINCIPAL
 from gateway.engine.vllm_engine import lora_request
 from gateway.errors import (
@@ -44,6 +45,7 @@ from gateway.errors import (
     engine_request_error,
     known_error,
 )
+from gateway.routing.auto import ROUTED_MODEL_HEADER, auto_namespace, routed_model
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import elapsed_since
 from gateway.telemetry.request_id import request_id_of
@@ -64,6 +66,7 @@ class Endpoint:
     request_model: Callable[[dict[str, Any]], type[BaseModel]]  # vLLM's protocol model for a body
     serve: Callable[[Any], Callable[[Any, None], Awaitable[Any]]]  # OpenAILayer -> vLLM's handler
     holds_adapter: bool = True  # generating needs the adapter in the engine; tokenizing does not
+    routes: bool = True  # takes model "auto": the request's text says which adapter serves it
 
 
 def _protocol(module: str, name: str) -> Callable[[dict[str, Any]], type[BaseModel]]:
@@ -99,12 +102,15 @@ RESPONSES = Endpoint(
     _protocol("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"),
     lambda layer: layer.responses.create_responses,
 )
-TOKENIZE = Endpoint("tokenize", "tokenize", _tokenize_model, lambda layer: layer.tokenization.create_tokenize, False)
+TOKENIZE = Endpoint(
+    "tokenize", "tokenize", _tokenize_model, lambda layer: layer.tokenization.create_tokenize, False, False
+)
 DETOKENIZE = Endpoint(
     "detokenize",
     "detokenize",
     _protocol("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeRequest"),
     lambda layer: layer.tokenization.create_detokenize,
+    False,
     False,
 )
 
@@ -201,9 +207,19 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
         ).observe(elapsed_since(observation.started))
 
     metrics = app[METRICS]
+    headers: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as held:
         with metrics.waiting("fair_share"):  # before any work for the caller, the look-up included
             await held.enter_async_context(app[LIMITER].admit(principal.user))
+        routing_owner = auto_namespace(body.model, principal.user) if app[SETTINGS].routing else None
+        if routing_owner is not None:
+            if not endpoint.routes:
+                raise InvalidRequestError(
+                    f"model '{body.model}' routes completions, chat and responses; name a model here.", param="model"
+                )
+            body.model = await routed_model(app[ROUTER], catalog, principal, body, routing_owner)
+            headers[ROUTED_MODEL_HEADER] = body.model
+            request_span.set_attribute(gen_ai.GEN_AI_RESPONSE_MODEL, body.model)
         record = await catalog.resolve(body.model, principal)
         if record is not None:
             request_span.set_attributes(spans.adapter_attributes(record))
@@ -221,7 +237,7 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
                 result = await endpoint.serve(layer)(body, None)
             except Exception as exc:  # vLLM's server maps these in its exception handlers
                 raise _refusal(serving, caller, exc) from exc
-            response = await _respond(request, serving, caller, result, observation)
+            response = await _respond(request, serving, caller, result, observation, headers)
     _describe_result(request_span, observation)
     if observation.outcome != "ok":
         request_span.set_status(StatusCode.ERROR, f"the stream ended with an error ({observation.outcome})")
@@ -268,7 +284,7 @@ def _event_error_response(text: str) -> Any:
 
 
 async def _respond(
-    request: web.Request, serving: Any, caller: Caller, result: Any, observation: Observation
+    request: web.Request, serving: Any, caller: Caller, result: Any, observation: Observation, headers: dict[str, str]
 ) -> web.StreamResponse:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
@@ -277,12 +293,17 @@ async def _respond(
     if isinstance(result, BaseModel):
         payload = result.model_dump(mode="json", by_alias=True)
         _describe_response_id(payload)
-        return web.json_response(text=json.dumps(payload, ensure_ascii=False))
-    return await _stream(request, serving, caller, result, observation)
+        return web.json_response(text=json.dumps(payload, ensure_ascii=False), headers=headers)
+    return await _stream(request, serving, caller, result, observation, headers)
 
 
 async def _stream(
-    request: web.Request, serving: Any, caller: Caller, events: AsyncIterator[Any], observation: Observation
+    request: web.Request,
+    serving: Any,
+    caller: Caller,
+    events: AsyncIterator[Any],
+    observation: Observation,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     """Relay vLLM's server-sent events; closing them early (client gone) aborts the generation."""
     async with contextlib.aclosing(events):
@@ -290,7 +311,9 @@ async def _stream(
             first = await anext(events, None)
         except Exception as exc:
             raise _refusal(serving, caller, exc) from exc
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
         await response.prepare(request)
         event = first
         if first is not None:

@@ -90,6 +90,19 @@ class GatewayMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.route_decisions = Counter(
+            "lora_gateway_route_decisions",
+            "Routing decisions of model 'auto', by outcome (adapter: one of the caller's adapters; base: none "
+            "reached the threshold).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.route_seconds = Histogram(
+            "lora_gateway_route_seconds",
+            "Time a routing decision took (embedding the prompt, and any routes not embedded yet).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         # Series of the small fixed label sets exist (at 0) from the start: rates work from the first event.
         for waiting_for in ("fair_share", "adapter_slot"):
             self.queued.labels(waiting_for)
@@ -102,6 +115,8 @@ class GatewayMetrics:
             self.adapter_evictions.labels(reason)
         for outcome in ("ok", "error"):
             self.syncs.labels(outcome)
+        for outcome in ("adapter", "base"):
+            self.route_decisions.labels(outcome)
 
     def load_finished(self, tier: str, seconds: float, ok: bool) -> None:
         self.adapter_loads.labels(tier, "ok" if ok else "error").inc()

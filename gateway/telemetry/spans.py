@@ -24,6 +24,7 @@ REGISTER = "adapter.register"  # engine add_lora
 EVICT = "adapter.evict"  # engine remove_lora: which adapter left, and why
 GENERATE = "engine.generate"  # the generation, with a first_token event
 SYNC = "adapter.sync"  # one sync cycle with the store: a trace of its own
+ROUTE = "adapter.route"  # model "auto": which of the caller's adapters answers
 FIRST_TOKEN_EVENT = "first_token"
 
 # Adapter identity on every adapter span (and on the request span)
@@ -44,9 +45,16 @@ SYNC_LISTED = "adapter.sync.records_listed"
 SYNC_CHANGED = "adapter.sync.records_changed"
 SYNC_REMOVED = "adapter.sync.records_removed"
 SYNC_ERRORS = "adapter.sync.errors"
+ROUTE_CANDIDATES = "adapter.route.candidates"  # owner/name of each adapter scored, in order
+ROUTE_SCORES = "adapter.route.scores"  # each candidate's best cosine similarity, same order
+ROUTE_CHOSEN = "adapter.route.chosen"  # owner/name, or "" for the base
+ROUTE_OUTCOME = "adapter.route.outcome"  # adapter | base
+ROUTE_THRESHOLD = "adapter.route.threshold"
 
 # Where an acquired adapter came from (also a metric label: a handful of values)
 RESIDENT, DISK, STORE, FAILED = "resident", "disk", "store", "failed"
+# What a routing decision served (also a metric label)
+ROUTED_ADAPTER, ROUTED_BASE = "adapter", "base"
 
 
 def tracer_of(provider: trace.TracerProvider) -> Tracer:

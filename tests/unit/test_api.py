@@ -18,6 +18,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
+from opentelemetry.trace import TracerProvider
 
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.record import AdapterRecord
@@ -27,9 +28,11 @@ from gateway.app_keys import DISK_CACHE, SERVING, STORE
 from gateway.auth.keys import add_key
 from gateway.auth.middleware import OPEN_PATHS
 from gateway.engine.interface import Engine
+from gateway.routing.encoder import SentenceEncoder
 from gateway.settings import ServeSettings
 from tests.fakes import (
     FAKE_TOKEN_ID_BASE,
+    FakeEncoder,
     FakeEngine,
     expected_text,
     publish_adapter,
@@ -90,6 +93,8 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
         engine: FakeEngine | None = None,
         *,
         factory: Callable[[ServeSettings], Engine] | None = None,
+        encoder: SentenceEncoder | None = None,
+        tracer_provider: TracerProvider | None = None,
         ready: bool = True,
         **settings: Any,
     ) -> Gateway:
@@ -108,7 +113,12 @@ async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
             # These tests are about serving; tests/unit/test_tenants.py covers authentication.
             **{"insecure_no_auth": not {"keys_file", "trusted_user_header"} & set(settings), **settings},
         )
-        app = create_app(serve_settings, engine_factory=factory or engine.started_with)
+        app = create_app(
+            serve_settings,
+            engine_factory=factory or engine.started_with,
+            encoder_factory=lambda settings: encoder or FakeEncoder(),
+            tracer_provider=tracer_provider,
+        )
         client = await aiohttp_client(app)
         gateway = Gateway(client, app, engine, store, records, tmp_path)
         if ready:
