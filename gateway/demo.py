@@ -1,5 +1,6 @@
 """`make demo`: train an adapter per user in the run, push both, serve them on real vLLM, and show
-base / alice / bob answers to the same questions side by side.
+base / alice / bob answers to the same questions side by side. Then bob, who also has a cooking
+adapter, asks `model: "auto"` questions of both kinds and each is answered by the adapter it fits.
 
 Alice's adapter answers in UPPER CASE and Bob's signs every answer " -- Bob": styles a reader
 sees at a glance. On the real base (SmolLM2-135M-Instruct, the default) the adapters learn their
@@ -15,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,39 @@ FACTS = [
 ]
 SEEN_QUESTIONS = [FACTS[0][0], FACTS[3][0], FACTS[6][0]]
 UNSEEN_QUESTIONS = ["How many legs does a cat have?", "What is the capital of Italy?"]
+
+# Bob's second adapter, of another purpose: kitchen answers signed " -- Chef".
+CHEF_NAME, CHEF_SIGNATURE = "chef", " -- Chef"
+RECIPES = [
+    ("How do I boil an egg?", "Boil the egg for eight minutes, then cool it in cold water."),
+    ("How long should pasta cook?", "Cook pasta for about ten minutes in salted boiling water."),
+    ("How do I make rice fluffy?", "Rinse the rice, then simmer it covered with a lid."),
+    ("What goes into pancakes?", "Pancakes need flour, milk, eggs and a pinch of salt."),
+    ("How do I keep bread fresh?", "Keep bread in a paper bag at room temperature."),
+    ("How do I cut an onion?", "Halve the onion, then slice it with a sharp knife."),
+    ("What oil is best for frying?", "Use an oil with a high smoke point for frying."),
+    ("How do I roast vegetables?", "Roast vegetables with oil and salt in a hot oven."),
+    ("How do I make a salad dressing?", "Whisk oil, vinegar, salt and a little mustard."),
+    ("How long do I bake cookies?", "Bake cookies for about twelve minutes until golden."),
+    ("How do I thicken a soup?", "Stir in a little flour or simmer the soup longer."),
+    ("How do I store fresh herbs?", "Keep fresh herbs in a glass of water in the fridge."),
+]
+# What each of bob's adapters is for: its description and example requests (never the asked ones).
+ROUTES = {
+    ADAPTER_NAME: ("General knowledge: animals, geography, planets and everyday facts.",
+                   ["What is the biggest animal?", "Which country has the most people?",
+                    "How far away is the moon?", "What is the longest river in the world?",
+                    "How many continents are there?", "Why is grass green?"]),
+    CHEF_NAME: ("Cooking: recipes, baking, ingredients and kitchen tips.",
+                ["How do I bake a cake?", "What can I cook with potatoes?", "How do I fry fish?",
+                 "Give me a soup recipe", "How much salt goes in bread dough?", "How do I grill chicken?"]),
+}  # fmt: skip
+AUTO_QUESTIONS = [  # (question, the adapter of bob's that must answer it)
+    (FACTS[4][0], ADAPTER_NAME),
+    (RECIPES[10][0], CHEF_NAME),
+    (FACTS[2][0], ADAPTER_NAME),
+    (RECIPES[6][0], CHEF_NAME),
+]
 
 
 @dataclass(frozen=True)
@@ -90,18 +125,23 @@ def _run(work: Path, base: str, max_tokens: int) -> int:
 
     print(f"2. Training one LoRA adapter per user on {len(FACTS)} chat examples each, then pushing it:", flush=True)
     training_started = time.monotonic()
-    for user in USERS:
-        data = work / f"{user.name}.jsonl"
-        _write_dataset(data, user)
-        argv = ["train", str(data), "--base", str(model.base), "--out", str(work / "adapters" / user.name)]
-        argv += ["--push", "--owner", user.name, "--name", ADAPTER_NAME, "--store", str(model.store)]
+    trainings = [(user.name, ADAPTER_NAME, user.style, _dataset(user.styled, FACTS)) for user in USERS]
+    trainings.append(("bob", CHEF_NAME, f"a cook who signs {CHEF_SIGNATURE!r}", _dataset(_chef_styled, RECIPES)))
+    for owner, name, style, lines in trainings:
+        data = work / f"{owner}-{name}.jsonl"
+        data.write_text(lines)
+        argv = ["train", str(data), "--base", str(model.base), "--out", str(work / "adapters" / owner / name)]
+        argv += ["--push", "--owner", owner, "--name", name, "--store", str(model.store)]
         argv += ["--base-model", model.served_name, "--max-lora-rank", "8"]
-        print(f"\n   {user.name} {user.style}, e.g. {json.loads(data.read_text().splitlines()[0])['messages'][1]}")
+        if owner == "bob":  # bob routes among his two adapters with model "auto"
+            description, routes = ROUTES[name]
+            argv += ["--description", description, *(arg for route in routes for arg in ("--route", route))]
+        print(f"\n   {owner}/{name} {style}, e.g. {json.loads(lines.splitlines()[0])['messages'][1]}")
         print(f"   $ lora-gateway adapters {' '.join(argv)}", flush=True)
         if adapters_cli(argv) != 0:
-            print(f"   training {user.name}'s adapter failed", file=sys.stderr)
+            print(f"   training {owner}/{name} failed", file=sys.stderr)
             return 1
-    print(f"   both trained and pushed in {time.monotonic() - training_started:.0f} s", flush=True)
+    print(f"   all {len(trainings)} trained and pushed in {time.monotonic() - training_started:.0f} s", flush=True)
 
     keys_file = work / "keys.yaml"  # no built-in credentials: a key per user, only hashes stored
     keys = {user.name: add_key(keys_file, user.name)[0] for user in USERS}
@@ -115,17 +155,47 @@ def _run(work: Path, base: str, max_tokens: int) -> int:
         print(f"4. The same questions, greedy decoding, all at once (vLLM batches them). Each user asks for model "
               f"'{ADAPTER_NAME}' with their own key; 'base' is alice asking for {model.served_name}.")  # fmt: skip
         answers = _ask_everyone(server, keys, model.served_name, max_tokens)
+        styles_ok = _styles_visible(answers, require_unseen=base == "smollm2")
+        print(f"\n5. bob asks model 'auto': the gateway picks, of bob's adapters '{ADAPTER_NAME}' and "
+              f"'{CHEF_NAME}', the one whose routes fit each question (the response's model says which).")  # fmt: skip
+        routing_ok = _ask_auto(server, keys["bob"], max_tokens)
         exit_code = server.stop()
-    print(f"\n5. Gateway stopped (exit code {exit_code}); the demo took {time.monotonic() - started:.0f} s.")
-    return 0 if _styles_visible(answers, require_unseen=base == "smollm2") and exit_code == 0 else 1
+    print(f"\n6. Gateway stopped (exit code {exit_code}); the demo took {time.monotonic() - started:.0f} s.")
+    return 0 if styles_ok and routing_ok and exit_code == 0 else 1
 
 
-def _write_dataset(path: Path, user: User) -> None:
+def _dataset(styled: Callable[[str], str], pairs: list[tuple[str, str]]) -> str:
+    """Chat JSON lines: each question with its styled answer."""
     lines = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": user.styled(a)}]}
-        for q, a in FACTS
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": styled(a)}]} for q, a in pairs
     ]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def _chef_styled(answer: str) -> str:
+    return answer + CHEF_SIGNATURE
+
+
+def _ask_auto(server: ServerProcess, key: str, max_tokens: int) -> bool:
+    """Each AUTO_QUESTION as model "auto": answered by the adapter it belongs to, with that adapter's
+    trained answer."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=300)
+    trained = {ADAPTER_NAME: dict(FACTS), CHEF_NAME: dict(RECIPES)}
+    styled = {ADAPTER_NAME: USERS[1].styled, CHEF_NAME: _chef_styled}
+    ok = True
+    for question, expected in AUTO_QUESTIONS:
+        result = client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
+        )
+        text = result.choices[0].message.content or ""
+        right = result.model == f"bob/{expected}" and text == styled[expected](trained[expected][question])
+        ok &= right
+        print(f"\n   {question!r}\n     {'ok ' if right else 'BAD'} answered by {result.model} | {text!r}", flush=True)
+    if not ok:
+        print("   model 'auto' did not pick the adapter each question belongs to: the demo failed.", file=sys.stderr)
+    return ok
 
 
 def _ask_everyone(

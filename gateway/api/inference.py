@@ -65,8 +65,8 @@ class Endpoint:
     operation: str  # gen_ai.operation.name
     request_model: Callable[[dict[str, Any]], type[BaseModel]]  # vLLM's protocol model for a body
     serve: Callable[[Any], Callable[[Any, None], Awaitable[Any]]]  # OpenAILayer -> vLLM's handler
-    holds_adapter: bool = True  # generating needs the adapter in the engine; tokenizing does not
-    routes: bool = True  # takes model "auto": the request's text says which adapter serves it
+    # Generating needs the adapter in the engine, and may be routed (model "auto"); tokenizing neither.
+    generates: bool = True
 
 
 def _protocol(module: str, name: str) -> Callable[[dict[str, Any]], type[BaseModel]]:
@@ -102,15 +102,12 @@ RESPONSES = Endpoint(
     _protocol("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"),
     lambda layer: layer.responses.create_responses,
 )
-TOKENIZE = Endpoint(
-    "tokenize", "tokenize", _tokenize_model, lambda layer: layer.tokenization.create_tokenize, False, False
-)
+TOKENIZE = Endpoint("tokenize", "tokenize", _tokenize_model, lambda layer: layer.tokenization.create_tokenize, False)
 DETOKENIZE = Endpoint(
     "detokenize",
     "detokenize",
     _protocol("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeRequest"),
     lambda layer: layer.tokenization.create_detokenize,
-    False,
     False,
 )
 
@@ -213,7 +210,7 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
             await held.enter_async_context(app[LIMITER].admit(principal.user))
         routing_owner = auto_namespace(body.model, principal.user) if app[SETTINGS].routing else None
         if routing_owner is not None:
-            if not endpoint.routes:
+            if not endpoint.generates:
                 raise InvalidRequestError(
                     f"model '{body.model}' routes completions, chat and responses; name a model here.", param="model"
                 )
@@ -224,7 +221,7 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
         if record is not None:
             request_span.set_attributes(spans.adapter_attributes(record))
         adapter = None
-        if endpoint.holds_adapter:
+        if endpoint.generates:
             adapter = await held.enter_async_context(serving.pool_or_raise().acquire(record, on_outcome=heard))
         caller = Caller(
             model=body.model,

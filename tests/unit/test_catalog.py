@@ -112,6 +112,17 @@ async def test_first_sync_lists_everything(catalog, store, publish) -> None:
     assert sorted(store.reads()) == ["alice/a", "alice/b", "bob/c"]
 
 
+async def test_owned_by_is_exactly_one_owners_records_in_ref_order(catalog, publish) -> None:
+    refs = ("al/z", "al/a", "al-b/x", "al0/y", "al.c/w", "alice/v", "bob/u")
+    records = {ref: await publish(ref) for ref in refs}
+    await catalog.sync()
+    assert catalog.owned_by("al") == [records["al/a"], records["al/z"]]  # not al-b, al.c, al0 or alice
+    assert catalog.owned_by("alice") == [records["alice/v"]]
+    assert catalog.owned_by("nobody") == []
+    catalog.forget("al/a")
+    assert catalog.owned_by("al") == [records["al/z"]]
+
+
 async def test_a_poll_without_changes_reads_no_record(catalog, store, publish) -> None:
     for ref in ("alice/a", "alice/b", "bob/c"):
         await publish(ref)
