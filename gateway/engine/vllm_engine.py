@@ -8,6 +8,7 @@ import os
 import re
 from typing import Any
 
+from gateway.engine.cpu_features import cpu_flags as host_cpu_flags
 from gateway.engine.interface import AdapterLoadError, EngineAdapter, EngineDeadError
 from gateway.settings import ServeSettings
 
@@ -30,18 +31,10 @@ def choose_dtype(setting: str, cpu_flags: set[str] | None = None) -> tuple[str, 
     if not current_platform.is_cpu():
         return "auto", "vLLM's choice for the model on this GPU"
     if cpu_flags is None:
-        cpu_flags = _cpu_flags()
+        cpu_flags = host_cpu_flags()
     if "amx_bf16" in cpu_flags:
         return "bfloat16", "auto: this CPU has AMX, whose bfloat16 matrix units vLLM's CPU kernels use"
     return "float32", "auto: this CPU has no AMX; bfloat16 measured no faster than float32 without it"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 def vllm_args(settings: ServeSettings, dtype: str, extra_lora_slots: int) -> argparse.Namespace:

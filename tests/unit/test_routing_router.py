@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.errors import InvalidRequestError, ServiceUnavailableError
+from gateway.routing.encoder import encoder_dtype
 from gateway.routing.prompt import MAX_ROUTED_CHARS, routable_text
 from gateway.routing.router import MAX_CACHED_RECORDS, Router, route_texts
 from gateway.telemetry import spans
@@ -155,3 +156,16 @@ def test_a_request_without_text_to_route_by_is_a_clear_400(body: Any) -> None:
 
 def test_a_huge_prompt_is_cut_before_the_encoder_sees_it() -> None:
     assert len(routable_text(_Body(prompt="word " * 100_000))) == MAX_ROUTED_CHARS
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype"),
+    [
+        ({"avx2", "avx512f"}, "float32"),
+        ({"avx512f", "avx512_bf16"}, "bfloat16"),
+        ({"amx_bf16"}, "bfloat16"),
+        (set(), "float32"),
+    ],
+)
+def test_the_encoder_computes_in_bfloat16_only_where_the_cpu_does_natively(flags: set[str], dtype: str) -> None:
+    assert encoder_dtype(flags) == dtype
