@@ -152,9 +152,7 @@ def _train(opts: argparse.Namespace) -> int:
         return 2
     try:
         if opts.push:  # names, routes and store checked before minutes of training, not after
-            check_name(opts.owner, "owner")
-            check_upload_name(opts.name)
-            _routing_of(opts)
+            _record_fields(opts)
             store = open_store(opts.store)
         if opts.max_lora_rank is not None and opts.rank > opts.max_lora_rank:
             raise ValueError(f"--rank {opts.rank} exceeds --max-lora-rank {opts.max_lora_rank}")
@@ -206,6 +204,7 @@ async def _push(store: AdapterStore, opts: argparse.Namespace) -> int:
 
 
 async def _register(store: AdapterStore, opts: argparse.Namespace) -> int:
+    _record_fields(opts)  # before the download, not after
     with tempfile.TemporaryDirectory() as tmp:
         await asyncio.to_thread(_download_s3_folder, opts.source, Path(tmp))
         record = await _upload(store, Path(tmp), opts)
@@ -216,9 +215,7 @@ async def _register(store: AdapterStore, opts: argparse.Namespace) -> int:
 async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -> AdapterRecord:
     from tqdm import tqdm
 
-    check_name(opts.owner, "owner")
-    check_upload_name(opts.name)
-    description, routes = _routing_of(opts)
+    description, routes = _record_fields(opts)
     checks = await _checks_for(store, folder, opts)
     print(checks.said, file=sys.stderr)  # before validating: a refusal says what it was judged by too
     record = validated_record(
@@ -238,8 +235,11 @@ async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -
         return await publish(store, folder, record, progress=bar.update)
 
 
-def _routing_of(opts: argparse.Namespace) -> tuple[str, list[str]]:
-    """The description and routes the record gets: the --route values, then --routes-file's lines."""
+def _record_fields(opts: argparse.Namespace) -> tuple[str, list[str]]:
+    """Check the upload flags (ValueError): owner, name (not a reserved one), description and routes.
+    Returns the description and routes the record gets: the --route values, then --routes-file's lines."""
+    check_name(opts.owner, "owner")
+    check_upload_name(opts.name)
     routes = list(opts.route)
     if opts.routes_file is not None:
         routes += _read_routes_file(opts.routes_file)

@@ -47,8 +47,8 @@ from gateway.errors import (
 FORM_FIELDS = {"name", "description", "public", "owner", "routes"}
 MAX_FIELD_BYTES = 4096
 # `routes` is a JSON array: MAX_ROUTES routes of MAX_ROUTE_CHARS characters must fit even when every
-# character is \u-escaped (6 bytes), with room for quotes, commas and spaces between them.
-MAX_ROUTES_FIELD_BYTES = MAX_ROUTES * (6 * MAX_ROUTE_CHARS + 16)
+# character is \u-escaped as a surrogate pair (12 bytes), with room for quotes, commas and spaces.
+MAX_ROUTES_FIELD_BYTES = MAX_ROUTES * (12 * MAX_ROUTE_CHARS + 16)
 
 
 def adapter_json(record: AdapterRecord) -> dict[str, Any]:
