@@ -16,7 +16,17 @@ from adapter_training.dataset import DatasetError
 from adapters_manifest.open_store import open_store
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.published_base import PublishedBase
-from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, AdapterRecord, check_name
+from adapters_manifest.record import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    MAX_DESCRIPTION_CHARS,
+    MAX_ROUTE_CHARS,
+    MAX_ROUTES,
+    AdapterRecord,
+    check_name,
+    check_routing,
+    check_upload_name,
+)
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
 from adapters_manifest.validation import AdapterValidationError, BaseModelSpec, ValidationLimits
 
@@ -39,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("source", help="s3://bucket/prefix holding adapter_config.json and adapter_model.safetensors")
     listing = commands.add_parser("list", parents=[common], help="list adapters")
     listing.add_argument("--owner")
-    show = commands.add_parser("show", parents=[common], help="print an adapter's record")
+    show = commands.add_parser("show", parents=[common], help="print an adapter's record (JSON, routes included)")
     show.add_argument("ref", help="owner/name")
     remove = commands.add_parser("rm", parents=[common], help="delete an adapter (record, then files)")
     remove.add_argument("ref", help="owner/name")
@@ -52,7 +62,21 @@ def _upload_options(required: bool) -> argparse.ArgumentParser:
     upload = argparse.ArgumentParser(add_help=False)
     upload.add_argument("--owner", required=required)
     upload.add_argument("--name", required=required)
-    upload.add_argument("--description", default="")
+    upload.add_argument("--description", default="", help=f"at most {MAX_DESCRIPTION_CHARS} characters")
+    upload.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help=f"an example request that model 'auto' routes to this adapter (repeatable; at most {MAX_ROUTES} "
+        f"routes in all, each 1-{MAX_ROUTE_CHARS} characters, no repeats)",
+    )
+    upload.add_argument(
+        "--routes-file",
+        type=Path,
+        metavar="FILE",
+        help="more routes, one a line (blank lines ignored), after the --route ones",
+    )
     upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
     upload.add_argument(
         "--warm", action="store_true", help="gateways fetch it to disk at start, before the first request"
@@ -127,9 +151,8 @@ def _train(opts: argparse.Namespace) -> int:
         print("error: --push needs --owner and --name", file=sys.stderr)
         return 2
     try:
-        if opts.push:  # names and store checked before minutes of training, not after
-            check_name(opts.owner, "owner")
-            check_name(opts.name)
+        if opts.push:  # names, routes and store checked before minutes of training, not after
+            _record_fields(opts)
             store = open_store(opts.store)
         if opts.max_lora_rank is not None and opts.rank > opts.max_lora_rank:
             raise ValueError(f"--rank {opts.rank} exceeds --max-lora-rank {opts.max_lora_rank}")
@@ -181,6 +204,7 @@ async def _push(store: AdapterStore, opts: argparse.Namespace) -> int:
 
 
 async def _register(store: AdapterStore, opts: argparse.Namespace) -> int:
+    _record_fields(opts)  # before the download, not after
     with tempfile.TemporaryDirectory() as tmp:
         await asyncio.to_thread(_download_s3_folder, opts.source, Path(tmp))
         record = await _upload(store, Path(tmp), opts)
@@ -191,8 +215,7 @@ async def _register(store: AdapterStore, opts: argparse.Namespace) -> int:
 async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -> AdapterRecord:
     from tqdm import tqdm
 
-    check_name(opts.owner, "owner")
-    check_name(opts.name)
+    description, routes = _record_fields(opts)
     checks = await _checks_for(store, folder, opts)
     print(checks.said, file=sys.stderr)  # before validating: a refusal says what it was judged by too
     record = validated_record(
@@ -202,13 +225,36 @@ async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -
         base=checks.base,
         limits=checks.limits,
         base_model=checks.base_model,
-        description=opts.description,
+        description=description,
+        routes=routes,
         visibility="public" if opts.public else "private",
         warm=opts.warm,
     )
     total = sum(f.size for f in record.files)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"{record.ref}", file=sys.stderr) as bar:
         return await publish(store, folder, record, progress=bar.update)
+
+
+def _record_fields(opts: argparse.Namespace) -> tuple[str, list[str]]:
+    """Check the upload flags (ValueError): owner, name (not a reserved one), description and routes.
+    Returns the description and routes the record gets: the --route values, then --routes-file's lines."""
+    check_name(opts.owner, "owner")
+    check_upload_name(opts.name)
+    routes = list(opts.route)
+    if opts.routes_file is not None:
+        routes += _read_routes_file(opts.routes_file)
+    return check_routing(opts.description, routes)
+
+
+def _read_routes_file(path: Path) -> list[str]:
+    """One route a line; blank lines ignored. ValueError (exit 2, one line) when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--routes-file {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"--routes-file {path}: {exc.strerror or exc}") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -276,7 +322,7 @@ def _download_s3_folder(source: str, dest: Path) -> None:
 
 async def _list(store: AdapterStore, opts: argparse.Namespace) -> int:
     records = [r for r in await store.list_records() if opts.owner in (None, r.owner)]
-    rows = [("ADAPTER", "VERSION", "RANK", "VISIBILITY", "BYTES", "CREATED", "DESCRIPTION")]
+    rows = [("ADAPTER", "VERSION", "RANK", "VISIBILITY", "BYTES", "CREATED", "ROUTES", "DESCRIPTION")]
     rows += [
         (
             r.ref,
@@ -285,6 +331,7 @@ async def _list(store: AdapterStore, opts: argparse.Namespace) -> int:
             r.visibility,
             str(sum(f.size for f in r.files)),
             r.created_at.strftime("%Y-%m-%d %H:%M"),
+            str(len(r.routes)),
             r.description,
         )
         for r in records

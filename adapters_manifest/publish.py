@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from adapters_manifest.adapter_dir import describe_files, read_config
-from adapters_manifest.record import AdapterRecord, content_version
+from adapters_manifest.record import AdapterRecord, check_routing, check_upload_name, content_version
 from adapters_manifest.store import AdapterStore, ProgressCallback, RecordConflictError
 from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
 
@@ -19,23 +20,26 @@ def record_for(
     *,
     base_model: str,
     description: str = "",
+    routes: Sequence[str] = (),
     visibility: str = "private",
     warm: bool = False,
 ) -> AdapterRecord:
-    """The record an adapter folder would get; its version is the hash of its files.
-    It does not validate: uploads use `validated_record`."""
+    """The record an adapter folder would get; its version is the hash of its files (and of its
+    description and routes, if any). It checks only those (RoutingError): uploads use `validated_record`."""
+    description, checked_routes = check_routing(description, routes)
     files = describe_files(folder)
     config = read_config(folder)
     return AdapterRecord(
         owner=owner,
         name=name,
-        version=content_version(files),
+        version=content_version(files, description, checked_routes),
         base_model=base_model,
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
         target_modules=sorted(config["target_modules"]),
         files=files,
         description=description,
+        routes=checked_routes,
         visibility=visibility,
         warm=warm,
     )
@@ -50,13 +54,24 @@ def validated_record(
     limits: ValidationLimits = ValidationLimits(),
     base_model: str,
     description: str = "",
+    routes: Sequence[str] = (),
     visibility: str = "private",
     warm: bool = False,
 ) -> AdapterRecord:
-    """Every upload path: refuse a bad adapter (AdapterValidationError), else describe it."""
+    """Every upload path: refuse a reserved name or bad routing fields (ValueError, RoutingError)
+    before the costlier adapter checks (AdapterValidationError), else describe it."""
+    check_upload_name(name)
+    check_routing(description, routes)
     validate_adapter_dir(folder, base, limits)
     return record_for(
-        folder, owner, name, base_model=base_model, description=description, visibility=visibility, warm=warm
+        folder,
+        owner,
+        name,
+        base_model=base_model,
+        description=description,
+        routes=routes,
+        visibility=visibility,
+        warm=warm,
     )
 
 

@@ -8,7 +8,9 @@ served at once by this replica; other replicas pick it up at their next sync.
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,17 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from adapters_manifest.publish import publish, validated_record
-from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterRecord, check_name
+from adapters_manifest.record import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    MAX_ROUTE_CHARS,
+    MAX_ROUTES,
+    WEIGHTS_FILE,
+    AdapterRecord,
+    RoutingError,
+    check_name,
+    check_upload_name,
+)
 from adapters_manifest.validation import AdapterValidationError, ValidationLimits
 from adapters_manifest.versions import kept_versions
 from gateway.app_keys import BASE_SPEC, CATALOG, SETTINGS, STORE, UPLOADS, VERSIONS
@@ -32,8 +44,11 @@ from gateway.errors import (
     TemporaryQuotaError,
 )
 
-FORM_FIELDS = {"name", "description", "public", "owner"}
+FORM_FIELDS = {"name", "description", "public", "owner", "routes"}
 MAX_FIELD_BYTES = 4096
+# `routes` is a JSON array: MAX_ROUTES routes of MAX_ROUTE_CHARS characters must fit even when every
+# character is \u-escaped as a surrogate pair (12 bytes), with room for quotes, commas and spaces.
+MAX_ROUTES_FIELD_BYTES = MAX_ROUTES * (12 * MAX_ROUTE_CHARS + 16)
 
 
 def adapter_json(record: AdapterRecord) -> dict[str, Any]:
@@ -61,13 +76,17 @@ async def _upload(request: web.Request) -> web.Response:
         owner, name = fields.get("owner") or principal.user, fields.get("name", "")
         if owner != principal.user and not principal.admin:
             raise PermissionDeniedError("You can only upload into your own namespace.", param="owner")
-        for value, what in ((owner, "owner"), (name, "name")):
+        for value, what, check in (
+            (owner, "owner", partial(check_name, what="owner")),
+            (name, "name", check_upload_name),
+        ):
             if not value:
                 raise InvalidRequestError(f"Missing required form field: '{what}'.", param=what)
             try:
-                check_name(value, what)
+                check(value)
             except ValueError as exc:
                 raise InvalidRequestError(str(exc), param=what) from None
+        routes = _routes_field(fields.get("routes"))
         missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
         if missing:
             raise InvalidAdapterError(f"Missing file(s): {', '.join(missing)}.", param="files")
@@ -81,8 +100,11 @@ async def _upload(request: web.Request) -> web.Response:
                 limits=settings.validation_limits(),
                 base_model=settings.base_model_name,
                 description=fields.get("description", ""),
+                routes=routes,
                 visibility="public" if fields.get("public", "").lower() in ("1", "true", "yes", "on") else "private",
             )
+        except RoutingError as exc:  # checked before the adapter's files
+            raise InvalidRequestError(str(exc), param=exc.field) from None
         except AdapterValidationError as exc:
             raise InvalidAdapterError(f"Adapter refused: {exc}", param="files") from None
         await _check_quotas(request.app, record)
@@ -111,6 +133,21 @@ async def _check_quotas(app: web.Application, record: AdapterRecord) -> None:
         )
 
 
+def _routes_field(raw: str | None) -> list[str]:
+    """The `routes` form field: a JSON array of strings (their limits are check_routing's)."""
+    if raw is None:
+        return []
+    try:
+        routes = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested deeper than the parser goes
+        raise InvalidRequestError(
+            "Form field 'routes' is not valid JSON: send a JSON array of strings.", param="routes"
+        ) from None
+    if not isinstance(routes, list) or not all(isinstance(route, str) for route in routes):
+        raise InvalidRequestError("Form field 'routes' must be a JSON array of strings.", param="routes")
+    return routes
+
+
 def _part_limits(limits: ValidationLimits) -> dict[str, int]:
     """Each file's own limit, enforced while it streams in (not after the whole body arrived)."""
     return {CONFIG_FILE: limits.max_config_bytes, WEIGHTS_FILE: limits.max_weights_bytes}
@@ -129,7 +166,8 @@ async def _receive_form(request: web.Request, folder: Path, file_limits: dict[st
             raise InvalidRequestError("Nested multipart bodies are not supported.")
         file_name = part.filename or ""
         if part.name in FORM_FIELDS and not file_name:
-            fields[part.name] = (await _read_bounded(part, MAX_FIELD_BYTES, part.name)).decode("utf-8", "replace")
+            limit = MAX_ROUTES_FIELD_BYTES if part.name == "routes" else MAX_FIELD_BYTES
+            fields[part.name] = (await _read_bounded(part, limit, part.name)).decode("utf-8", "replace")
         elif file_name in ADAPTER_FILES or (part.name in ADAPTER_FILES and not file_name):
             target = file_name or str(part.name)
             await _save_bounded(part, folder / target, file_limits[target])

@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
-from adapters_manifest.record import ADAPTER_FILES, NAME_PATTERN
+from adapters_manifest.record import ADAPTER_FILES, MAX_DESCRIPTION_CHARS, MAX_ROUTE_CHARS, MAX_ROUTES, NAME_PATTERN
 from gateway.api.adapters import FORM_FIELDS
 from gateway.auth.middleware import OPEN_PATHS
 
@@ -154,7 +154,7 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
     if isinstance(op.body, type):
         operation["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[(op.body, "validation")]}}}
     elif op.body == "multipart":
-        fields = {f: {"type": "string"} for f in sorted(FORM_FIELDS)}
+        fields = {f: {"type": "string", **_form_field_docs().get(f, {})} for f in sorted(FORM_FIELDS)}
         files = {f: {"type": "string", "contentMediaType": "application/octet-stream"} for f in ADAPTER_FILES}
         form = {
             "type": "object",
@@ -164,6 +164,19 @@ def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         }
         operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
     return operation
+
+
+def _form_field_docs() -> dict[str, dict[str, str]]:
+    """What the upload's text fields hold, where the name alone does not say."""
+    return {
+        "description": {"description": f"At most {MAX_DESCRIPTION_CHARS} characters."},
+        "routes": {
+            "description": f"A JSON array of at most {MAX_ROUTES} distinct example utterances, each 1 to "
+            f'{MAX_ROUTE_CHARS} characters, that `model: "auto"` routes by. Changing them (or the '
+            "description) makes a new version.",
+            "contentMediaType": "application/json",
+        },
+    }
 
 
 OPENAPI = web.AppKey("openapi", dict)

@@ -154,7 +154,7 @@ async def test_a_new_version_is_read_and_the_old_one_retired_once(catalog, store
 async def test_a_rewritten_record_of_the_same_version_retires_nothing(catalog, retired, publish) -> None:
     await publish("alice/a", "v1")
     await catalog.sync()
-    again = await publish("alice/a", "v1", description="now described")
+    again = await publish("alice/a", "v1", visibility="public")  # not part of the version
     assert (await catalog.sync()).changed == 1
     assert await catalog.resolve("alice/a", ALICE) == again
     assert retired.records == []
