@@ -167,4 +167,12 @@ async def test_route_embeddings_are_ready_before_the_first_routed_request(routed
 async def test_with_routing_off_auto_is_an_ordinary_missing_model(start_gateway: StartGateway) -> None:
     gw = await start_gateway(routing=False)
     resp = await gw.post("/v1/chat/completions", ask("auto", CODE_PROMPT))
-    await assert_error(resp, 404, code="model_not_found")
+    await assert_error(resp, 404, param="model", code="model_not_found")
+
+
+async def test_a_responses_request_is_routed_by_its_input(routed: Any) -> None:
+    gw, _, _ = routed
+    body = {"model": "auto", "input": [{"role": "user", "content": "bake bread tonight"}], "max_output_tokens": 3}
+    resp = await gw.client.post("/v1/responses", json=body, headers=as_user("alice"))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["model"] == resp.headers[ROUTED_MODEL_HEADER] == "alice/food"
