@@ -24,17 +24,20 @@ ROUTES = {
     "uma/code": (
         "Programming help: Python, debugging, errors and code review.",
         ["fix this python function", "why does my code throw an exception", "how do I sort a list in python",
-         "explain this stack trace", "write a unit test for my class"],
+         "explain this stack trace", "write a unit test for my class", "my program is stuck in an infinite loop",
+         "what does this error message mean", "refactor this code to be faster", "how do I read a file in python"],
     ),
     "uma/kitchen": (
-        "Cooking: recipes, baking, ingredients and kitchen techniques.",
+        "Cooking: recipes, baking, roasting, ingredients and kitchen techniques.",
         ["a recipe for tomato soup", "how long should I bake bread", "what can I cook with eggs and spinach",
-         "how do I make pancakes fluffy", "substitute for butter in cookies"],
+         "how do I make pancakes fluffy", "substitute for butter in cookies", "how long do I roast a turkey",
+         "what oven temperature for roast potatoes", "an easy weeknight dinner idea", "how do I cook beans"],
     ),
     "uma/lease": (
         "Tenancy law: leases, deposits, landlords and eviction.",
         ["my landlord will not return my deposit", "can I break my lease early", "what notice does an eviction need",
-         "is my landlord allowed to enter without asking", "who pays for repairs in a rented flat"],
+         "is my landlord allowed to enter without asking", "who pays for repairs in a rented flat",
+         "how much notice to end my tenancy", "can my rent be raised mid-lease", "my landlord ignores a broken heater"],
     ),
     # Another user's private adapter whose routes fit uma's coding prompts even better.
     "sam/code": ("Python programming help.", ["python code error debugging help", "fix my python code"]),
