@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -137,7 +138,7 @@ def _run(work: Path, base: str, max_tokens: int) -> int:
             description, routes = ROUTES[name]
             argv += ["--description", description, *(arg for route in routes for arg in ("--route", route))]
         print(f"\n   {owner}/{name} {style}, e.g. {json.loads(lines.splitlines()[0])['messages'][1]}")
-        print(f"   $ lora-gateway adapters {' '.join(argv)}", flush=True)
+        print(f"   $ lora-gateway adapters {shlex.join(argv)}", flush=True)
         if adapters_cli(argv) != 0:
             print(f"   training {owner}/{name} failed", file=sys.stderr)
             return 1
