@@ -114,6 +114,12 @@ class ResidentAdapter:
 
 
 @dataclass(frozen=True)
+class QueuedRequest:
+    name: str  # the version's engine name, owner/name@version
+    user: str | None  # the caller
+
+
+@dataclass(frozen=True)
 class LoraActivity:
     """Adapter refs (`owner/name`, as clients name them) with requests in flight, by state."""
 
@@ -304,7 +310,6 @@ class AdapterPool:
     def _dispatch(self) -> None:
         """Hand what can be handed to the queue; called whenever a slot may have freed, or the
         queue or the drains changed."""
-        self._update_draining()
         self._grant_queued()
         while self._update_draining():  # a drain called off: its adapter takes its waiters again
             self._grant_queued()
@@ -360,7 +365,9 @@ class AdapterPool:
         """Make one resident adapter drain per waiter past the aging bound that no spare slot covers
         (the fewest requests in flight first, least recently used among equals); whether a drain
         was called off (its waiter served, gone, or no longer counted)."""
-        spare = max(0, self._capacity - self._occupied()) + sum(1 for e in self._entries.values() if _idle(e))
+        # An idle draining adapter is no spare: its slot is the one its waiter is about to get.
+        idle = sum(1 for e in self._entries.values() if _idle(e) and not e.draining)
+        spare = max(0, self._capacity - self._occupied()) + idle
         need = max(0, self._aged_waiters(spare + self._capacity) - spare)
         draining = [e for e in self._entries.values() if e.draining]
         released = False
@@ -588,9 +595,9 @@ class AdapterPool:
         queued = frozenset(w.record.ref for w in self._queue.values())
         return LoraActivity(running=running, waiting=loading | queued)
 
-    def queue_length(self) -> int:
-        """Requests waiting for an engine slot now."""
-        return len(self._queue)
+    def queued(self) -> list[QueuedRequest]:
+        """Requests waiting for an engine slot (or for their draining adapter) now, in arrival order."""
+        return [QueuedRequest(w.record.versioned_ref, w.user) for w in self._queue.values()]
 
 
 def default_slots_per_user(capacity: int) -> int:
