@@ -286,7 +286,9 @@ class AdapterPool:
                 self._release(waiter.granted.result()[0], user)
             raise
         finally:
-            span.set_attribute(spans.ACQUIRE_SLOT_WAIT, time.monotonic() - waiter.arrived)
+            waited = time.monotonic() - waiter.arrived
+            span.set_attribute(spans.ACQUIRE_SLOT_WAIT, waited)
+            self._metrics.adapter_slot_wait_seconds.observe(waited)
         if waiter.granted.done():
             return waiter.granted.result()  # (a load failure remembered meanwhile raises here)
         self._leave_queue(waiter_id)

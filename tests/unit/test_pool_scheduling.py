@@ -13,11 +13,13 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 
 from adapters_manifest.record import AdapterRecord
 from gateway.engine.interface import EngineAdapter
 from gateway.pool import AdapterPool, QueuedRequest, default_slots_per_user
 from gateway.telemetry import spans
+from gateway.telemetry.instruments import GatewayMetrics
 from tests.fakes import FakeEngine, make_record
 from tests.unit.test_pool import FakeFiles, holders, until
 
@@ -341,23 +343,28 @@ async def test_the_share_counts_callers_not_owners(make_pool) -> None:
 # -- observed --------------------------------------------------------------------------------
 
 
-async def test_the_acquire_span_tells_the_queue_position_and_the_wait() -> None:
+async def test_the_acquire_span_and_the_metrics_tell_the_queue_position_and_the_wait() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     engine = FakeEngine(capacity=1, extra=1)
-    pool = AdapterPool(engine, FakeFiles(), 1, wait_timeout_s=PATIENT, tracer=provider.get_tracer("test"))
+    registry = CollectorRegistry()
+    tracer = provider.get_tracer("test")
+    pool = AdapterPool(engine, FakeFiles(), 1, wait_timeout_s=PATIENT, tracer=tracer, metrics=GatewayMetrics(registry))
     first = await arrive(pool, A)
     await holding(first)
     second, third = await arrive(pool, B), await arrive(pool, C)
+    assert registry.get_sample_value("lora_gateway_requests_queued", {"waiting_for": "adapter_slot"}) == 2
     await finish(first, second, third)
+    assert registry.get_sample_value("lora_gateway_requests_queued", {"waiting_for": "adapter_slot"}) == 0
+    assert registry.get_sample_value("lora_gateway_adapter_slot_wait_seconds_count") == 2  # the two that queued
 
     acquires = {
         s.attributes[spans.ADAPTER_NAME]: s.attributes for s in exporter.get_finished_spans() if s.name == spans.ACQUIRE
     }
     assert acquires["a"][spans.ACQUIRE_QUEUE_POSITION] == 0 and acquires["a"][spans.ACQUIRE_SLOT_WAIT] == 0
     assert acquires["b"][spans.ACQUIRE_QUEUE_POSITION] == 1 and acquires["c"][spans.ACQUIRE_QUEUE_POSITION] == 2
-    assert 0 < acquires["b"][spans.ACQUIRE_SLOT_WAIT] <= acquires["c"][spans.ACQUIRE_SLOT_WAIT]
+    assert acquires["b"][spans.ACQUIRE_SLOT_WAIT] > 0 and acquires["c"][spans.ACQUIRE_SLOT_WAIT] > 0
     # The load B's waiter started when A's slot was handed to it is a child of B's acquire.
     by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
     register_b = next(
