@@ -14,14 +14,16 @@ to the oldest waiter that can take it. Requests for a resident adapter join it a
 adapters stay resident, until a waiter has queued for `slot_aging_s`: then, for each such waiter,
 one resident adapter (fewest requests in flight, least recently used among equals) drains: its
 newcomers queue too, it becomes idle when its requests end, and the oldest waiter gets its slot
-(the newcomers get it back later, in their turn). A waiter's wait is thus bounded by the aging
-bound plus the requests in flight on one adapter, whatever keeps arriving.
+(the newcomers get it back later, in their turn). Whatever keeps arriving, a waiter first in line
+is thus served once it has waited `slot_aging_s` and the requests then in flight on one adapter
+have ended; those behind it, as many at once as there are slots.
 
 Tenants (the callers, not the adapters' owners: a public adapter serves many) share the slots:
-an adapter held only by one caller's requests is that caller's, and a caller holding
-`max_slots_per_user` of them (default: all slots but one) waits behind other callers' waiters
-for another, and does not make anyone's adapter drain while they wait. The limit orders, it
-never idles the engine: a slot nobody else can take goes to the caller past its share.
+an adapter held only by one caller's requests is that caller's. A caller holding
+`max_slots_per_user` of them (default: all slots but one) at its share: its requests for another
+adapter let other callers' waiters go first, and while other callers wait they make no adapter
+drain. The share orders, it never idles the engine: a slot that no one below their share can
+take goes to the oldest waiter past its share (a caller alone may use every slot).
 
 Also:
 - a version that fails to load fails fast for `failure_ttl_s`, and the engine serves on;
@@ -395,7 +397,7 @@ class AdapterPool:
                 continue  # its adapter is in the pool (loading, or draining): no other slot for it
             alone = alone if alone is not None else self._slots_held_alone()
             if self._tenant_at_share(waiter.user, alone) and self._others_queued(waiter.user):
-                continue  # past its share, with others waiting: it drains nobody's adapter
+                continue  # at its share, with other callers waiting: it drains nobody's adapter
             count += 1
         return count
 
