@@ -257,6 +257,21 @@ async def test_a_drain_is_called_off_when_its_waiter_leaves(make_pool) -> None:
     await finish(first, newcomer)
 
 
+async def test_a_waiter_cancelled_as_its_slot_is_handed_over_passes_the_slot_on(make_pool) -> None:
+    pool, engine = make_pool(capacity=1, slot_aging_s=NEVER)
+    first = await arrive(pool, A)
+    await holding(first)
+    cancelled, after = await arrive(pool, B), await arrive(pool, C)
+    first.end()  # A's request ends in its next step and hands the slot to B's waiter ...
+    cancelled.task.cancel()  # ... whose client has hung up by the time it runs
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled.task
+    await holding(after)  # B's load ended unheld: its slot went on to the next waiter
+    await finish(first, after)
+    assert engine.add_calls == [A.versioned_ref, B.versioned_ref, C.versioned_ref]
+    assert holders(pool) == {C.versioned_ref: 0}
+
+
 async def test_a_waiter_that_times_out_leaves_the_queue_and_holds_nothing(make_pool) -> None:
     pool, _ = make_pool(capacity=1, slot_aging_s=NEVER, wait_timeout_s=0)
     first = await arrive(pool, A)
