@@ -7,6 +7,7 @@ ceilings on conditions that follow at once from a step."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -353,6 +354,36 @@ async def test_the_share_counts_callers_not_owners(make_pool) -> None:
     await settle()
     assert not bob_x.holding
     await finish(bob_a, carol, alice_b, bob_x)
+
+
+# -- no stall, whatever the mix -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aging_s", [0.0, NEVER])
+@pytest.mark.parametrize("share", [None, 1, 3])
+async def test_a_random_mix_of_tenants_and_adapters_is_all_served(make_pool, aging_s: float, share: int | None) -> None:
+    """Many callers, more adapters than slots, requests of random lengths (in loop steps): every
+    request is served (none waits forever: the hand-over never leaves a slot free while one waits)."""
+    rng = random.Random(f"{aging_s}-{share}")
+    pool, engine = make_pool(capacity=3, slot_aging_s=aging_s, max_slots_per_user=share)
+    records = [make_record(f"owner{i % 3}", f"x{i}") for i in range(8)]
+    served: list[str] = []
+
+    async def request(record: AdapterRecord, user: str) -> None:
+        for _ in range(rng.randrange(20)):
+            await asyncio.sleep(0)
+        async with pool.acquire(record, user) as adapter:
+            assert adapter is not None and adapter.engine_name == record.versioned_ref
+            for _ in range(rng.randrange(1, 40)):
+                await asyncio.sleep(0)
+                assert len(engine.resident) <= 3
+        served.append(record.ref)
+
+    users = ["alice", "bob", "carol", "dan"]
+    jobs = [request(rng.choice(records), rng.choice(users)) for _ in range(400)]
+    await asyncio.wait_for(asyncio.gather(*jobs), 120)  # a ceiling on a stall, not a speed
+    assert len(served) == 400
+    assert all(r.holders == 0 for r in pool.resident())
 
 
 # -- observed --------------------------------------------------------------------------------
