@@ -309,6 +309,8 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             capacity=settings.max_cpu_loras,
             wait_timeout_s=settings.adapter_wait_timeout_s,
             failure_ttl_s=settings.adapter_failure_ttl_s,
+            slot_aging_s=settings.adapter_slot_aging_s,
+            max_slots_per_user=settings.max_slots_per_user,
             validate=partial(
                 validate_adapter_dir,
                 base=app[BASE_SPEC],

@@ -6,12 +6,32 @@ The gateway mirrors the engine's CPU adapter cache exactly (it never asks for mo
 - concurrent first requests for one version share one registration (single flight);
 - only idle adapters (no request holding them) are evicted, least recently used first;
 - a request holds its adapter until its response ends, however it ends;
-- when every slot is busy a request waits up to `wait_timeout_s`, then AdapterCapacityError;
+- when every slot is busy a request queues for one up to `wait_timeout_s`, then AdapterCapacityError.
+
+Slots are handed over, not raced for (no starvation): a request whose adapter is not resident
+queues behind those already waiting, and every slot that frees (an adapter idle, or removed) goes
+to the oldest waiter that can take it. Requests for a resident adapter join it at once, so hot
+adapters stay resident, until a waiter has queued for `slot_aging_s`: then, for each such waiter,
+one resident adapter (fewest requests in flight, least recently used among equals) drains: its
+newcomers queue too, it becomes idle when its requests end, and the oldest waiter gets its slot
+(the newcomers get it back later, in their turn). Whatever keeps arriving, a waiter first in line
+is thus served once it has waited `slot_aging_s` and the requests then in flight on one adapter
+have ended; those behind it, as many at once as there are slots.
+
+Tenants (the callers, not the adapters' owners: a public adapter serves many) share the slots:
+an adapter held only by one caller's requests is that caller's. A caller holding
+`max_slots_per_user` of them (default: all slots but one) at its share: its requests for another
+adapter let other callers' waiters go first, and while other callers wait they make no adapter
+drain. The share orders, it never idles the engine: a slot that no one below their share can
+take goes to the oldest waiter past its share (a caller alone may use every slot).
+
+Also:
 - a version that fails to load fails fast for `failure_ttl_s`, and the engine serves on;
 - a retired version (superseded or deleted) leaves the engine when its last request ends.
 The files come from the disk tier (`AdapterFiles`), pinned while the engine holds them.
 
-Each acquire is an `adapter.acquire` span (outcome resident, disk, store or failed); a load runs
+Each acquire is an `adapter.acquire` span (outcome resident, disk, store or failed; the queue
+position it got and the seconds it waited for a slot, 0 when it did not queue); a load runs
 in a task of its own, started in the context of the request that triggered it, so its
 `adapter.evict`, `adapter.fetch`, `adapter.verify` and `adapter.register` spans are children of
 that request's acquire. Requests that join a load in flight get their own acquire span, linked
@@ -21,13 +41,14 @@ to the load's.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +93,19 @@ class _Entry:
     retired: bool = False
     source: str = spans.STORE  # where the load found the files: disk, or the store (fetched first)
     load_span: SpanContext | None = None  # the acquire span of the request that started the load
+    users: Counter[str | None] = field(default_factory=Counter)  # holders by caller (no zero counts)
+    draining: bool = False  # makes room for a waiter past the aging bound: newcomers queue
+
+
+@dataclass
+class _Waiter:
+    """A request queued for an engine slot (or for its draining adapter to be loaded again)."""
+
+    record: AdapterRecord
+    user: str | None
+    arrived: float  # time.monotonic()
+    context: contextvars.Context  # the request's (its acquire span current): a load started for it runs in it
+    granted: asyncio.Future[tuple[_Entry, bool]]  # the entry, held for it; whether it was loaded then
 
 
 @dataclass(frozen=True)
@@ -79,6 +113,12 @@ class ResidentAdapter:
     name: str
     holders: int
     loaded: bool
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    name: str  # the version's engine name, owner/name@version
+    user: str | None  # the caller
 
 
 @dataclass(frozen=True)
@@ -97,6 +137,8 @@ class AdapterPool:
         capacity: int,
         wait_timeout_s: float = 30.0,
         failure_ttl_s: float = 60.0,
+        slot_aging_s: float = 1.0,
+        max_slots_per_user: int | None = None,
         validate: Callable[[Path], None] | None = None,
         tracer: Tracer | None = None,
         metrics: GatewayMetrics | None = None,
@@ -109,9 +151,10 @@ class AdapterPool:
         self._capacity = capacity
         self._wait_timeout_s = wait_timeout_s
         self._failure_ttl_s = failure_ttl_s
+        self._slot_aging_s = slot_aging_s
+        self._max_slots_per_user = max_slots_per_user or default_slots_per_user(capacity)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
         self._failures: dict[str, tuple[str, float]] = {}  # name -> (reason, retry at)
-        self._slot_freed = asyncio.Event()
         self._engine_ids = itertools.count(1)
         self._base_adapter: EngineAdapter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -119,7 +162,9 @@ class AdapterPool:
         # engine name -> done when its removal from the engine returned: a version published
         # again meanwhile is registered only after that (the engine refuses a name added twice).
         self._removals: dict[str, asyncio.Future[None]] = {}
-        self._slot_waiters: Counter[str] = Counter()  # ref -> requests waiting for a free slot
+        self._queue: dict[int, _Waiter] = {}  # requests waiting for a slot, in arrival order
+        self._queued_users: Counter[str | None] = Counter()  # callers with requests in the queue
+        self._waiter_ids = itertools.count()
         self._tracer = tracer or trace.NoOpTracer()
         self._metrics = metrics or detached_metrics()
 
@@ -135,24 +180,29 @@ class AdapterPool:
 
     @asynccontextmanager
     async def acquire(
-        self, record: AdapterRecord | None, on_outcome: Callable[[str], None] | None = None
+        self,
+        record: AdapterRecord | None,
+        user: str | None = None,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> AsyncIterator[EngineAdapter | None]:
-        """The engine adapter for `record` (None: the base model), held until the block exits.
-        `on_outcome` hears where it came from: resident, disk or store."""
+        """The engine adapter for `record` (None: the base model), held for caller `user` until the
+        block exits. `on_outcome` hears where it came from: resident, disk or store."""
         if record is None:
             yield self._base_adapter
             return
-        entry = await self._traced_hold(record, on_outcome)
+        entry = await self._traced_hold(record, user, on_outcome)
         try:
             yield entry.adapter
         finally:
-            self._release(entry)
+            self._release(entry, user)
 
-    async def _traced_hold(self, record: AdapterRecord, on_outcome: Callable[[str], None] | None) -> _Entry:
+    async def _traced_hold(
+        self, record: AdapterRecord, user: str | None, on_outcome: Callable[[str], None] | None
+    ) -> _Entry:
         started = time.perf_counter()
         with self._tracer.start_as_current_span(spans.ACQUIRE, attributes=spans.adapter_attributes(record)) as span:
             try:
-                entry, outcome = await self._hold(record, span)
+                entry, outcome = await self._hold(record, user, span)
             except Exception:  # the span records the exception and the reason as its status
                 span.set_attribute(spans.ACQUIRE_OUTCOME, spans.FAILED)
                 self._metrics.adapter_acquires.labels(spans.FAILED).inc()
@@ -164,72 +214,202 @@ class AdapterPool:
             on_outcome(outcome)
         return entry
 
-    async def _hold(self, record: AdapterRecord, span: Span) -> tuple[_Entry, str]:
+    async def _hold(self, record: AdapterRecord, user: str | None, span: Span) -> tuple[_Entry, str]:
         name = record.versioned_ref
         self._raise_if_recently_failed(name)
-        deadline = time.monotonic() + self._wait_timeout_s
-        while True:
-            entry = self._entries.get(name)
-            resident = entry is not None and entry.loaded.done()
-            if entry is not None and not resident:
-                span.set_attribute(spans.ACQUIRE_JOINED, True)
-                if entry.load_span is not None:
-                    span.add_link(entry.load_span)
-            if entry is None and (self._occupied() < self._capacity or self._can_evict()):
-                entry = self._start_load(record)
-            if entry is not None:
-                entry.holders += 1  # before any await: a held entry is never evicted
-                entry.retired = False  # the caller resolved this version as current (republished)
-                self._entries.move_to_end(name)
-                try:
-                    await asyncio.shield(entry.loaded)
-                except BaseException:
-                    self._release(entry)
-                    raise
-                return entry, spans.RESIDENT if resident else entry.source
-            span.add_event("waiting for a free adapter slot")
-            with self._metrics.waiting("adapter_slot"), self._waiting_for_slot(record.ref):
-                await self._wait_for_free_slot(record, deadline)
+        span.set_attributes({spans.ACQUIRE_QUEUE_POSITION: 0, spans.ACQUIRE_SLOT_WAIT: 0.0})
+        if self._update_draining():
+            self._dispatch()  # a drain called off: requests queued for that adapter may join it again
+        entry = self._entries.get(name)
+        if entry is not None and not entry.draining:
+            resident = self._hold_entry(entry, user)
+        elif entry is None and not self._queue and self._slot_available():
+            entry = self._start_load(record)
+            resident = self._hold_entry(entry, user)
+        else:
+            entry, resident = await self._queue_for_slot(record, user, span)
+        if not resident and entry.load_span != span.get_span_context():
+            span.set_attribute(spans.ACQUIRE_JOINED, True)
+            if entry.load_span is not None:
+                span.add_link(entry.load_span)
+        try:
+            await asyncio.shield(entry.loaded)
+        except BaseException:
+            self._release(entry, user)
+            raise
+        return entry, spans.RESIDENT if resident else entry.source
 
-    def _release(self, entry: _Entry) -> None:
+    def _hold_entry(self, entry: _Entry, user: str | None) -> bool:
+        """Count a request in (synchronously: a held entry is never evicted); whether it is loaded."""
+        entry.holders += 1
+        entry.users[user] += 1
+        entry.retired = False  # the caller resolved this version as current (republished)
+        self._entries.move_to_end(entry.record.versioned_ref)
+        return entry.loaded.done()
+
+    def _release(self, entry: _Entry, user: str | None) -> None:
         entry.holders -= 1
+        entry.users[user] -= 1
+        if entry.users[user] <= 0:
+            del entry.users[user]
         name = entry.record.versioned_ref
         if entry.holders > 0 or self._entries.get(name) is not entry:
-            return  # still in use, or already gone (a failed load wakes waiters itself)
+            return  # still in use, or already gone (a failed load hands its slot on itself)
         if entry.retired and entry.loaded.done():
             self._evict_now(entry)
         else:
             # Recency counts from the end of use: an adapter busy with a long request is not
             # less recently used than one whose short request ended meanwhile.
             self._entries.move_to_end(name)
-            self._wake_waiters()
+            self._dispatch()
 
-    async def _wait_for_free_slot(self, record: AdapterRecord, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AdapterCapacityError(
-                f"All {self._capacity} adapter slots are busy; '{record.ref}' could not be loaded. Retry shortly.",
-                retry_after_s=1,
-            )
-        slot_freed = self._slot_freed
+    # -- the queue for slots ---------------------------------------------------
+
+    async def _queue_for_slot(self, record: AdapterRecord, user: str | None, span: Span) -> tuple[_Entry, bool]:
+        """Wait in line until `_dispatch` hands this request an entry (held for it), or time out."""
+        waiter = _Waiter(
+            record, user, time.monotonic(), contextvars.copy_context(), asyncio.get_running_loop().create_future()
+        )
+        waiter_id = next(self._waiter_ids)
+        self._queue[waiter_id] = waiter
+        self._queued_users[user] += 1
+        span.set_attribute(spans.ACQUIRE_QUEUE_POSITION, len(self._queue))
+        span.add_event("waiting for a free adapter slot")
         try:
-            await asyncio.wait_for(slot_freed.wait(), remaining)
+            with self._metrics.waiting("adapter_slot"):
+                self._dispatch()
+                # Shielded: a timeout or a cancellation must not cancel a grant made meanwhile.
+                await asyncio.wait_for(asyncio.shield(waiter.granted), self._wait_timeout_s)
         except TimeoutError:
-            pass  # the loop above raises AdapterCapacityError
-
-    @contextmanager
-    def _waiting_for_slot(self, ref: str) -> Iterator[None]:
-        self._slot_waiters[ref] += 1
-        try:
-            yield
+            pass
+        except BaseException:  # cancelled: give back what was granted meanwhile
+            self._leave_queue(waiter_id)
+            if waiter.granted.done() and waiter.granted.exception() is None:
+                self._release(waiter.granted.result()[0], user)
+            raise
         finally:
-            self._slot_waiters[ref] -= 1
-            if self._slot_waiters[ref] <= 0:
-                del self._slot_waiters[ref]  # keyed by ref: don't keep one entry per adapter ever seen
+            waited = time.monotonic() - waiter.arrived
+            span.set_attribute(spans.ACQUIRE_SLOT_WAIT, waited)
+            self._metrics.adapter_slot_wait_seconds.observe(waited)
+        if waiter.granted.done():
+            return waiter.granted.result()  # (a load failure remembered meanwhile raises here)
+        self._leave_queue(waiter_id)
+        raise AdapterCapacityError(
+            f"All {self._capacity} adapter slots are busy; '{record.ref}' could not be loaded. Retry shortly.",
+            retry_after_s=1,
+        )
 
-    def _wake_waiters(self) -> None:
-        self._slot_freed.set()
-        self._slot_freed = asyncio.Event()
+    def _dequeue(self, waiter_id: int) -> _Waiter | None:
+        waiter = self._queue.pop(waiter_id, None)
+        if waiter is not None:
+            self._queued_users[waiter.user] -= 1
+            if self._queued_users[waiter.user] <= 0:
+                del self._queued_users[waiter.user]
+        return waiter
+
+    def _leave_queue(self, waiter_id: int) -> None:
+        if self._dequeue(waiter_id) is not None:
+            self._dispatch()  # a drain for it may be called off, a tenant it held back may go
+
+    def _dispatch(self) -> None:
+        """Hand what can be handed to the queue; called whenever a slot may have freed, or the
+        queue or the drains changed."""
+        self._grant_queued()
+        while self._update_draining():  # a drain called off: its adapter takes its waiters again
+            self._grant_queued()
+
+    def _grant_queued(self) -> None:
+        """Joins of an adapter in the pool (not draining) to anyone queued for it; new slots in arrival
+        order, to tenants below their share first, then to the others (never left free while anyone waits)."""
+        alone, slots = self._slots_held_alone(), self._slot_available()
+        deferred: list[int] = []
+        for waiter_id, waiter in list(self._queue.items()):
+            entry = self._entries.get(waiter.record.versioned_ref)
+            if entry is not None:
+                if not entry.draining:
+                    self._grant(waiter_id, entry)
+            elif not slots:
+                continue  # only joins are left to hand out
+            elif self._tenant_at_share(waiter.user, alone):
+                deferred.append(waiter_id)
+            elif self._grant_slot(waiter_id):
+                alone, slots = self._slots_held_alone(), self._slot_available()
+        for waiter_id in deferred:
+            if not self._slot_available():
+                break
+            self._grant_slot(waiter_id)
+
+    def _grant_slot(self, waiter_id: int) -> bool:
+        """Load a waiter's adapter into a slot, if one can be had; whether the waiter left the queue."""
+        waiter = self._queue.get(waiter_id)
+        if waiter is None:
+            return False
+        name = waiter.record.versioned_ref
+        if (entry := self._entries.get(name)) is not None:  # loaded for a waiter ahead of it
+            if entry.draining:
+                return False
+            self._grant(waiter_id, entry)
+            return True
+        if (failure := self._recent_failure(name)) is not None:
+            self._dequeue(waiter_id)
+            waiter.granted.set_exception(failure)
+            return True
+        if not self._slot_available():
+            return False
+        # In the waiter's context: the load's spans are children of its acquire, not of whoever freed the slot.
+        self._grant(waiter_id, waiter.context.run(self._start_load, waiter.record))
+        return True
+
+    def _grant(self, waiter_id: int, entry: _Entry) -> None:
+        waiter = self._dequeue(waiter_id)
+        if waiter is not None:
+            waiter.granted.set_result((entry, self._hold_entry(entry, waiter.user)))
+
+    def _update_draining(self) -> bool:
+        """Make one resident adapter drain per waiter past the aging bound that no spare slot covers
+        (the fewest requests in flight first, least recently used among equals); whether a drain
+        was called off (its waiter served, gone, or no longer counted)."""
+        # An idle draining adapter is no spare: its slot is the one its waiter is about to get.
+        idle = sum(1 for e in self._entries.values() if _idle(e) and not e.draining)
+        spare = max(0, self._capacity - self._occupied()) + idle
+        need = max(0, self._aged_waiters(spare + self._capacity) - spare)
+        draining = [e for e in self._entries.values() if e.draining]
+        released = False
+        while len(draining) > need:
+            busiest = max(draining, key=lambda e: e.holders)
+            busiest.draining, released = False, True
+            draining.remove(busiest)
+        if len(draining) < need:
+            candidates = [e for e in self._entries.values() if not e.draining and e.holders > 0 and e.loaded.done()]
+            for entry in sorted(candidates, key=lambda e: e.holders)[: need - len(draining)]:  # stable: LRU first
+                entry.draining = True
+        return released
+
+    def _aged_waiters(self, enough: int) -> int:
+        """Waiters past the aging bound that need a slot of their own, counted up to `enough`; the
+        queue is in arrival order, so they are the first ones."""
+        now, count = time.monotonic(), 0
+        alone: Counter[str | None] | None = None
+        for waiter in self._queue.values():
+            if count >= enough or now - waiter.arrived < self._slot_aging_s:
+                break
+            if waiter.record.versioned_ref in self._entries:
+                continue  # its adapter is in the pool (loading, or draining): no other slot for it
+            alone = alone if alone is not None else self._slots_held_alone()
+            if self._tenant_at_share(waiter.user, alone) and self._others_queued(waiter.user):
+                continue  # at its share, with other callers waiting: it drains nobody's adapter
+            count += 1
+        return count
+
+    def _slots_held_alone(self) -> Counter[str | None]:
+        """Per caller: the adapters in the pool held by that caller's requests only."""
+        return Counter(next(iter(e.users)) for e in self._entries.values() if len(e.users) == 1)
+
+    def _tenant_at_share(self, user: str | None, alone: Counter[str | None]) -> bool:
+        return alone[user] >= self._max_slots_per_user
+
+    def _others_queued(self, user: str | None) -> bool:
+        return len(self._queued_users) - (user in self._queued_users) > 0
 
     # -- loading and eviction --------------------------------------------------
 
@@ -237,15 +417,21 @@ class AdapterPool:
         """Engine slots in use or promised: an adapter still being removed holds its slot."""
         return len(self._entries) + self._removing
 
-    def _can_evict(self) -> bool:
-        return any(e.holders == 0 and e.loaded.done() for e in self._entries.values())
+    def _slot_available(self) -> bool:
+        return self._occupied() < self._capacity or self._idle_victim() is not None
+
+    def _idle_victim(self) -> _Entry | None:
+        """The idle adapter to evict for a new one: a draining one first, else the least recently used."""
+        idle = [e for e in self._entries.values() if _idle(e)]
+        return next((e for e in idle if e.draining), idle[0] if idle else None)
 
     def _start_load(self, record: AdapterRecord) -> _Entry:
         """Reserve a slot now (synchronously, so concurrent requests find it) and load in a task."""
         victim = None
         if self._occupied() >= self._capacity:
-            victim_name = next(n for n, e in self._entries.items() if e.holders == 0 and e.loaded.done())
-            victim = self._entries.pop(victim_name)
+            victim = self._idle_victim()
+            assert victim is not None, "a load started without a slot"
+            self._entries.pop(victim.record.versioned_ref)
             self._removal_started(victim)
         adapter = EngineAdapter(next(self._engine_ids), record.versioned_ref, Path())
         entry = _Entry(record=record, adapter=adapter, loaded=asyncio.get_running_loop().create_future())
@@ -305,7 +491,7 @@ class AdapterPool:
                 self._evict_now(entry)
             elif entry.holders == 0:
                 # Every request for it left while it loaded: it is evictable only now.
-                self._wake_waiters()
+                self._dispatch()
 
     async def _register(self, adapter: EngineAdapter, record: AdapterRecord) -> None:
         started = time.perf_counter()
@@ -363,13 +549,13 @@ class AdapterPool:
             await self._evict(entry)
         finally:
             self._removing -= 1
-            self._wake_waiters()
+            self._dispatch()
 
     def _forget(self, name: str, pinned: AdapterRecord | None) -> None:
         self._entries.pop(name, None)
         if pinned is not None:
             self._files.unpin(pinned)
-        self._wake_waiters()
+        self._dispatch()
 
     # -- versions leaving ------------------------------------------------------
 
@@ -384,14 +570,18 @@ class AdapterPool:
             self._evict_now(entry)
 
     def _raise_if_recently_failed(self, name: str) -> None:
+        if (failure := self._recent_failure(name)) is not None:
+            raise failure
+
+    def _recent_failure(self, name: str) -> AdapterLoadFailedError | None:
         failure = self._failures.get(name)
         if failure is None:
-            return
+            return None
         reason, retry_at = failure
         if time.monotonic() >= retry_at:
             del self._failures[name]
-            return
-        raise _failure_error(name, reason)
+            return None
+        return _failure_error(name, reason)
 
     # -- introspection ---------------------------------------------------------
 
@@ -406,7 +596,23 @@ class AdapterPool:
         # An entry in the pool whose future is done loaded fine: a failed load leaves the pool first.
         running = frozenset(e.record.ref for e in held if e.loaded.done())
         loading = frozenset(e.record.ref for e in held if not e.loaded.done())
-        return LoraActivity(running=running, waiting=loading | frozenset(self._slot_waiters))
+        queued = frozenset(w.record.ref for w in self._queue.values())
+        return LoraActivity(running=running, waiting=loading | queued)
+
+    def queued(self) -> list[QueuedRequest]:
+        """Requests waiting for an engine slot (or for their draining adapter) now, in arrival order."""
+        return [QueuedRequest(w.record.versioned_ref, w.user) for w in self._queue.values()]
+
+
+def default_slots_per_user(capacity: int) -> int:
+    """All slots but one (one when there is one): a tenant alone may use every slot, but while others
+    wait it never holds the last one."""
+    return max(1, capacity - 1)
+
+
+def _idle(entry: _Entry) -> bool:
+    """Loaded and held by no request: evictable."""
+    return entry.holders == 0 and entry.loaded.done()
 
 
 def _failure_error(versioned_name: str, reason: str) -> AdapterLoadFailedError:

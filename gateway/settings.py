@@ -133,6 +133,18 @@ class ServeSettings(BaseSettings):
     adapter_failure_ttl_s: float = Field(
         default=60.0, ge=0, description="How long a failed adapter load is remembered before a retry."
     )
+    adapter_slot_aging_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long a request waits for an adapter slot before a busy resident adapter stops taking "
+        "new requests, so that its slot frees for the waiter (new requests for it queue behind).",
+    )
+    max_slots_per_user: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapter slots one user's requests may hold alone before that user's requests for another "
+        "adapter wait behind other users' (default: max_cpu_loras - 1, at least 1; alone, a user may use all).",
+    )
 
     # Tenants
     keys_file: Path | None = Field(

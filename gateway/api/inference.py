@@ -222,7 +222,9 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
             request_span.set_attributes(spans.adapter_attributes(record))
         adapter = None
         if endpoint.generates:
-            adapter = await held.enter_async_context(serving.pool_or_raise().acquire(record, on_outcome=heard))
+            adapter = await held.enter_async_context(
+                serving.pool_or_raise().acquire(record, principal.user, on_outcome=heard)
+            )
         caller = Caller(
             model=body.model,
             lora=lora_request(adapter),

@@ -58,6 +58,12 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.adapter_slot_wait_seconds = Histogram(
+            "lora_gateway_adapter_slot_wait_seconds",
+            "Time a request queued for an engine adapter slot (requests that queued, served or timed out).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.adapter_loads = Counter(
             "lora_gateway_adapter_loads",
             "Adapter moves into a tier (disk: fetched from the store; engine: add_lora), by outcome (ok, error).",

@@ -34,6 +34,8 @@ ADAPTER_VERSION = "adapter.version"
 
 ACQUIRE_OUTCOME = "adapter.acquire.outcome"  # resident | disk | store | failed
 ACQUIRE_JOINED = "adapter.acquire.joined_load"  # waited for a load another request started
+ACQUIRE_QUEUE_POSITION = "adapter.acquire.queue_position"  # 1: first in line for a slot; 0: did not queue
+ACQUIRE_SLOT_WAIT = "adapter.acquire.slot_wait_s"  # seconds queued for an engine slot (0: did not queue)
 FETCH_SOURCE = "adapter.fetch.source"
 FETCH_BYTES = "adapter.fetch.bytes"
 FETCH_RETRIES = "adapter.fetch.retries"

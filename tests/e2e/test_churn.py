@@ -28,9 +28,9 @@ def two_slot_gateway(tiny: DevModel, keys: Keys, logs: Path, **flags: object) ->
 
 @pytest.fixture(scope="module")
 def small_gateway(tiny: DevModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The default wait for a slot: four clients over six adapters keep both slots busy, and a
-    request waiting for one can lose it to newer requests for a resident adapter (no FIFO
-    hand-over yet); with a short wait that shows as a 503 whenever the host is slow."""
+    """The default wait for a slot: four clients over six adapters keep both slots busy; a request
+    waiting for one gets the next slot that frees, ahead of newer requests, and past the aging
+    bound a busy adapter drains for it (gateway/pool.py), so it is served however slow the host."""
     yield from two_slot_gateway(tiny, keys, tmp_path_factory.mktemp("churn-logs"))
 
 
