@@ -373,6 +373,7 @@ class Measured:
     decisions: list[tuple[str, str]]  # (expected, chosen) per labelled prompt
     auto_s: list[float]
     named_s: list[float]
+    routed_headers: int  # auto answers that carried X-Routed-Model
     header_disagreements: int  # X-Routed-Model naming another adapter than the body's `model`
     first_errors: list[str]
 
@@ -387,7 +388,7 @@ async def measure(url: str, api_key: str, route_set: RouteSet, base_name: str, l
     import aiohttp
 
     adapters = {f"{USER}/{t.name}": t.name for t in route_set.topics}
-    out = Measured([], [], [], 0, [])
+    out = Measured([], [], [], 0, 0, [])
     timeout = aiohttp.ClientTimeout(total=120)
     headers = {"Authorization": f"Bearer {api_key}"}
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
@@ -400,8 +401,9 @@ async def measure(url: str, api_key: str, route_set: RouteSet, base_name: str, l
                 out.first_errors.append(f"{answer.status} {answer.error}")
             chosen = label_of(answer.model, base_name, adapters) if answer.ok else ERROR
             out.decisions.append((expected, chosen))
-            if answer.routed_header is not None and answer.ok and answer.routed_header != answer.model:
-                out.header_disagreements += 1
+            if answer.ok and answer.routed_header is not None:  # a cross-check of the decision, where sent
+                out.routed_headers += 1
+                out.header_disagreements += answer.routed_header != answer.model
         for prompt, expected, auto_first in latency_plan(route_set.labelled(), latency_requests, seed):
             named = model_for(expected, base_name)
             first, second = ("auto", named) if auto_first else (named, "auto")
@@ -456,9 +458,10 @@ def run_gateway(opts: argparse.Namespace, route_set: RouteSet) -> int:
     overall = accuracy(measured.decisions)
     met = targets_met(overall, latency["added_p50_ms"])
     text = render(measured.decisions, route_set.labels, latency)
-    if measured.header_disagreements or measured.first_errors:
-        text += f"\nX-Routed-Model disagreed with `model` {measured.header_disagreements} times; " \
-            f"first errors: {measured.first_errors}"  # fmt: skip
+    text += f"\nX-Routed-Model on {measured.routed_headers} of {len(measured.decisions)} auto answers, " \
+        f"disagreeing with `model` on {measured.header_disagreements}"  # fmt: skip
+    if measured.first_errors:
+        text += f"\nfirst errors: {measured.first_errors}"
     columns, rows = confusion(measured.decisions, route_set.labels)
     report = {"config": config_of(opts), "model": str(model.path), "accuracy": overall,
               "accuracy_by_label": accuracy_by_label(measured.decisions, route_set.labels),

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from gateway.bench.route import (
     BASE,
@@ -25,6 +27,7 @@ from gateway.bench.route import (
     latency_plan,
     latency_summary,
     load_route_set,
+    measure,
     model_for,
     offline_labels,
     parse_route_set,
@@ -216,3 +219,47 @@ def test_offline_labels_and_sweep() -> None:
 def test_best_of_ties_takes_the_middle() -> None:
     rows = [{"threshold": t, "accuracy": a} for t, a in [(0.2, 0.8), (0.3, 0.9), (0.4, 0.9), (0.5, 0.9), (0.6, 0.7)]]
     assert best_of(rows)["threshold"] == 0.4
+
+
+# -- the client loop, against a fake gateway ---------------------------------------------
+
+
+async def test_measure_reads_decisions_from_the_model_field(aiohttp_server: Any) -> None:
+    """A stand-in for the gateway: `auto` routes by a keyword, a named model answers as itself."""
+    seen: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        assert request.headers["Authorization"] == "Bearer k"
+        if body["model"] != "auto":
+            return web.json_response({"model": body["model"]})
+        prompt = body["messages"][-1]["content"].lower()
+        model = "router/coding" if "crash" in prompt else "router/cooking" if "egg" in prompt else "tiny-llama"
+        headers = {"X-Routed-Model": "router/oops" if "pasta" in prompt else model}
+        return web.json_response({"model": model}, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    measured = await measure(str(server.make_url("")).rstrip("/"), "k", small_set(), "tiny-llama", 4, seed=0)
+    assert measured.decisions == [("coding", "coding"), ("cooking", "cooking"), ("cooking", BASE), (BASE, BASE)]
+    assert measured.routed_headers == 4 and measured.header_disagreements == 1
+    assert len(measured.auto_s) == len(measured.named_s) == 4 and not measured.first_errors
+    assert all(b["max_tokens"] == 1 and b["temperature"] == 0 for b in seen)
+    named = {b["model"] for b in seen if b["model"] != "auto"}
+    assert named == {"router/coding", "router/cooking", "tiny-llama"}
+
+
+async def test_a_failed_request_counts_as_error(aiohttp_server: Any) -> None:
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"code": "boom"}}, status=503)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    measured = await measure(str(server.make_url("")).rstrip("/"), "k", small_set(), "tiny-llama", 2, seed=0)
+    assert {chosen for _, chosen in measured.decisions} == {"error"}
+    assert measured.first_errors[0].startswith("503") and len(measured.first_errors) == 3
+    assert all(math.isnan(x) for x in measured.auto_s + measured.named_s)
+    assert latency_summary(measured.auto_s, measured.named_s)["pairs"] == 0
