@@ -263,3 +263,17 @@ async def test_a_failed_request_counts_as_error(aiohttp_server: Any) -> None:
     assert measured.first_errors[0].startswith("503") and len(measured.first_errors) == 3
     assert all(math.isnan(x) for x in measured.auto_s + measured.named_s)
     assert latency_summary(measured.auto_s, measured.named_s)["pairs"] == 0
+
+
+def test_the_command_and_its_options() -> None:
+    from gateway.bench.route import _parse
+    from gateway.cli import BENCHMARKS
+
+    assert "route" in BENCHMARKS
+    opts = _parse([])
+    assert (opts.base, opts.threshold, opts.latency_requests, opts.offline) == ("tiny", None, 100, False)
+    assert opts.out == Path("artifacts/bench-route")
+    opts = _parse(["--threshold", "0.4", "--latency-requests", "20", "--base", "smollm2", "--offline"])
+    assert (opts.base, opts.threshold, opts.latency_requests, opts.offline) == ("smollm2", 0.4, 20, True)
+    with pytest.raises(SystemExit):
+        _parse(["--latency-requests", "0"])
