@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.bench.report import config_of, markdown_table, percentile, write_json
+from gateway.bench.report import config_of, markdown_table, percentile
 
 if TYPE_CHECKING:
     import aiohttp
@@ -331,7 +331,9 @@ def run_offline(opts: argparse.Namespace, route_set: RouteSet) -> int:
               for (p, e), c, s in zip(route_set.labelled(), offline_labels(scores, best["threshold"]), scores)
               if e != c]  # fmt: skip
     report = {"config": config_of(opts), "sweep": rows, "best": best, "encode": timings, "misses": misses}
-    _write(opts.out, "route-offline", report, text)
+    pairs = list(zip(expected, offline_labels(scores, best["threshold"]), strict=True))
+    _write(opts.out, "route-offline", report, text, pairs, route_set.labels,
+           f"offline routing at threshold {best['threshold']:.2f}: accuracy {best['accuracy']:.3f}")  # fmt: skip
     return 0 if targets_met(best["accuracy"], None)["accuracy"] else 1
 
 
@@ -467,16 +469,36 @@ def run_gateway(opts: argparse.Namespace, route_set: RouteSet) -> int:
               "accuracy_by_label": accuracy_by_label(measured.decisions, route_set.labels),
               "confusion": {"columns": columns, "rows": rows}, "latency": latency, "targets": TARGETS,
               "targets_met": met, "measured": asdict(measured)}  # fmt: skip
-    _write(opts.out, "route", report, text)
+    _write(opts.out, "route", report, text, measured.decisions, route_set.labels,
+           f'model "auto" through the gateway: accuracy {overall:.3f}')  # fmt: skip
     return 0 if all(met.values()) else 1
 
 
-def _write(out: Path, name: str, report: dict[str, Any], text: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{name}.json", report)
-    (out / f"{name}.md").write_text(text + "\n")
-    print(text)
-    print(f"wrote {out / name}.json and .md", file=sys.stderr)
+def plot_confusion(pairs: Sequence[tuple[str, str]], labels: Sequence[str], title: str, path: Path) -> None:
+    """The confusion table as a heat map, each row as shares of its expected label."""
+    import matplotlib.pyplot as plt
+
+    columns, rows = confusion(pairs, labels)
+    shares = [[row[c] / (sum(row.values()) or 1) for c in columns] for row in rows.values()]
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.8 * len(rows) + 1.5))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i, row in enumerate(rows.values()):
+        for j, c in enumerate(columns):
+            ax.text(j, i, str(row[c]), ha="center", va="center", color="white" if shares[i][j] > 0.5 else "black")
+    ax.set_xticks(range(len(columns)), columns, rotation=20)
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set(xlabel="chosen", ylabel="expected", title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write(out: Path, name: str, report: dict[str, Any], text: str, pairs: Sequence[tuple[str, str]],
+           labels: Sequence[str], title: str) -> None:  # fmt: skip
+    """OUT/NAME.json, OUT/NAME.md (the text, printed too) and OUT/NAME.png (the confusion)."""
+    from gateway.bench.harness import write_report
+
+    write_report(out, name, report, text, lambda path: plot_confusion(pairs, labels, title, path))
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -486,9 +508,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add_model_options(p, "route")
     p.add_argument("--threshold", type=float, default=None,
-                   help="the gateway's route_threshold (default: the gateway's own)")  # fmt: skip
+                   help="the gateway's route_threshold (none: the gateway's default)")  # fmt: skip
     p.add_argument("--latency-requests", type=int, default=100, help="auto/named request pairs timed")
-    p.add_argument("--data", type=Path, default=None, help="a labelled set in route_set.json's form (default: it)")
+    p.add_argument("--data", type=Path, help="a labelled set in route_set.json's form (none: route_set.json)")
     p.add_argument("--seed", type=int, default=0, help="which prompts the latency pairs use")
     p.add_argument("--offline", action="store_true",
                    help="no gateway: the encoder and the matcher alone, accuracy by threshold")  # fmt: skip

@@ -277,3 +277,13 @@ def test_the_command_and_its_options() -> None:
     assert (opts.base, opts.threshold, opts.latency_requests, opts.offline) == ("smollm2", 0.4, 20, True)
     with pytest.raises(SystemExit):
         _parse(["--latency-requests", "0"])
+
+
+def test_the_confusion_plot_is_written(tmp_path: Path) -> None:
+    import matplotlib
+
+    from gateway.bench.route import plot_confusion
+
+    matplotlib.use("Agg")
+    plot_confusion([("coding", "coding"), (BASE, "error")], ["coding", BASE], "t", tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
