@@ -1,4 +1,4 @@
-"""`lora-gateway`: serve, adapters, keys, dev make-model, bench (serve, load, fairness, swap, scale, ...), demo."""
+"""`lora-gateway`: serve, adapters, keys, dev make-model, bench (serve, load, fairness, swap, route, ...), demo."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _make_model(args: list[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("serve", "load", "fairness", "swap", "scale", "rank", "compare", "soak", "ops")
+BENCHMARKS = ("serve", "load", "fairness", "swap", "scale", "rank", "compare", "soak", "ops", "route")
 
 
 def _bench(args: list[str]) -> int:
