@@ -108,10 +108,11 @@ class ServeSettings(BaseSettings):
         description="Serve model 'auto' (and 'owner/auto') with the caller's adapter whose routes match the prompt.",
     )
     route_threshold: float = Field(
-        default=0.4,
+        default=0.2,
         ge=-1,
         le=1,
-        description="Least cosine similarity between a prompt and an adapter's routes to route to it; below: the base.",
+        description="Least score (mean cosine similarity of an adapter's two closest routes) to route to it; "
+        "below: the base.",
     )
     route_encoder: Path | None = Field(
         default=None,

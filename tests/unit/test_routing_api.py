@@ -37,7 +37,7 @@ async def routed(start_gateway: StartGateway) -> tuple[Gateway, FakeEncoder, InM
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     gw = await start_gateway(
-        encoder=encoder, tracer_provider=provider, route_threshold=0.3, trusted_user_header=USER_HEADER
+        encoder=encoder, tracer_provider=provider, route_threshold=0.15, trusted_user_header=USER_HEADER
     )
     for ref, (routes, visibility) in ROUTES.items():
         owner, name = ref.split("/")

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from gateway.routing.matcher import decide
 
@@ -18,3 +19,16 @@ def test_below_threshold_goes_to_base() -> None:
 def test_no_candidates_goes_to_base() -> None:
     d = decide(np.array([1.0, 0.0]), {}, threshold=0.0)
     assert d.chosen is None and d.scores == {}
+
+
+def test_a_score_is_the_mean_of_the_two_best_examples() -> None:
+    routes = {"code": np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), "one": np.array([[0.8, 0.6]])}
+    d = decide(np.array([1.0, 0.0]), routes, threshold=0.0)
+    assert d.scores["code"] == pytest.approx((1.0 + 0.6) / 2)  # the third example does not count
+    assert d.scores["one"] == pytest.approx(0.8)  # a single example is its own score
+    assert d.chosen == "code"
+
+
+def test_unnormalised_vectors_score_as_cosines() -> None:
+    d = decide(np.array([3.0, 0.0]), {"code": np.array([[5.0, 0.0], [0.0, 0.0]])}, threshold=0.0)
+    assert d.scores["code"] == pytest.approx(0.5)  # a zero example counts as 0, not as NaN
