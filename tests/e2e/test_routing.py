@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -16,6 +18,7 @@ from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for
 from gateway.dev.models import DevModel, make_model
 from gateway.dev.process import ServerProcess
+from gateway.routing.encoder import OnnxSentenceEncoder, SentenceTransformerEncoder, load_encoder, packaged_encoder_dir
 from tests.e2e.conftest import Keys, client_for, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -121,3 +124,16 @@ def test_routing_never_reaches_another_users_private_adapter(routed: Routed) -> 
     assert refusals[0] == refusals[1]
     sam = client_for(routed.server, routed.keys.by_user["sam"])
     assert answer(sam, "auto", "fix my python code error")[0] == "sam/code"  # its owner routes to it
+
+
+def test_the_onnx_encoder_gives_the_vectors_sentence_transformers_gives(tmp_path: Path) -> None:
+    """The packaged encoder unpacked and exported afresh (an empty cache), against the library."""
+    encoder = load_encoder(None, cache_dir=tmp_path)
+    assert isinstance(encoder, OnnxSentenceEncoder)
+    texts = ["Why does my loop never end?", "a recipe for tomato soup", "hi", "word " * 600]  # the last one truncated
+    reference = SentenceTransformerEncoder(packaged_encoder_dir(tmp_path)).encode(texts)
+    vectors = encoder.encode(texts)
+    assert vectors.shape == reference.shape == (4, 384)
+    assert np.abs(vectors - reference).max() < 1e-4
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert isinstance(load_encoder(None, cache_dir=tmp_path), OnnxSentenceEncoder)  # the export is reused
