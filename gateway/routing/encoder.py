@@ -65,6 +65,9 @@ class OnnxSentenceEncoder:
         graph = _exported_graph(folder, cache_dir)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = min(2, os.cpu_count() or 1)  # measured: 2 threads 3 ms, 1 thread 5 ms
+        # Its threads would otherwise spin for work after each prompt, taking the cores from the engine
+        # (measured: a routed request 40 ms slower than the same request naming its adapter).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
