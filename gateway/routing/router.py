@@ -88,11 +88,12 @@ class Router:
             routed = [r for r in candidates if route_texts(r)]
             decision = Decision(None, {})
             if routed:  # nothing to compare with: the base, without embedding the prompt
-                missing = [r for r in routed if self._cached(r) is None]
+                cached = {r.ref: self._cached(r) for r in routed}
+                missing = [r for r in routed if cached[r.ref] is None]
                 vectors = await self._encode([text, *(t for r in missing for t in route_texts(r))])
-                self._remember(missing, vectors[1:])
-                routes = {r.ref: self._cached(r) for r in routed}
-                decision = decide(vectors[0], {ref: v for ref, v in routes.items() if v is not None}, self.threshold)
+                # The fresh rows serve this decision directly, whatever the bounded cache keeps of them.
+                cached |= self._remember(missing, vectors[1:])
+                decision = decide(vectors[0], cached, self.threshold)
             chosen = next((r for r in routed if r.ref == decision.chosen), None)
             outcome = spans.ROUTED_ADAPTER if chosen is not None else spans.ROUTED_BASE
             span.set_attributes(
@@ -141,12 +142,13 @@ class Router:
             self._routes.move_to_end(key)
         return vectors
 
-    def _remember(self, records: Sequence[AdapterRecord], vectors: np.ndarray) -> None:
-        """`vectors`: the rows of `records`' route texts, in order."""
-        row = 0
+    def _remember(self, records: Sequence[AdapterRecord], vectors: np.ndarray) -> dict[str, np.ndarray]:
+        """`vectors`: the rows of `records`' route texts, in order; returned per ref as well."""
+        rows, start = {}, 0
         for record in records:
             count = len(route_texts(record))
-            self._routes[self._key(record)] = vectors[row : row + count]
-            row += count
+            rows[record.ref] = self._routes[self._key(record)] = vectors[start : start + count]
+            start += count
         while len(self._routes) > MAX_CACHED_RECORDS:
             self._routes.popitem(last=False)
+        return rows
