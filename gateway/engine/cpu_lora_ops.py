@@ -9,6 +9,10 @@ adapters skips LoRA entirely, and a step where every token has the same adapter 
 In a mixed step the shrink is one product against every slot's A at once (ranks are small) from
 which each token takes its own block, and the expand one matmul per adapter over its tokens (for
 a few tokens per adapter, one product over every slot instead): no per-token weight copies.
+A step of few tokens (a decode step) is bound by the number of ops rather than by arithmetic, so
+there the whole LoRA of a layer (every output slice, every slot) is `_fused_add_lora_linear`: one
+shrink against a copy of the layer's A matrices side by side, one product per slice for the
+expand.
 
 They replace the ops only in the vLLM versions they were written against (`SUPPORTED_VLLM`), and
 only in an engine the gateway started (it sets `ENV_FLAG`): vLLM's own server in the same
@@ -22,7 +26,9 @@ import functools
 import importlib.metadata
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -80,6 +86,9 @@ def register() -> None:
             if not hasattr(module, op):
                 raise RuntimeError(f"{module_name} has no {op}: vLLM's CPU LoRA ops moved")
             setattr(module, op, GROUPED[op])
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    PunicaWrapperCPU.add_lora_linear = _add_lora_linear_over(PunicaWrapperCPU.add_lora_linear)
     logger.info("grouped CPU LoRA ops installed in process %d", os.getpid())
 
 
@@ -102,6 +111,7 @@ class _Plan:
     clamped: torch.Tensor  # [tokens, 1, 1] slot per token, -1 read as 0 (masked afterwards)
     lora_less_rows: torch.Tensor  # [tokens, 1] True where a token has no adapter
     rows: list[torch.Tensor]  # per present slot, its tokens
+    runs: list[tuple[int, int, int]]  # (start, stop, slot): consecutive tokens of one adapter
 
     @property
     def single(self) -> int | None:
@@ -120,7 +130,19 @@ def _plan(indices: tuple[int, ...]) -> _Plan:
         clamped=slots.clamp(min=0).view(-1, 1, 1),
         lora_less_rows=(slots < 0).unsqueeze(1),
         rows=[(slots == slot).nonzero().squeeze(1) for slot in present],
+        runs=_runs(indices),
     )
+
+
+def _runs(indices: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for token in range(1, len(indices) + 1):
+        if token == len(indices) or indices[token] != indices[start]:
+            if indices[start] >= 0:
+                runs.append((start, token, indices[start]))
+            start = token
+    return runs
 
 
 def _shrunk(x: torch.Tensor, weights: torch.Tensor, plan: _Plan) -> torch.Tensor | None:
@@ -221,6 +243,109 @@ def bgmv_expand_slice(
 ) -> None:
     output = output_tensor[:, slice_offset : slice_offset + slice_size]
     _expand_into(inputs, lora_b_weights, output, lora_indices_tensor, add_inputs)
+
+
+# -- a layer's whole LoRA at once, for steps of few tokens -------------------------------
+
+# Steps of at most this many tokens take the dense path: products over every slot, masked to each
+# token's own (bench ops: at a decode step's size dispatch, not arithmetic, is what costs).
+DENSE_UP_TO_TOKENS = 64
+# Longer steps take the runs path when their runs of one adapter's tokens (a prompt's tokens sit
+# side by side) average at least this many tokens; else vLLM's path on the grouped ops.
+RUNS_FROM_TOKENS_PER_RUN = 16
+
+
+@dataclass(frozen=True)
+class _FusedWeights:
+    """One LoRA layer's stacked weights laid out for the fused paths, as of their versions."""
+
+    versions: tuple[int, ...]  # of vLLM's stacked tensors: any adapter load or reset bumps one
+    a: torch.Tensor  # [slots, slices, rank, in]: every slice's A side by side
+    b: list[torch.Tensor]  # per slice [slots * rank, out]: every slot's B.T stacked
+
+
+def _fused_weights(
+    cache: dict[int, _FusedWeights], lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
+) -> _FusedWeights:
+    versions = tuple(t._version for t in (*lora_a, *lora_b))
+    cached = cache.get(id(lora_a[0]))
+    if cached is not None and cached.versions == versions:
+        return cached
+    a = torch.stack([_matrices(w) for w in lora_a], dim=1)
+    b = [_matrices(w).transpose(1, 2).reshape(-1, w.shape[-2]) for w in lora_b]
+    cache[id(lora_a[0])] = fused = _FusedWeights(versions, a, b)
+    return fused
+
+
+@functools.lru_cache(maxsize=32)
+def _slot_mask(indices: tuple[int, ...], slots: int, scale: float) -> torch.Tensor:
+    """[tokens, slots, 1, 1]: `scale` at each token's own slot, zero elsewhere and for no adapter."""
+    mask = torch.zeros(len(indices), slots)
+    for token, slot in enumerate(indices):
+        if slot >= 0:
+            mask[token, slot] = scale
+    return mask.view(len(indices), slots, 1, 1)
+
+
+def fused_add_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: tuple[torch.Tensor, ...],
+    lora_b: tuple[torch.Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    token_slots: torch.Tensor,
+    cache: dict[int, _FusedWeights],
+) -> bool:
+    """y[t, slice i] += scale * x[t] @ A_i[slot(t)].T @ B_i[slot(t)].T for every slice, nothing
+    for tokens without an adapter, in a few products for the whole layer. False (y untouched)
+    where neither fused path suits the step."""
+    indices = tuple(token_slots[: x.shape[0]].tolist())
+    plan = _plan(indices)
+    if not plan.slots:
+        return True
+    dense = plan.tokens <= DENSE_UP_TO_TOKENS
+    if not dense and plan.tokens < RUNS_FROM_TOKENS_PER_RUN * len(plan.runs):
+        return False
+    weights = _fused_weights(cache, lora_a, lora_b)
+    slots, slices, rank, in_features = weights.a.shape
+    x = x.to(dtype=weights.a.dtype)
+    if dense:
+        shrunk = (x @ weights.a.view(-1, in_features).T).view(-1, slots, slices, rank)
+        shrunk.mul_(_slot_mask(indices, slots, scale).to(dtype=shrunk.dtype))
+        deltas = [shrunk[:, :, i].reshape(-1, slots * rank) @ b for i, b in enumerate(weights.b)]
+        _add_slices(y, deltas, output_slices)
+        return True
+    for start, stop, slot in plan.runs:  # views of consecutive rows: no gathers, no scatters
+        shrunk = (x[start:stop] @ weights.a[slot].view(slices * rank, in_features).T).view(-1, slices, rank)
+        shrunk.mul_(scale)
+        own = slice(slot * rank, (slot + 1) * rank)
+        _add_slices(y[start:stop], [shrunk[:, i] @ b[own] for i, b in enumerate(weights.b)], output_slices)
+    return True
+
+
+def _add_slices(y: torch.Tensor, deltas: list[torch.Tensor], output_slices: tuple[int, ...]) -> None:
+    offset = 0
+    for delta, size in zip(deltas, output_slices):
+        width = min(size, delta.shape[1])  # adapter and model may pad differently
+        y[:, offset : offset + width] += delta[:, :width].to(dtype=y.dtype)
+        offset += size
+
+
+def _add_lora_linear_over(vllm_add_lora_linear: Callable[..., None]) -> Callable[..., None]:
+    """PunicaWrapperCPU.add_lora_linear: a fused path where one suits the step, else vLLM's
+    (which calls the grouped ops above)."""
+
+    def add_lora_linear(wrapper: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                        lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                        **kwargs: Any) -> None:  # fmt: skip
+        x = x.view(-1, x.shape[-1])
+        cache = wrapper.__dict__.setdefault("_lora_gateway_fused_weights", {})
+        if not fused_add_lora_linear(y.view(-1, y.shape[-1]), x, lora_a_stacked, lora_b_stacked, scale,
+                                     output_slices, wrapper.token_lora_indices, cache):  # fmt: skip
+            vllm_add_lora_linear(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
+
+    return add_lora_linear
 
 
 GROUPED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
