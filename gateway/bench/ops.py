@@ -1,21 +1,24 @@
-"""`lora-gateway bench ops`: where a LoRA step's time goes on the CPU, vLLM's torch ops against the
-gateway's grouped ones, on one model's shapes.
+"""`lora-gateway bench ops`: where a LoRA step's time goes on the CPU, vLLM's CPU LoRA path
+against the gateway's, on one model's shapes.
 
-One engine step's LoRA work is, per decoder layer and per LoRA-wrapped linear layer, a shrink
-(tokens x A) and an expand (x B) per output slice, over the stacked weights of every engine slot
-(padded to `--max-lora-rank`). Both implementations get the same inputs: `--tokens` tokens (a
-decode step of that many sequences, or a prefill chunk), spread over N adapters in turn, with
-`--base-share` of them carrying no adapter; timed interleaved, `--repeats` times each, one thread
-per core as the engine uses them. The table gives the LoRA time per step (all layers) for each,
-and their ratio.
+One engine step's LoRA work is, per decoder layer and per LoRA-wrapped linear layer, one call of
+vLLM's CPU punica wrapper (`add_lora_linear`: a shrink, tokens x A, and an expand, x B, per output
+slice) over the stacked weights of every engine slot (padded to `--max-lora-rank`). The bench
+feeds a real wrapper a real step mapping, once with vLLM's ops and once with the gateway's
+installed as its engines have them, on the same inputs: `--tokens` tokens from `--sequences`
+sequences (one token each for a decode step; a prefill gives each its prompt's tokens side by
+side), the sequences' adapters N in turn, `--base-share` of the sequences without one; timed
+interleaved, `--repeats` times each, one thread per core as the engine uses them. The table gives
+the LoRA time per step (all layers) for each, and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,11 +40,11 @@ class Point:
     adapters: int  # distinct adapters among the tokens
     base_share: float
     vllm_ms: float  # one step's LoRA time, every layer, median of repeats
-    grouped_ms: float
+    gateway_ms: float
 
     @property
     def speedup(self) -> float:
-        return self.vllm_ms / self.grouped_ms
+        return self.vllm_ms / self.gateway_ms
 
 
 def shapes_of(model: Path) -> dict[str, int]:
@@ -59,60 +62,90 @@ def shapes_of(model: Path) -> dict[str, int]:
     }
 
 
-def _step(ops: dict[str, Callable[..., None]], layers: list[tuple], x: dict[int, object], indices: object) -> None:
-    """One step's LoRA work as vLLM's punica wrapper does it (add_lora_linear: shrink, then expand)."""
+def _step(wrapper: object, layers: list[tuple], x: dict[int, object]) -> None:
     import torch
 
     for in_features, slices, a_stacked, b_stacked in layers:
         tokens = x[in_features]
-        rank = a_stacked[0].shape[2]
-        buffers = [torch.zeros(tokens.shape[0], rank) for _ in slices]
-        for buffer, a in zip(buffers, a_stacked):
-            ops["bgmv_shrink"](tokens, a, buffer, indices, 1.0)
         y = torch.zeros(tokens.shape[0], sum(slices))
-        offset = 0
-        for buffer, b, size in zip(buffers, b_stacked, slices):
-            ops["bgmv_expand_slice"](buffer, b, y, indices, offset, size, True)
-            offset += size
+        wrapper.add_lora_linear(y, tokens, a_stacked, b_stacked, 1.0, slices)
+
+
+def step_slots(tokens: int, sequences: int, adapters: int, base_share: float) -> list[int]:
+    """Each token's adapter slot (-1: none): sequences' tokens side by side, their adapters in turn."""
+    sequences = min(sequences, tokens)
+    base = round(sequences * base_share)
+    slots = [-1] * base + [k % adapters for k in range(sequences - base)]
+    return [slots[t * sequences // tokens] for t in range(tokens)]
+
+
+@contextlib.contextmanager
+def _lora_path(gateways: bool) -> Iterator[None]:
+    """vLLM's CPU LoRA path as vLLM ships it, or with the gateway's ops installed over it."""
+    import importlib
+
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from gateway.engine import cpu_lora_ops
+
+    modules = [importlib.import_module(name) for name in cpu_lora_ops.OP_MODULES]
+    saved = [(module, op, getattr(module, op)) for module in modules for op in cpu_lora_ops.OPS]
+    saved.append((PunicaWrapperCPU, "add_lora_linear", PunicaWrapperCPU.add_lora_linear))
+    if gateways:
+        for module, op, _ in saved[:-1]:
+            setattr(module, op, cpu_lora_ops.GROUPED[op])
+        PunicaWrapperCPU.add_lora_linear = cpu_lora_ops.add_lora_linear_over(PunicaWrapperCPU.add_lora_linear)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def measure(shapes: dict[str, int], opts: argparse.Namespace, tokens: int, adapters: int) -> Point:
     import torch
-    from vllm.lora.ops.torch_ops import lora_ops
-
-    from gateway.engine import cpu_lora_ops
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     generator = torch.Generator().manual_seed(0)
     slots = max(opts.max_loras, adapters)
     layers = []
     for name in opts.layers:
         in_features, slices = LAYERS[name](shapes)
-        a = [torch.randn(slots, 1, opts.max_lora_rank, in_features, generator=generator) for _ in slices]
-        b = [torch.randn(slots, 1, size, opts.max_lora_rank, generator=generator) for size in slices]
+        a = tuple(torch.randn(slots, 1, opts.max_lora_rank, in_features, generator=generator) for _ in slices)
+        b = tuple(torch.randn(slots, 1, size, opts.max_lora_rank, generator=generator) for size in slices)
         layers.append((in_features, slices, a, b))
     layers *= shapes["layers"]
     x = {n: torch.randn(tokens, n, generator=generator) for n in {layer[0] for layer in layers}}
-    base = round(tokens * opts.base_share)
-    indices = torch.tensor([-1] * base + [t % adapters for t in range(tokens - base)])
-    implementations = {
-        "vllm": {op: getattr(lora_ops, op) for op in cpu_lora_ops.OPS},
-        "grouped": cpu_lora_ops.GROUPED,
-    }
-    times: dict[str, list[float]] = {name: [] for name in implementations}
+    slot_ids = list(range(1, slots + 1))  # the engine's adapter ids, by slot
+    indices = step_slots(tokens, opts.sequences, adapters, opts.base_share)
+    mapping = LoRAMapping(tuple(slot_ids[s] if s >= 0 else 0 for s in indices), (), is_prefill=tokens > opts.sequences)
+    times: dict[bool, list[float]] = {False: [], True: []}
     for repeat in range(opts.repeats + 1):  # the first round warms up
-        for name, ops in implementations.items():
-            started = time.perf_counter()
-            _step(ops, layers, x, indices)
+        for gateways in times:
+            wrapper = PunicaWrapperCPU(max_num_batched_tokens=tokens, max_batches=opts.sequences, device="cpu")
+            wrapper.update_metadata(mapping, slot_ids, max_loras=slots, vocab_size=32)
+            with _lora_path(gateways):
+                started = time.perf_counter()
+                _step(wrapper, layers, x)
+                elapsed = time.perf_counter() - started
             if repeat:
-                times[name].append(time.perf_counter() - started)
-    return Point(tokens, adapters, opts.base_share, 1000 * statistics.median(times["vllm"]),
-                 1000 * statistics.median(times["grouped"]))  # fmt: skip
+                times[gateways].append(elapsed)
+    return Point(tokens, adapters, opts.base_share, 1000 * statistics.median(times[False]),
+                 1000 * statistics.median(times[True]))  # fmt: skip
 
 
 def render(points: list[Point], model: str, rank: int) -> str:
-    rows = [[str(p.tokens), str(p.adapters), f"{p.base_share:.0%}", f"{p.vllm_ms:.1f}", f"{p.grouped_ms:.1f}",
+    rows = [[str(p.tokens), str(p.adapters), f"{p.base_share:.0%}", f"{p.vllm_ms:.1f}", f"{p.gateway_ms:.1f}",
              f"{p.speedup:.1f}x"] for p in points]  # fmt: skip
-    header = ["tokens in the step", "adapters", "tokens without one", "vLLM's ops (ms)", "grouped ops (ms)", "speedup"]
+    header = [
+        "tokens in the step",
+        "adapters",
+        "sequences without one",
+        "vLLM's path (ms)",
+        "the gateway's (ms)",
+        "speedup",
+    ]
     return f"LoRA time per engine step, every layer of {model}, max rank {rank}:\n\n" + markdown_table(header, rows)
 
 
@@ -122,7 +155,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--base", default="smollm2", help="tiny, smollm2 or a model folder: the shapes")
     p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[16, 128])
     p.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
-    p.add_argument("--base-share", type=float, default=0.25, help="share of the tokens without an adapter")
+    p.add_argument("--sequences", type=int, default=16, help="sequences in the step")
+    p.add_argument("--base-share", type=float, default=0.25, help="share of the sequences without an adapter")
     p.add_argument("--max-loras", type=int, default=4, help="engine slots (at least the adapters in a step)")
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--layers", type=lambda s: s.split(","), default=list(LAYERS), help="LoRA-wrapped layers")

@@ -10,9 +10,10 @@ In a mixed step the shrink is one product against every slot's A at once (ranks 
 which each token takes its own block, and the expand one matmul per adapter over its tokens (for
 a few tokens per adapter, one product over every slot instead): no per-token weight copies.
 A step of few tokens (a decode step) is bound by the number of ops rather than by arithmetic, so
-there the whole LoRA of a layer (every output slice, every slot) is `_fused_add_lora_linear`: one
-shrink against a copy of the layer's A matrices side by side, one product per slice for the
-expand.
+there the whole LoRA of a layer (every output slice, every slot) is `fused_add_lora_linear`: one
+shrink against a copy of the layer's A matrices side by side and one expand against a block
+matrix of its B matrices, masked to each token's slot; a prefill's prompts, each a run of one
+adapter's rows, take products over views of their own rows.
 
 They replace the ops only in the vLLM versions they were written against (`SUPPORTED_VLLM`), and
 only in an engine the gateway started (it sets `ENV_FLAG`): vLLM's own server in the same
@@ -88,7 +89,7 @@ def register() -> None:
             setattr(module, op, GROUPED[op])
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    PunicaWrapperCPU.add_lora_linear = _add_lora_linear_over(PunicaWrapperCPU.add_lora_linear)
+    PunicaWrapperCPU.add_lora_linear = add_lora_linear_over(PunicaWrapperCPU.add_lora_linear)
     logger.info("grouped CPU LoRA ops installed in process %d", os.getpid())
 
 
@@ -248,8 +249,11 @@ def bgmv_expand_slice(
 # -- a layer's whole LoRA at once, for steps of few tokens -------------------------------
 
 # Steps of at most this many tokens take the dense path: products over every slot, masked to each
-# token's own (bench ops: at a decode step's size dispatch, not arithmetic, is what costs).
+# token's own (bench ops: at a decode step's size a product's fixed cost, not its size, dominates).
 DENSE_UP_TO_TOKENS = 64
+# The dense path's expand is one product against a block matrix of every slice's and slot's B;
+# layers where that matrix would hold more elements than this leave the step to the grouped ops.
+DENSE_MAX_BLOCK_ELEMENTS = 8 * 1024 * 1024
 # Longer steps take the runs path when their runs of one adapter's tokens (a prompt's tokens sit
 # side by side) average at least this many tokens; else vLLM's path on the grouped ops.
 RUNS_FROM_TOKENS_PER_RUN = 16
@@ -260,31 +264,44 @@ class _FusedWeights:
     """One LoRA layer's stacked weights laid out for the fused paths, as of their versions."""
 
     versions: tuple[int, ...]  # of vLLM's stacked tensors: any adapter load or reset bumps one
-    a: torch.Tensor  # [slots, slices, rank, in]: every slice's A side by side
-    b: list[torch.Tensor]  # per slice [slots * rank, out]: every slot's B.T stacked
+    a: torch.Tensor  # [slots, slices * rank, in]: every slice's A side by side, per slot
+    b: torch.Tensor | None  # [slots * slices * rank, out]: B.T of slice i in its columns, or None if too big
 
 
 def _fused_weights(
-    cache: dict[int, _FusedWeights], lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
+    cache: dict[int, _FusedWeights],
+    lora_a: tuple[torch.Tensor, ...],
+    lora_b: tuple[torch.Tensor, ...],
+    output_slices: tuple[int, ...],
+    dtype: torch.dtype,
 ) -> _FusedWeights:
     versions = tuple(t._version for t in (*lora_a, *lora_b))
     cached = cache.get(id(lora_a[0]))
     if cached is not None and cached.versions == versions:
         return cached
-    a = torch.stack([_matrices(w) for w in lora_a], dim=1)
-    b = [_matrices(w).transpose(1, 2).reshape(-1, w.shape[-2]) for w in lora_b]
-    cache[id(lora_a[0])] = fused = _FusedWeights(versions, a, b)
+    a = torch.stack([_matrices(w) for w in lora_a], dim=1).to(dtype=dtype)  # [slots, slices, rank, in]
+    slots, slices, rank, in_features = a.shape
+    b = None
+    if slots * slices * rank * sum(output_slices) <= DENSE_MAX_BLOCK_ELEMENTS:
+        b = torch.zeros(slots, slices, rank, sum(output_slices), dtype=dtype)
+        offset = 0
+        for i, (w, size) in enumerate(zip(lora_b, output_slices)):
+            matrices = _matrices(w)[:, :size]  # [slots, out, rank]; adapter and model may pad differently
+            b[:, i, :, offset : offset + matrices.shape[1]] = matrices.transpose(1, 2)
+            offset += size
+        b = b.view(-1, sum(output_slices))
+    cache[id(lora_a[0])] = fused = _FusedWeights(versions, a.view(slots, slices * rank, in_features), b)
     return fused
 
 
 @functools.lru_cache(maxsize=32)
-def _slot_mask(indices: tuple[int, ...], slots: int, scale: float) -> torch.Tensor:
-    """[tokens, slots, 1, 1]: `scale` at each token's own slot, zero elsewhere and for no adapter."""
-    mask = torch.zeros(len(indices), slots)
+def _slot_mask(indices: tuple[int, ...], slots: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """[tokens, slots, 1]: `scale` at each token's own slot, zero elsewhere and for no adapter."""
+    mask = torch.zeros(len(indices), slots, dtype=dtype)
     for token, slot in enumerate(indices):
         if slot >= 0:
             mask[token, slot] = scale
-    return mask.view(len(indices), slots, 1, 1)
+    return mask.unsqueeze(2)
 
 
 def fused_add_lora_linear(
@@ -307,32 +324,28 @@ def fused_add_lora_linear(
     dense = plan.tokens <= DENSE_UP_TO_TOKENS
     if not dense and plan.tokens < RUNS_FROM_TOKENS_PER_RUN * len(plan.runs):
         return False
-    weights = _fused_weights(cache, lora_a, lora_b)
-    slots, slices, rank, in_features = weights.a.shape
-    x = x.to(dtype=weights.a.dtype)
+    weights = _fused_weights(cache, lora_a, lora_b, output_slices, y.dtype)
+    if dense and weights.b is None:
+        return False
+    slots, _, in_features = weights.a.shape
+    x = x.to(dtype=y.dtype)
     if dense:
-        shrunk = (x @ weights.a.view(-1, in_features).T).view(-1, slots, slices, rank)
-        shrunk.mul_(_slot_mask(indices, slots, scale).to(dtype=shrunk.dtype))
-        deltas = [shrunk[:, :, i].reshape(-1, slots * rank) @ b for i, b in enumerate(weights.b)]
-        _add_slices(y, deltas, output_slices)
+        shrunk = (x @ weights.a.view(-1, in_features).T).view(plan.tokens, slots, -1)
+        shrunk.mul_(_slot_mask(indices, slots, scale, y.dtype))
+        y[:, : weights.b.shape[1]].addmm_(shrunk.view(plan.tokens, -1), weights.b)
         return True
+    rank = lora_a[0].shape[-2]
     for start, stop, slot in plan.runs:  # views of consecutive rows: no gathers, no scatters
-        shrunk = (x[start:stop] @ weights.a[slot].view(slices * rank, in_features).T).view(-1, slices, rank)
-        shrunk.mul_(scale)
-        own = slice(slot * rank, (slot + 1) * rank)
-        _add_slices(y[start:stop], [shrunk[:, i] @ b[own] for i, b in enumerate(weights.b)], output_slices)
+        shrunk = (x[start:stop] @ weights.a[slot].T).mul_(scale)
+        offset = 0
+        for i, (w, size) in enumerate(zip(lora_b, output_slices)):
+            own = _matrices(w)[slot, :size]  # [out, rank]
+            y[start:stop, offset : offset + own.shape[0]].addmm_(shrunk[:, i * rank : (i + 1) * rank], own.T)
+            offset += size
     return True
 
 
-def _add_slices(y: torch.Tensor, deltas: list[torch.Tensor], output_slices: tuple[int, ...]) -> None:
-    offset = 0
-    for delta, size in zip(deltas, output_slices):
-        width = min(size, delta.shape[1])  # adapter and model may pad differently
-        y[:, offset : offset + width] += delta[:, :width].to(dtype=y.dtype)
-        offset += size
-
-
-def _add_lora_linear_over(vllm_add_lora_linear: Callable[..., None]) -> Callable[..., None]:
+def add_lora_linear_over(vllm_add_lora_linear: Callable[..., None]) -> Callable[..., None]:
     """PunicaWrapperCPU.add_lora_linear: a fused path where one suits the step, else vLLM's
     (which calls the grouped ops above)."""
 

@@ -130,6 +130,14 @@ def test_the_fused_layer_gives_each_token_its_own_slots_delta_in_every_slice(ind
     torch.testing.assert_close(y, y0 + layer_by_token(x, a, b, indices, 0.5))
 
 
+def test_a_layer_too_big_for_the_dense_block_is_left_to_the_grouped_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = layer_weights()
+    monkeypatch.setattr(grouped, "DENSE_MAX_BLOCK_ELEMENTS", SLOTS * len(SLICES) * RANK * sum(SLICES) - 1)
+    y = torch.zeros(4, sum(SLICES))
+    assert not grouped.fused_add_lora_linear(y, torch.randn(4, IN), a, b, 1.0, SLICES, torch.tensor([0, 1, 2, -1]), {})
+    assert not y.any()
+
+
 def test_a_long_step_of_scattered_adapters_is_left_to_the_grouped_ops() -> None:
     a, b = layer_weights()
     indices = [t % SLOTS for t in range(grouped.DENSE_UP_TO_TOKENS + 1)]
