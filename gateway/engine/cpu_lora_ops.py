@@ -246,7 +246,7 @@ def bgmv_expand_slice(
     _expand_into(inputs, lora_b_weights, output, lora_indices_tensor, add_inputs)
 
 
-# -- a layer's whole LoRA at once, for steps of few tokens -------------------------------
+# -- a layer's whole LoRA at once, every output slice in the same products -----------------
 
 # Steps of at most this many tokens take the dense path: products over every slot, masked to each
 # token's own (bench ops: at a decode step's size a product's fixed cost, not its size, dominates).
