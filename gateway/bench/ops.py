@@ -92,9 +92,7 @@ def _lora_path(gateways: bool) -> Iterator[None]:
     saved = [(module, op, getattr(module, op)) for module in modules for op in cpu_lora_ops.OPS]
     saved.append((PunicaWrapperCPU, "add_lora_linear", PunicaWrapperCPU.add_lora_linear))
     if gateways:
-        for module, op, _ in saved[:-1]:
-            setattr(module, op, cpu_lora_ops.GROUPED[op])
-        PunicaWrapperCPU.add_lora_linear = cpu_lora_ops.add_lora_linear_over(PunicaWrapperCPU.add_lora_linear)
+        cpu_lora_ops.install()
     try:
         yield
     finally:

@@ -79,7 +79,15 @@ def register() -> None:
     reason = unsupported_reason()
     if reason is not None:  # the gateway checked the same before asking: a mismatch must not pass silently
         raise RuntimeError(f"{ENV_FLAG}=1 but the grouped CPU LoRA ops cannot apply: {reason}")
+    install()
+    logger.info("grouped CPU LoRA ops installed in process %d", os.getpid())
+
+
+def install() -> None:
+    """Put the grouped ops where vLLM looks them up and the whole-layer path over its CPU wrapper."""
     import importlib
+
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     for module_name in OP_MODULES:
         module = importlib.import_module(module_name)
@@ -87,10 +95,7 @@ def register() -> None:
             if not hasattr(module, op):
                 raise RuntimeError(f"{module_name} has no {op}: vLLM's CPU LoRA ops moved")
             setattr(module, op, GROUPED[op])
-    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
-
     PunicaWrapperCPU.add_lora_linear = add_lora_linear_over(PunicaWrapperCPU.add_lora_linear)
-    logger.info("grouped CPU LoRA ops installed in process %d", os.getpid())
 
 
 # -- the ops ----------------------------------------------------------------------------

@@ -104,10 +104,10 @@ def test_an_unchecked_vllm_version_is_refused_loudly(monkeypatch: pytest.MonkeyP
 SLICES = (12, 5, 5)  # a merged layer's output slices, as qkv_proj's
 
 
-def layer_weights(slots: int = SLOTS) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def layer_weights() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     generator = torch.Generator().manual_seed(1)
-    a = tuple(torch.randn(slots, 1, RANK, IN, generator=generator) for _ in SLICES)
-    b = tuple(torch.randn(slots, 1, size, RANK, generator=generator) for size in SLICES)
+    a = tuple(torch.randn(SLOTS, 1, RANK, IN, generator=generator) for _ in SLICES)
+    b = tuple(torch.randn(SLOTS, 1, size, RANK, generator=generator) for size in SLICES)
     return a, b
 
 
