@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from adapters_manifest.open_store import open_store
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
+from gateway.admission import Admission
 from gateway.api import inference
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
 from gateway.api.admin import resident_adapters, trigger_sync
@@ -58,6 +59,7 @@ from gateway.disk_cache import DiskCache
 from gateway.draining import drain_middleware
 from gateway.engine.interface import Engine
 from gateway.engine.zero_adapter import write_zero_adapter
+from gateway.engine_seats import EngineSeats
 from gateway.engine_start import EngineProcessWatch
 from gateway.errors import describe, error_middleware
 from gateway.fair_share import UserLimiter
@@ -82,6 +84,7 @@ from gateway.version_collector import VersionCollector
 log = logging.getLogger(__name__)
 
 KEYS_FILE_CHECK_INTERVAL_S = 2.0
+WARM_CHECK_MAX_INTERVAL_S = 2.0  # warm adapters evicted by an engine restart come back this soon
 
 # settings -> a started engine (with a LoRA slot of its own where base requests need the zero adapter). Blocking.
 EngineFactory = Callable[[ServeSettings], Engine]
@@ -242,7 +245,7 @@ async def _disk_cache(app: web.Application) -> AsyncIterator[None]:
 async def _adapter_sync(app: web.Application) -> AsyncIterator[None]:
     # Readiness waits for the first good sync; a store that is down at start is retried.
     polling = asyncio.create_task(app[CATALOG].poll_forever(app[SETTINGS].sync_interval_s))
-    prefetching = asyncio.create_task(_prefetch_warm_adapters(app))
+    prefetching = asyncio.create_task(_keep_warm_adapters(app))
     yield
     polling.cancel()
     prefetching.cancel()
@@ -268,9 +271,10 @@ async def _routing(app: web.Application) -> AsyncIterator[None]:
     router.close()
 
 
-async def _prefetch_warm_adapters(app: web.Application) -> None:
-    """Records marked `warm` are fetched to disk after the first sync, before anyone asks."""
-    catalog, disk = app[CATALOG], app[DISK_CACHE]
+async def _keep_warm_adapters(app: web.Application) -> None:
+    """Records marked `warm` are fetched to disk after the first sync, before anyone asks, then kept
+    pinned in the engine once it runs (re-checked each sync interval: flags and versions change)."""
+    catalog, disk, serving = app[CATALOG], app[DISK_CACHE], app[SERVING]
     while not catalog.synced:
         await asyncio.sleep(0.2)
     for record in catalog.records():
@@ -280,6 +284,20 @@ async def _prefetch_warm_adapters(app: web.Application) -> None:
                 disk.unpin(record)
             except Exception as exc:  # a request will try again (and report) later
                 log.warning("prefetching warm adapter %s failed: %s", record.ref, exc)
+    while True:
+        if serving.pool is not None:
+            serving.pool.keep_warm(catalog.records())
+        await asyncio.sleep(min(app[SETTINGS].sync_interval_s, WARM_CHECK_MAX_INTERVAL_S))
+
+
+def _engine_seats(settings: ServeSettings, engine: Engine, metrics: GatewayMetrics) -> EngineSeats | None:
+    """The gateway's seats: as many as the engine runs sequences a step, unless set (0: none)."""
+    seats = settings.engine_seats
+    if seats is None:
+        seats = engine.client.vllm_config.scheduler_config.max_num_seqs
+    if not seats:
+        return None
+    return EngineSeats(seats, settings.adapter_wait_timeout_s, settings.max_seqs_per_user, metrics)
 
 
 def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -311,6 +329,8 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
             failure_ttl_s=settings.adapter_failure_ttl_s,
             slot_aging_s=settings.adapter_slot_aging_s,
             max_slots_per_user=settings.max_slots_per_user,
+            max_queued=settings.adapter_queue_max,
+            warm_slots=int(settings.warm_slots_share * settings.max_cpu_loras),
             validate=partial(
                 validate_adapter_dir,
                 base=app[BASE_SPEC],
@@ -336,4 +356,5 @@ async def _start_engine(app: web.Application, engine_factory: EngineFactory, wor
                 log.exception("shutting down the engine that failed its setup failed too")
         return
     serving.engine, serving.pool, serving.openai = engine, pool, openai
+    serving.admission = Admission(app[LIMITER], _engine_seats(settings, engine, app[METRICS]), pool)
     log.info("engine ready: serving %s; base-model requests run %s", settings.base_model_name, engine.base_requests)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from adapters_manifest.store import AdapterStore
 from adapters_manifest.validation import BaseModelSpec
+from gateway.admission import Admission
 from gateway.api.openai_layer import OpenAILayer
 from gateway.catalog import AdapterCatalog
 from gateway.disk_cache import DiskCache
@@ -31,6 +32,7 @@ class Serving:
 
     engine: Engine | None = None
     pool: AdapterPool | None = None
+    admission: Admission | None = None  # the pool with the callers' limits and the engine's seats
     openai: OpenAILayer | None = None
     startup_error: str | None = None
     draining: bool = False  # set on SIGTERM: new work is refused (draining.py)
@@ -58,6 +60,11 @@ class Serving:
         self.engine_or_raise()
         assert self.pool is not None  # set together with the engine
         return self.pool
+
+    def admission_or_raise(self) -> Admission:
+        self.engine_or_raise()
+        assert self.admission is not None  # set together with the engine
+        return self.admission
 
     def openai_or_raise(self) -> OpenAILayer:
         self.engine_or_raise()

@@ -142,6 +142,13 @@ class AdapterCapacityError(GatewayError):
     code = "adapter_capacity_exhausted"
 
 
+class EngineCapacityError(GatewayError):
+    """The engine runs as many sequences as it can and the queue for it is too long: try again shortly."""
+
+    status = 503
+    code = "engine_capacity_exhausted"
+
+
 class ServiceUnavailableError(GatewayError):
     status = 503
     code = "service_unavailable"

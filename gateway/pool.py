@@ -25,6 +25,13 @@ adapter let other callers' waiters go first, and while other callers wait they m
 drain. The share orders, it never idles the engine: a slot that no one below their share can
 take goes to the oldest waiter past its share (a caller alone may use every slot).
 
+The queue is bounded (`max_queued`) and each waiter has a deadline (`wait_timeout_s`): a request that
+finds the queue full, or longer than the slots can serve before its deadline (measured as they serve
+it), is refused at once (AdapterCapacityError, Retry-After the estimated wait) rather than at the end.
+
+Warm adapters (the record's flag, `keep_warm` after each sync) are pinned: loaded before anyone asks,
+never evicted or drained while warm, in at most `warm_slots` slots (one at least stays unpinned).
+
 Also:
 - a version that fails to load fails fast for `failure_ttl_s`, and the engine serves on;
 - a retired version (superseded or deleted) leaves the engine when its last request ends.
@@ -46,7 +53,7 @@ import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +74,7 @@ from gateway.errors import (
     describe,
     redact_paths,
 )
+from gateway.service_rate import ServiceRate, retry_after_s
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import TIER_ENGINE, GatewayMetrics, detached_metrics, elapsed_since
 
@@ -95,6 +103,7 @@ class _Entry:
     load_span: SpanContext | None = None  # the acquire span of the request that started the load
     users: Counter[str | None] = field(default_factory=Counter)  # holders by caller (no zero counts)
     draining: bool = False  # makes room for a waiter past the aging bound: newcomers queue
+    pinned: bool = False  # a warm adapter: never evicted, never drained, while it stays warm
 
 
 @dataclass
@@ -113,6 +122,7 @@ class ResidentAdapter:
     name: str
     holders: int
     loaded: bool
+    pinned: bool  # warm: kept in the engine
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,8 @@ class AdapterPool:
         failure_ttl_s: float = 60.0,
         slot_aging_s: float = 1.0,
         max_slots_per_user: int | None = None,
+        max_queued: int = 1024,
+        warm_slots: int = 0,
         validate: Callable[[Path], None] | None = None,
         tracer: Tracer | None = None,
         metrics: GatewayMetrics | None = None,
@@ -153,6 +165,9 @@ class AdapterPool:
         self._failure_ttl_s = failure_ttl_s
         self._slot_aging_s = slot_aging_s
         self._max_slots_per_user = max_slots_per_user or default_slots_per_user(capacity)
+        self._max_queued = max_queued
+        self._warm_slots = min(warm_slots, capacity - 1)  # one slot at least is never pinned
+        self._rate = ServiceRate()  # of the slot queue: what a newcomer's wait is estimated from
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
         self._failures: dict[str, tuple[str, float]] = {}  # name -> (reason, retry at)
         self._engine_ids = itertools.count(1)
@@ -266,18 +281,27 @@ class AdapterPool:
     # -- the queue for slots ---------------------------------------------------
 
     async def _queue_for_slot(self, record: AdapterRecord, user: str | None, span: Span) -> tuple[_Entry, bool]:
-        """Wait in line until `_dispatch` hands this request an entry (held for it), or time out."""
+        """Wait in line until `_dispatch` hands this request an entry (held for it), or time out; refused
+        at once when the queue is full, or longer than the slots can serve before the deadline."""
+        if len(self._queue) >= self._max_queued:
+            raise self._capacity_error("full", record, f"{len(self._queue)} requests wait for one", 1)
         waiter = _Waiter(
             record, user, time.monotonic(), contextvars.copy_context(), asyncio.get_running_loop().create_future()
         )
         waiter_id = next(self._waiter_ids)
         self._queue[waiter_id] = waiter
         self._queued_users[user] += 1
-        span.set_attribute(spans.ACQUIRE_QUEUE_POSITION, len(self._queue))
+        self._rate.queue_changed(len(self._queue))
+        position = len(self._queue)
+        span.set_attribute(spans.ACQUIRE_QUEUE_POSITION, position)
         span.add_event("waiting for a free adapter slot")
+        self._dispatch()
+        estimate = None if waiter.granted.done() else self._rate.wait_s(position - 1)
+        if estimate is not None and estimate > self._wait_timeout_s:
+            self._leave_queue(waiter_id)
+            raise self._capacity_error("estimate", record, f"{position - 1} requests wait ahead", estimate)
         try:
             with self._metrics.waiting("adapter_slot"):
-                self._dispatch()
                 # Shielded: a timeout or a cancellation must not cancel a grant made meanwhile.
                 await asyncio.wait_for(asyncio.shield(waiter.granted), self._wait_timeout_s)
         except TimeoutError:
@@ -294,14 +318,20 @@ class AdapterPool:
         if waiter.granted.done():
             return waiter.granted.result()  # (a load failure remembered meanwhile raises here)
         self._leave_queue(waiter_id)
-        raise AdapterCapacityError(
-            f"All {self._capacity} adapter slots are busy; '{record.ref}' could not be loaded. Retry shortly.",
-            retry_after_s=1,
+        raise self._capacity_error("timeout", record, f"it waited {self._wait_timeout_s:g} s", 1)
+
+    def _capacity_error(self, reason: str, record: AdapterRecord, why: str, wait_s: float) -> AdapterCapacityError:
+        self._metrics.admission_refusals.labels("adapter_slot", reason).inc()
+        return AdapterCapacityError(
+            f"All {self._capacity} adapter slots are busy and '{record.ref}' could not be loaded: {why}. "
+            "Retry shortly.",
+            retry_after_s=retry_after_s(wait_s),
         )
 
     def _dequeue(self, waiter_id: int) -> _Waiter | None:
         waiter = self._queue.pop(waiter_id, None)
         if waiter is not None:
+            self._rate.queue_changed(len(self._queue))
             self._queued_users[waiter.user] -= 1
             if self._queued_users[waiter.user] <= 0:
                 del self._queued_users[waiter.user]
@@ -363,6 +393,7 @@ class AdapterPool:
     def _grant(self, waiter_id: int, entry: _Entry) -> None:
         waiter = self._dequeue(waiter_id)
         if waiter is not None:
+            self._rate.served()
             waiter.granted.set_result((entry, self._hold_entry(entry, waiter.user)))
 
     def _update_draining(self) -> bool:
@@ -370,7 +401,7 @@ class AdapterPool:
         (the fewest requests in flight first, least recently used among equals); whether a drain
         was called off (its waiter served, gone, or no longer counted)."""
         # An idle draining adapter is no spare: its slot is the one its waiter is about to get.
-        idle = sum(1 for e in self._entries.values() if _idle(e) and not e.draining)
+        idle = sum(1 for e in self._entries.values() if _idle(e) and not (e.draining or e.pinned))
         spare = max(0, self._capacity - self._occupied()) + idle
         need = max(0, self._aged_waiters(spare + self._capacity) - spare)
         draining = [e for e in self._entries.values() if e.draining]
@@ -380,7 +411,9 @@ class AdapterPool:
             busiest.draining, released = False, True
             draining.remove(busiest)
         if len(draining) < need:
-            candidates = [e for e in self._entries.values() if not e.draining and e.holders > 0 and e.loaded.done()]
+            candidates = [
+                e for e in self._entries.values() if not (e.draining or e.pinned) and e.holders > 0 and e.loaded.done()
+            ]
             for entry in sorted(candidates, key=lambda e: e.holders)[: need - len(draining)]:  # stable: LRU first
                 entry.draining = True
         return released
@@ -422,7 +455,7 @@ class AdapterPool:
 
     def _idle_victim(self) -> _Entry | None:
         """The idle adapter to evict for a new one: a draining one first, else the least recently used."""
-        idle = [e for e in self._entries.values() if _idle(e)]
+        idle = [e for e in self._entries.values() if _idle(e) and not e.pinned]
         return next((e for e in idle if e.draining), idle[0] if idle else None)
 
     def _start_load(self, record: AdapterRecord) -> _Entry:
@@ -569,6 +602,23 @@ class AdapterPool:
         if entry.holders == 0 and entry.loaded.done():
             self._evict_now(entry)
 
+    def keep_warm(self, records: Iterable[AdapterRecord]) -> None:
+        """Pin the current versions marked `warm` (up to `warm_slots`, by ref) in the engine: loaded now
+        where a slot is free and nobody waits for one, never evicted while they stay warm. Call after
+        each sync; a version no longer warm (or no longer current) is an ordinary adapter again."""
+        warm = sorted((r for r in records if r.warm), key=lambda r: r.ref)[: self._warm_slots]
+        wanted = {r.versioned_ref for r in warm}
+        for name, entry in self._entries.items():
+            entry.pinned = name in wanted
+        for record in warm:
+            if record.versioned_ref in self._entries or self._recent_failure(record.versioned_ref) is not None:
+                continue
+            if self._queue or not self._slot_available():
+                break  # the next sync tries again
+            entry = self._start_load(record)
+            entry.pinned = True
+        self._dispatch()  # an adapter no longer pinned may be the idle victim a waiter needs
+
     def _raise_if_recently_failed(self, name: str) -> None:
         if (failure := self._recent_failure(name)) is not None:
             raise failure
@@ -587,7 +637,8 @@ class AdapterPool:
 
     def resident(self) -> list[ResidentAdapter]:
         return [
-            ResidentAdapter(name=name, holders=e.holders, loaded=e.loaded.done()) for name, e in self._entries.items()
+            ResidentAdapter(name=name, holders=e.holders, loaded=e.loaded.done(), pinned=e.pinned)
+            for name, e in self._entries.items()
         ]
 
     def lora_activity(self) -> LoraActivity:

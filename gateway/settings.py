@@ -129,7 +129,9 @@ class ServeSettings(BaseSettings):
 
     # Adapter pool
     adapter_wait_timeout_s: float = Field(
-        default=30.0, ge=0, description="How long a request waits for a free adapter slot before 503."
+        default=30.0,
+        ge=0,
+        description="How long a request waits for engine seats, or for a free adapter slot, before 503.",
     )
     adapter_failure_ttl_s: float = Field(
         default=60.0, ge=0, description="How long a failed adapter load is remembered before a retry."
@@ -145,6 +147,31 @@ class ServeSettings(BaseSettings):
         ge=1,
         description="Adapter slots one user's requests may hold alone before that user's requests for another "
         "adapter wait behind other users' (default: max_cpu_loras - 1, at least 1; alone, a user may use all).",
+    )
+
+    adapter_queue_max: int = Field(
+        default=1024,
+        ge=1,
+        description="Requests that may wait for an adapter slot at once; beyond, a 503 at once (Retry-After).",
+    )
+    warm_slots_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Share of max_cpu_loras that adapters marked warm may keep pinned in the engine (loaded "
+        "before anyone asks, never evicted; one slot at least stays unpinned).",
+    )
+    engine_seats: int | None = Field(
+        default=None,
+        ge=0,
+        description="Sequences the gateway lets into the engine at once, fairly across users (the rest wait in "
+        "the gateway, not in vLLM's first-come queue). Default: the engine's max_num_seqs; 0: no limit.",
+    )
+    max_seqs_per_user: int | None = Field(
+        default=None,
+        ge=1,
+        description="Engine seats (sequences: n, times the prompts of a batch) one user may hold at once "
+        "(default: all but an eighth of engine_seats, so another user always gets in at once).",
     )
 
     # Tenants

@@ -23,6 +23,5 @@ async def trigger_sync(request: web.Request) -> web.Response:
 async def resident_adapters(request: web.Request) -> web.Response:
     _require_admin(request)
     pool = request.app[SERVING].pool_or_raise()
-    return web.json_response(
-        {"data": [{"adapter": r.name, "requests": r.holders, "loaded": r.loaded} for r in pool.resident()]}
-    )
+    rows = [{"adapter": r.name, "requests": r.holders, "loaded": r.loaded, "pinned": r.pinned} for r in pool.resident()]
+    return web.json_response({"data": rows})

@@ -31,9 +31,10 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ge
 from opentelemetry.trace import Span, StatusCode
 from pydantic import BaseModel
 
+from gateway.admission import sequences_of
 from gateway.api.openai_layer import Caller
 from gateway.api.request_gate import parse_body
-from gateway.app_keys import CACHE_SALT_SECRET, CATALOG, LIMITER, METRICS, ROUTER, SERVING, SETTINGS
+from gateway.app_keys import CACHE_SALT_SECRET, CATALOG, METRICS, ROUTER, SERVING, SETTINGS
 from gateway.auth.middleware import PRINCIPAL
 from gateway.engine.vllm_engine import lora_request
 from gateway.errors import (
@@ -205,9 +206,10 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
 
     metrics = app[METRICS]
     headers: dict[str, str] = {}
+    admission = serving.admission_or_raise()
     async with contextlib.AsyncExitStack() as held:
         with metrics.waiting("fair_share"):  # before any work for the caller, the look-up included
-            await held.enter_async_context(app[LIMITER].admit(principal.user))
+            await held.enter_async_context(admission.caller_turn(principal.user))
         routing_owner = auto_namespace(body.model, principal.user) if app[SETTINGS].routing else None
         if routing_owner is not None:
             if not endpoint.generates:
@@ -223,7 +225,7 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
         adapter = None
         if endpoint.generates:
             adapter = await held.enter_async_context(
-                serving.pool_or_raise().acquire(record, principal.user, on_outcome=heard)
+                admission.enter_engine(record, principal.user, sequences_of(body), on_outcome=heard)
             )
         caller = Caller(
             model=body.model,

@@ -64,6 +64,19 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.engine_seat_wait_seconds = Histogram(
+            "lora_gateway_engine_seat_wait_seconds",
+            "Time a request queued for seats in the engine (its sequences; requests that queued, served or not).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.admission_refusals = Counter(
+            "lora_gateway_admission_refusals",
+            "Requests refused with 503 by admission, by what for (engine_seat, adapter_slot) and why (the queue "
+            "could not serve them in time: estimate; they waited past the deadline: timeout; the queue is full).",
+            ["waiting_for", "reason"],
+            registry=registry,
+        )
         self.adapter_loads = Counter(
             "lora_gateway_adapter_loads",
             "Adapter moves into a tier (disk: fetched from the store; engine: add_lora), by outcome (ok, error).",
@@ -85,8 +98,8 @@ class GatewayMetrics:
         )
         self.queued = Gauge(
             "lora_gateway_requests_queued",
-            "Requests waiting, by what for: fair_share (the user's running limit) or adapter_slot (a free "
-            "engine slot).",
+            "Requests waiting, by what for: fair_share (the user's running limit), engine_seat (room for "
+            "their sequences in the engine) or adapter_slot (a free engine adapter slot).",
             ["waiting_for"],
             registry=registry,
         )
@@ -110,8 +123,11 @@ class GatewayMetrics:
             registry=registry,
         )
         # Series of the small fixed label sets exist (at 0) from the start: rates work from the first event.
-        for waiting_for in ("fair_share", "adapter_slot"):
+        for waiting_for in ("fair_share", "engine_seat", "adapter_slot"):
             self.queued.labels(waiting_for)
+        for waiting_for in ("engine_seat", "adapter_slot"):
+            for reason in ("estimate", "timeout", "full"):
+                self.admission_refusals.labels(waiting_for, reason)
         for outcome in ("resident", "disk", "store", "failed"):
             self.adapter_acquires.labels(outcome)
         for tier in (TIER_DISK, TIER_ENGINE):

@@ -36,6 +36,10 @@ ACQUIRE_OUTCOME = "adapter.acquire.outcome"  # resident | disk | store | failed
 ACQUIRE_JOINED = "adapter.acquire.joined_load"  # waited for a load another request started
 ACQUIRE_QUEUE_POSITION = "adapter.acquire.queue_position"  # 1: first in line for a slot; 0: did not queue
 ACQUIRE_SLOT_WAIT = "adapter.acquire.slot_wait_s"  # seconds queued for an engine slot (0: did not queue)
+# On the request's span: the engine seats it took (its sequences), its place in their queue and its wait
+SEATS_TAKEN = "gateway.engine_seats.taken"
+SEATS_QUEUE_POSITION = "gateway.engine_seats.queue_position"  # 0: did not queue
+SEATS_WAIT = "gateway.engine_seats.wait_s"
 FETCH_SOURCE = "adapter.fetch.source"
 FETCH_BYTES = "adapter.fetch.bytes"
 FETCH_RETRIES = "adapter.fetch.retries"

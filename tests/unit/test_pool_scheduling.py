@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,11 +18,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from adapters_manifest.record import AdapterRecord
+from gateway import service_rate
 from gateway.engine.interface import EngineAdapter
+from gateway.errors import AdapterCapacityError
 from gateway.pool import AdapterPool, QueuedRequest, default_slots_per_user
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import GatewayMetrics
 from tests.fakes import FakeEngine, make_record
+from tests.unit.test_engine_seats import FakeClock
 from tests.unit.test_pool import FakeFiles, holders, until
 
 A, B, C, D = (make_record("alice", name) for name in ("a", "b", "c", "d"))
@@ -418,3 +422,98 @@ async def test_the_acquire_span_and_the_metrics_tell_the_queue_position_and_the_
     )
     assert register_b.parent is not None and by_id[register_b.parent.span_id].attributes[spans.ADAPTER_NAME] == "b"
     assert by_id[register_b.parent.span_id].name == spans.ACQUIRE
+
+
+# -- a bounded queue with a deadline ----------------------------------------------------------
+
+
+async def test_a_full_queue_refuses_at_once_with_retry_after(make_pool) -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    pool, _ = make_pool(capacity=1, slot_aging_s=NEVER, max_queued=2, metrics=metrics)
+    first = await arrive(pool, A)
+    waiters = [await arrive(pool, record) for record in (B, C)]
+    with pytest.raises(AdapterCapacityError) as refused:
+        async with pool.acquire(D, "alice"):
+            pass
+    assert refused.value.status == 503 and refused.value.retry_after_s == 1
+    assert "2 requests wait" in str(refused.value)
+    assert metrics.admission_refusals.labels("adapter_slot", "full")._value.get() == 1
+    assert len(pool.queued()) == 2  # those in line keep their place
+    await finish(first, *waiters)
+
+
+async def test_a_newcomer_the_slots_cannot_serve_in_time_is_refused_at_once(make_pool, monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(service_rate, "time", SimpleNamespace(monotonic=clock.monotonic))
+    metrics = GatewayMetrics(CollectorRegistry())
+    pool, _ = make_pool(capacity=1, slot_aging_s=NEVER, wait_timeout_s=30.0, metrics=metrics)
+    # One slot, handed to the next waiter every 10 s of waiting.
+    holder = await arrive(pool, A)
+    await holding(holder)
+    records = [make_record("alice", f"m{i}") for i in range(12)]
+    for record in records[:9]:
+        waiter = await arrive(pool, record)
+        clock.now += 10
+        holder.end()
+        await holder.task
+        await holding(waiter)
+        holder = waiter
+    backlog = [await arrive(pool, record) for record in records[9:12]]  # 3 in line: a 4th waits ~40 s
+    with pytest.raises(AdapterCapacityError) as refused:
+        async with pool.acquire(B, "bob"):
+            pass
+    assert refused.value.retry_after_s == 40
+    assert "3 requests wait ahead" in str(refused.value)
+    assert metrics.admission_refusals.labels("adapter_slot", "estimate")._value.get() == 1
+    assert len(pool.queued()) == 3
+    await finish(holder, *backlog)
+
+
+# -- warm adapters pinned -------------------------------------------------------------------------
+
+
+async def test_warm_adapters_are_loaded_before_anyone_asks_and_never_evicted(make_pool) -> None:
+    warm_a, warm_b, warm_c = (make_record("alice", name, warm=True) for name in ("w1", "w2", "w3"))
+    pool, engine = make_pool(capacity=3, slot_aging_s=0, warm_slots=2)
+    pool.keep_warm([warm_c, B, warm_b, warm_a])  # two of three warm ones fit: by ref
+    await until(lambda: all(r.loaded for r in pool.resident()) and len(pool.resident()) == 2, timeout_s=30)
+    assert {r.name for r in pool.resident() if r.pinned} == {warm_a.versioned_ref, warm_b.versioned_ref}
+    # Cold adapters churn through the one slot left; the warm ones stay, and serve at once.
+    for record in (B, C, D, X, Y):
+        request = await arrive(pool, record, "bob")
+        await finish(request)
+    assert {warm_a.versioned_ref, warm_b.versioned_ref} <= {r.name for r in pool.resident()}
+    adds = len(engine.add_calls)
+    hot = await arrive(pool, warm_a, "carol")
+    assert hot.holding and len(engine.add_calls) == adds
+    # A waiter past the aging bound drains a busy cold adapter, never a pinned one.
+    cold = await arrive(pool, C, "dave")
+    await holding(cold)
+    waiter = await arrive(pool, D, "erin")
+    await settle()
+    assert not pool._entries[warm_a.versioned_ref].draining
+    await finish(cold, waiter, hot)
+
+
+async def test_an_adapter_no_longer_warm_is_an_ordinary_one_again(make_pool) -> None:
+    warm = make_record("alice", "w1", warm=True)
+    pool, _ = make_pool(capacity=2, slot_aging_s=NEVER, warm_slots=1)
+    pool.keep_warm([warm])
+    await until(lambda: [r.pinned for r in pool.resident()] == [True], timeout_s=30)
+    pool.keep_warm([make_record("alice", "w1", warm=False)])  # the same version, flag cleared
+    assert [r.pinned for r in pool.resident()] == [False]
+    for record in (B, C):  # it is evicted like any idle adapter
+        await finish(await arrive(pool, record))
+    assert warm.versioned_ref not in {r.name for r in pool.resident()}
+
+
+async def test_warm_adapters_wait_their_turn_behind_queued_requests(make_pool) -> None:
+    warm = make_record("alice", "w1", warm=True)
+    pool, engine = make_pool(capacity=2, slot_aging_s=NEVER, warm_slots=1)
+    held = [await arrive(pool, record) for record in (A, B)]
+    waiter = await arrive(pool, C)
+    pool.keep_warm([warm])
+    assert warm.versioned_ref not in engine.add_calls  # no slot taken ahead of the waiter
+    await finish(*held, waiter)
+    pool.keep_warm([warm])  # the next sync: a slot is free
+    await until(lambda: warm.versioned_ref in {r.name for r in pool.resident() if r.pinned}, timeout_s=30)

@@ -120,3 +120,53 @@ async def test_a_tenant_streaming_on_every_slot_leaves_room_for_another_tenant(
     for stream in streams:
         assert set(await stream.stop()) == {200}
     assert {"alice/coding", "alice/second", "bob/poems"} <= {n.partition("@")[0] for n in engine.add_calls}
+
+
+async def test_a_tenant_filling_the_engine_leaves_seats_for_another_tenant(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """vLLM would queue bob's request behind all of alice's, first come first served: the gateway keeps
+    alice within her share of the engine's sequences, so bob's goes straight in."""
+    keys_file = tmp_path / "keys.yaml"
+    alice, bob = add_key(keys_file, "alice")[0], add_key(keys_file, "bob")[0]
+    engine = SteppedEngine(max_model_len=MAX_MODEL_LEN)
+    gw = await start_gateway(engine, keys_file=keys_file, engine_seats=4, adapter_wait_timeout_s=600)
+    seats = gw.app[SERVING].admission_or_raise().seats
+    assert seats is not None and seats.max_per_user == 3
+
+    async def send(key: str, prompt: str, **body: Any) -> asyncio.Task[int]:
+        engine.hold(prompt)
+        return asyncio.create_task(post(gw, key, {**completion(BASE, prompt), **body}))
+
+    alice_sent = [await send(alice, f"{HELD} alice {i}") for i in range(3)]
+    await until(lambda: len(engine.generating) == 3, timeout_s=30)
+    alice_sent.append(await send(alice, f"{HELD} alice 3"))
+    await until(lambda: seats.queued() == 1, timeout_s=30)
+    metrics = await (await gw.client.get("/metrics")).text()
+    assert 'lora_gateway_requests_queued{waiting_for="engine_seat"} 1.0' in metrics
+    bob_sent = await send(bob, f"{HELD} bob")
+    await until(lambda: f"{HELD} bob" in engine.generating, timeout_s=30)
+    assert f"{HELD} alice 3" not in engine.generating  # still waiting in the gateway, not in the engine
+    engine.hold(f"{HELD} alice 0").set()
+    await until(lambda: f"{HELD} alice 3" in engine.generating, timeout_s=30)
+    for prompt in (*(f"{HELD} alice {i}" for i in range(1, 4)), f"{HELD} bob"):
+        engine.hold(prompt).set()
+    assert await asyncio.gather(*alice_sent, bob_sent) == [200] * 5
+    assert seats.in_use == 0
+
+
+async def test_a_request_for_several_sequences_takes_as_many_seats(start_gateway: StartGateway, tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    alice, bob = add_key(keys_file, "alice")[0], add_key(keys_file, "bob")[0]
+    engine = SteppedEngine(max_model_len=MAX_MODEL_LEN)
+    gw = await start_gateway(engine, keys_file=keys_file, engine_seats=4, max_seqs_per_user=4)
+    seats = gw.app[SERVING].admission_or_raise().seats
+    assert seats is not None
+    engine.hold(f"{HELD} alice")
+    alice_sent = asyncio.create_task(post(gw, alice, {**completion(BASE, f"{HELD} alice"), "n": 3}))
+    await until(lambda: seats.held_by("alice") == 3, timeout_s=30)
+    bob_body = {**completion(BASE, ["one", "two"]), "max_tokens": 2}
+    bob_sent = asyncio.create_task(post(gw, bob, bob_body))  # two prompts: two seats, one is free
+    await until(lambda: seats.queued() == 1, timeout_s=30)
+    engine.hold(f"{HELD} alice").set()
+    assert await asyncio.gather(alice_sent, bob_sent) == [200, 200]

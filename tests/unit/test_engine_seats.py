@@ -1,0 +1,227 @@
+"""EngineSeats: the engine's sequences shared across callers. Proven by steps: requests hold their
+seats until the test ends them; the one clock-dependent rule (the estimate) runs on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway import service_rate
+from gateway.admission import sequences_of
+from gateway.engine_seats import EngineSeats, default_seats_per_user
+from gateway.errors import EngineCapacityError
+from gateway.service_rate import ServiceRate
+from gateway.telemetry.instruments import GatewayMetrics
+from tests.unit.test_pool import until
+
+PATIENT = 3600.0
+
+
+class Request:
+    """A request that takes its seats, notes when it got them, and holds them until `end()`."""
+
+    def __init__(self, seats: EngineSeats, user: str, sequences: int = 1, log: list[str] | None = None) -> None:
+        self.user, self.log = user, log
+        self._inside, self._end = asyncio.Event(), asyncio.Event()
+        self.task = asyncio.create_task(self._run(seats, sequences))
+
+    async def _run(self, seats: EngineSeats, sequences: int) -> None:
+        async with seats.take(self.user, sequences):
+            self._inside.set()
+            if self.log is not None:
+                self.log.append(self.user)
+            await self._end.wait()
+
+    @property
+    def inside(self) -> bool:
+        return self._inside.is_set()
+
+    async def end(self) -> None:
+        assert self.inside
+        self._end.set()
+        await self.task
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def arrive(seats: EngineSeats, user: str, sequences: int = 1, log: list[str] | None = None) -> Request:
+    request = Request(seats, user, sequences, log)
+    await settle()
+    return request
+
+
+def test_default_share_keeps_room_for_another_caller() -> None:
+    assert default_seats_per_user(256) == 224
+    assert default_seats_per_user(8) == 7
+    assert default_seats_per_user(2) == 1
+    assert default_seats_per_user(1) == 1
+
+
+async def test_a_caller_alone_stops_at_its_share_and_another_gets_in_at_once() -> None:
+    seats = EngineSeats(4, PATIENT, max_per_user=3)
+    alice = [await arrive(seats, "alice") for _ in range(5)]
+    assert [r.inside for r in alice] == [True, True, True, False, False]
+    assert seats.queued() == 2 and seats.in_use == 3
+    bob = await arrive(seats, "bob")
+    assert bob.inside, "bob waited behind alice's backlog"
+    await bob.end()
+    assert not alice[3].inside, "a seat alice is past her share for went to her"
+    await alice[0].end()
+    await settle()
+    assert alice[3].inside and not alice[4].inside
+    for request in alice[1:4]:
+        await request.end()
+    await settle()
+    await alice[4].end()
+    assert seats.in_use == 0 and seats.queued() == 0
+
+
+async def test_a_freed_seat_goes_to_the_caller_holding_fewest_before_older_waiters() -> None:
+    seats = EngineSeats(2, PATIENT, max_per_user=2)
+    log: list[str] = []
+    alice = [await arrive(seats, "alice", log=log) for _ in range(2)]
+    alice_waiting = [await arrive(seats, "alice", log=log) for _ in range(2)]  # older waiters
+    bob = await arrive(seats, "bob", log=log)
+    carol = await arrive(seats, "carol", log=log)
+    assert log == ["alice", "alice"]
+    await alice[0].end()
+    await settle()
+    assert log[2:] == ["bob"]  # bob holds none, alice one: bob first though alice waited longer
+    await alice[1].end()
+    await settle()
+    assert log[3:] == ["alice"]  # alice and carol hold none now: alice waited longer
+    await bob.end()
+    await settle()
+    assert log[4:] == ["carol"]  # carol holds none, alice one
+    await carol.end()
+    await settle()
+    assert log[5:] == ["alice"]
+    for request in alice_waiting:
+        await request.end()
+
+
+async def test_sequences_count_and_a_large_request_is_not_passed_by_smaller_ones() -> None:
+    seats = EngineSeats(4, PATIENT, max_per_user=4)
+    small = await arrive(seats, "alice", 2)
+    assert small.inside and seats.in_use == 2
+    big = await arrive(seats, "bob", 3)
+    assert not big.inside
+    later = await arrive(seats, "carol", 1)
+    assert not later.inside, "a small request passed the large one first in line: it could starve"
+    await small.end()
+    await settle()
+    assert big.inside and later.inside and seats.in_use == 4
+    huge = await arrive(seats, "dave", 50)  # more than a share: it takes the whole share, and waits for it
+    await big.end()
+    await later.end()
+    await settle()
+    assert huge.inside and seats.in_use == 4
+    await huge.end()
+
+
+async def test_a_waiter_past_its_deadline_gets_503_with_retry_after_and_leaves_the_queue() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    seats = EngineSeats(1, 0.05, max_per_user=1, metrics=metrics)
+    holder = await arrive(seats, "alice")
+    with pytest.raises(EngineCapacityError) as refused:
+        async with seats.take("bob", 1):
+            pass
+    assert refused.value.status == 503 and refused.value.retry_after_s is not None
+    assert "waited" in str(refused.value)
+    assert seats.queued() == 0
+    assert metrics.admission_refusals.labels("engine_seat", "timeout")._value.get() == 1
+    await holder.end()
+    async with seats.take("bob", 1):  # the seat freed is there for the next one
+        assert seats.in_use == 1
+
+
+async def test_a_cancelled_waiter_frees_its_place_and_a_cancelled_holder_its_seats() -> None:
+    seats = EngineSeats(1, PATIENT, max_per_user=1)
+    holder = await arrive(seats, "alice")
+    gone = await arrive(seats, "bob")
+    behind = await arrive(seats, "carol")
+    gone.task.cancel()
+    await settle()
+    assert seats.queued() == 1
+    await holder.end()
+    await settle()
+    assert behind.inside
+    behind.task.cancel()
+    await settle()
+    assert seats.in_use == 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(service_rate, "time", SimpleNamespace(monotonic=fake.monotonic))
+    return fake
+
+
+def test_the_service_rate_counts_only_time_with_someone_waiting(clock: FakeClock) -> None:
+    rate = ServiceRate(samples=8, min_samples=4)
+    assert rate.wait_s(10) is None  # no estimate before enough were served
+    for _ in range(4):
+        rate.queue_changed(1)
+        clock.now += 0.5  # served after half a second of waiting
+        rate.served()
+        rate.queue_changed(0)
+        clock.now += 100  # idle: not slowness
+    assert rate.per_second() == pytest.approx(2.0)  # 3 intervals over 1.5 busy seconds
+    assert rate.wait_s(3) == pytest.approx(2.0)  # 3 ahead, then itself
+
+
+async def test_a_newcomer_the_seats_cannot_serve_in_time_is_refused_at_once(clock: FakeClock) -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    seats = EngineSeats(1, 30.0, max_per_user=1, metrics=metrics)
+    # The seats serve one waiter every 10 s of waiting.
+    holder = await arrive(seats, "u0")
+    for i in range(1, 10):
+        waiter = await arrive(seats, f"u{i}")
+        clock.now += 10
+        await holder.end()
+        await settle()
+        assert waiter.inside
+        holder = waiter
+    backlog = [await arrive(seats, f"w{i}") for i in range(3)]  # 3 waiting: the next waits ~40 s
+    assert all(not r.task.done() for r in backlog)
+    with pytest.raises(EngineCapacityError) as refused:
+        async with seats.take("late", 1):
+            pass
+    assert refused.value.retry_after_s == 40
+    assert "3 requests wait ahead" in str(refused.value)
+    assert metrics.admission_refusals.labels("engine_seat", "estimate")._value.get() == 1
+    assert seats.queued() == 3
+    for request in (holder, *backlog):
+        await until(lambda r=request: r.inside, timeout_s=30)
+        await request.end()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"prompt": "one"}, 1),
+        ({"prompt": "one", "n": 3}, 3),
+        ({"prompt": ["a", "b"], "n": 2}, 4),
+        ({"prompt": [[1, 2], [3]]}, 2),
+        ({"prompt": [1, 2, 3]}, 1),  # one prompt of token ids
+        ({"messages": [], "n": None}, 1),
+        ({"input": "responses"}, 1),
+    ],
+)
+def test_sequences_of_a_request(body: dict[str, object], expected: int) -> None:
+    assert sequences_of(SimpleNamespace(**body)) == expected
