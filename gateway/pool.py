@@ -23,7 +23,11 @@ an adapter held only by one caller's requests is that caller's. A caller holding
 `max_slots_per_user` of them (default: all slots but one) at its share: its requests for another
 adapter let other callers' waiters go first, and while other callers wait they make no adapter
 drain. The share orders, it never idles the engine: a slot that no one below their share can
-take goes to the oldest waiter past its share (a caller alone may use every slot).
+take goes to the oldest waiter past its share (a caller alone may use every slot). Two limits keep
+such a caller off the others' slots: an adapter that a caller below its share used last stays theirs
+for a moment after its request ends (`MAX_SHARE_GRACE_S`, or the aging bound when shorter), so that
+their next request finds it resident; and waiters past their share drain only adapters held by
+callers past theirs, their own among them.
 
 The queue is bounded (`max_queued`) and each waiter has a deadline (`wait_timeout_s`): a request that
 finds the queue full, or longer than the slots can serve before its deadline (measured as they serve
@@ -51,6 +55,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
@@ -80,6 +85,10 @@ from gateway.telemetry.instruments import TIER_ENGINE, GatewayMetrics, detached_
 
 log = logging.getLogger(__name__)
 
+# How long an adapter a caller below its share just used stays out of reach of callers past theirs
+# (at most; the aging bound when shorter): a tenant's back-to-back requests keep their slot.
+MAX_SHARE_GRACE_S = 1.0
+
 
 class AdapterFiles(Protocol):
     """The tier below: a version's files on local disk, kept while pinned."""
@@ -104,6 +113,8 @@ class _Entry:
     users: Counter[str | None] = field(default_factory=Counter)  # holders by caller (no zero counts)
     draining: bool = False  # makes room for a waiter past the aging bound: newcomers queue
     pinned: bool = False  # a warm adapter: never evicted, never drained, while it stays warm
+    released_at: float = -math.inf  # time.monotonic() when its last request ended
+    last_user: str | None = None  # the caller whose request ended last
 
 
 @dataclass
@@ -177,6 +188,7 @@ class AdapterPool:
         # engine name -> done when its removal from the engine returned: a version published
         # again meanwhile is registered only after that (the engine refuses a name added twice).
         self._removals: dict[str, asyncio.Future[None]] = {}
+        self._wake: tuple[float, asyncio.TimerHandle] | None = None  # a dispatch when a share grace ends
         self._queue: dict[int, _Waiter] = {}  # requests waiting for a slot, in arrival order
         self._queued_users: Counter[str | None] = Counter()  # callers with requests in the queue
         self._waiter_ids = itertools.count()
@@ -238,8 +250,8 @@ class AdapterPool:
         entry = self._entries.get(name)
         if entry is not None and not entry.draining:
             resident = self._hold_entry(entry, user)
-        elif entry is None and not self._queue and self._slot_available():
-            entry = self._start_load(record)
+        elif entry is None and not self._queue and self._slot_available(yielding := self._past_share(user)):
+            entry = self._start_load(record, yielding)
             resident = self._hold_entry(entry, user)
         else:
             entry, resident = await self._queue_for_slot(record, user, span)
@@ -270,6 +282,7 @@ class AdapterPool:
         name = entry.record.versioned_ref
         if entry.holders > 0 or self._entries.get(name) is not entry:
             return  # still in use, or already gone (a failed load hands its slot on itself)
+        entry.released_at, entry.last_user = time.monotonic(), user
         if entry.retired and entry.loaded.done():
             self._evict_now(entry)
         else:
@@ -365,11 +378,12 @@ class AdapterPool:
             elif self._grant_slot(waiter_id):
                 alone, slots = self._slots_held_alone(), self._slot_available()
         for waiter_id in deferred:
-            if not self._slot_available():
+            if not self._slot_available(yielding=True):
+                self._wake_when_grace_ends()
                 break
-            self._grant_slot(waiter_id)
+            self._grant_slot(waiter_id, yielding=True)
 
-    def _grant_slot(self, waiter_id: int) -> bool:
+    def _grant_slot(self, waiter_id: int, yielding: bool = False) -> bool:
         """Load a waiter's adapter into a slot, if one can be had; whether the waiter left the queue."""
         waiter = self._queue.get(waiter_id)
         if waiter is None:
@@ -384,10 +398,10 @@ class AdapterPool:
             self._dequeue(waiter_id)
             waiter.granted.set_exception(failure)
             return True
-        if not self._slot_available():
+        if not self._slot_available(yielding):
             return False
         # In the waiter's context: the load's spans are children of its acquire, not of whoever freed the slot.
-        self._grant(waiter_id, waiter.context.run(self._start_load, waiter.record))
+        self._grant(waiter_id, waiter.context.run(self._start_load, waiter.record, yielding))
         return True
 
     def _grant(self, waiter_id: int, entry: _Entry) -> None:
@@ -403,7 +417,8 @@ class AdapterPool:
         # An idle draining adapter is no spare: its slot is the one its waiter is about to get.
         idle = sum(1 for e in self._entries.values() if _idle(e) and not (e.draining or e.pinned))
         spare = max(0, self._capacity - self._occupied()) + idle
-        need = max(0, self._aged_waiters(spare + self._capacity) - spare)
+        aged, all_past_share = self._aged_waiters(spare + self._capacity)
+        need = max(0, aged - spare)
         draining = [e for e in self._entries.values() if e.draining]
         released = False
         while len(draining) > need:
@@ -414,14 +429,18 @@ class AdapterPool:
             candidates = [
                 e for e in self._entries.values() if not (e.draining or e.pinned) and e.holders > 0 and e.loaded.done()
             ]
+            if all_past_share:  # they drain only adapters of callers past their share (theirs among them)
+                alone = self._slots_held_alone()
+                candidates = [e for e in candidates if all(self._tenant_at_share(u, alone) for u in e.users)]
             for entry in sorted(candidates, key=lambda e: e.holders)[: need - len(draining)]:  # stable: LRU first
                 entry.draining = True
         return released
 
-    def _aged_waiters(self, enough: int) -> int:
-        """Waiters past the aging bound that need a slot of their own, counted up to `enough`; the
-        queue is in arrival order, so they are the first ones."""
-        now, count = time.monotonic(), 0
+    def _aged_waiters(self, enough: int) -> tuple[int, bool]:
+        """Waiters past the aging bound that need a slot of their own, counted up to `enough` (the
+        queue is in arrival order, so they are the first ones); and whether all of them are of callers
+        past their share."""
+        now, count, all_past_share = time.monotonic(), 0, True
         alone: Counter[str | None] | None = None
         for waiter in self._queue.values():
             if count >= enough or now - waiter.arrived < self._slot_aging_s:
@@ -429,10 +448,12 @@ class AdapterPool:
             if waiter.record.versioned_ref in self._entries:
                 continue  # its adapter is in the pool (loading, or draining): no other slot for it
             alone = alone if alone is not None else self._slots_held_alone()
-            if self._tenant_at_share(waiter.user, alone) and self._others_queued(waiter.user):
+            past_share = self._tenant_at_share(waiter.user, alone)
+            if past_share and self._others_queued(waiter.user):
                 continue  # at its share, with other callers waiting: it drains nobody's adapter
             count += 1
-        return count
+            all_past_share = all_past_share and past_share
+        return count, all_past_share
 
     def _slots_held_alone(self) -> Counter[str | None]:
         """Per caller: the adapters in the pool held by that caller's requests only."""
@@ -440,6 +461,9 @@ class AdapterPool:
 
     def _tenant_at_share(self, user: str | None, alone: Counter[str | None]) -> bool:
         return alone[user] >= self._max_slots_per_user
+
+    def _past_share(self, user: str | None) -> bool:
+        return self._tenant_at_share(user, self._slots_held_alone())
 
     def _others_queued(self, user: str | None) -> bool:
         return len(self._queued_users) - (user in self._queued_users) > 0
@@ -450,19 +474,43 @@ class AdapterPool:
         """Engine slots in use or promised: an adapter still being removed holds its slot."""
         return len(self._entries) + self._removing
 
-    def _slot_available(self) -> bool:
-        return self._occupied() < self._capacity or self._idle_victim() is not None
+    def _slot_available(self, yielding: bool = False) -> bool:
+        return self._occupied() < self._capacity or self._idle_victim(yielding) is not None
 
-    def _idle_victim(self) -> _Entry | None:
-        """The idle adapter to evict for a new one: a draining one first, else the least recently used."""
+    def _idle_victim(self, yielding: bool = False) -> _Entry | None:
+        """The idle adapter to evict for a new one: a draining one first, else the least recently used.
+        `yielding` (for a caller past its share): not one a caller below its share used within the grace."""
         idle = [e for e in self._entries.values() if _idle(e) and not e.pinned]
+        if yielding:
+            idle = [e for e in idle if self._grace_ends(e) is None]
         return next((e for e in idle if e.draining), idle[0] if idle else None)
 
-    def _start_load(self, record: AdapterRecord) -> _Entry:
+    def _grace_ends(self, entry: _Entry) -> float | None:
+        """When an idle adapter last used by a caller below its share stops being kept for it (None: it is not)."""
+        ends = entry.released_at + min(self._slot_aging_s, MAX_SHARE_GRACE_S)
+        if ends <= time.monotonic() or self._past_share(entry.last_user):
+            return None
+        return ends
+
+    def _wake_when_grace_ends(self) -> None:
+        """A waiter past its share waits for a grace to end: dispatch then, whatever else happens."""
+        ends = [t for e in self._entries.values() if _idle(e) and (t := self._grace_ends(e)) is not None]
+        if not ends or (self._wake is not None and self._wake[0] <= min(ends)):
+            return
+        if self._wake is not None:
+            self._wake[1].cancel()
+        delay = max(0.0, min(ends) - time.monotonic())
+        self._wake = (min(ends), asyncio.get_running_loop().call_later(delay, self._woken))
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._dispatch()
+
+    def _start_load(self, record: AdapterRecord, yielding: bool = False) -> _Entry:
         """Reserve a slot now (synchronously, so concurrent requests find it) and load in a task."""
         victim = None
         if self._occupied() >= self._capacity:
-            victim = self._idle_victim()
+            victim = self._idle_victim(yielding)
             assert victim is not None, "a load started without a slot"
             self._entries.pop(victim.record.versioned_ref)
             self._removal_started(victim)
@@ -613,9 +661,9 @@ class AdapterPool:
         for record in warm:
             if record.versioned_ref in self._entries or self._recent_failure(record.versioned_ref) is not None:
                 continue
-            if self._queue or not self._slot_available():
+            if self._queue or not self._slot_available(yielding=True):
                 break  # the next sync tries again
-            entry = self._start_load(record)
+            entry = self._start_load(record, yielding=True)
             entry.pinned = True
         self._dispatch()  # an adapter no longer pinned may be the idle victim a waiter needs
 

@@ -9,6 +9,14 @@ successes (all N), alice's throughput and 429s, with the gateway's per-user limi
 With --compare-unlimited a second gateway, limits effectively off, takes the same rounds: what
 the limiter buys.
 
+With --alice-adapters K alice is a slot hog rather than a request flood: her requests spread over K
+adapters of hers (as many as the engine's slots, with --max-cpu-loras K), so her streams keep every
+slot busy; bob's one adapter must still get one. With --cold-requests M carol then sends M requests
+in each flood phase, one after another, each to an adapter of hers not resident (a new one each
+time): their time to first token is a cold adapter's wait under hot load, against one request's
+service time (bob's idle p50). --compare-unscheduled adds a gateway with the admission scheduler's
+aids off (no engine seats, no per-tenant slot share, no aging): what the scheduler buys.
+
 Alice's flood runs in a process of its own, so her hundreds of connections do not delay the
 event loop that times bob's requests.
 """
@@ -53,6 +61,13 @@ REJECT_BACKOFF_MAX_S = 1.0  # alice honours Retry-After, capped: a flood keeps p
 # (about 2.5-3x on a 2-core CPU with the tiny model, near 1x on a GPU); queueing behind alice's
 # backlog costs 5-20x. The ratio targets sit between the two; only bob's successes set the exit code.
 TARGETS = {"bob_success_fraction_min": 1.0, "p50_ratio_max": 3.5, "p99_ratio_max": 6.0}
+# Beside a slot hog (alice's few streams, not hundreds of requests) bob shares steps with a handful
+# of sequences: his p50 stays near idle, and a cold adapter waits a few requests' time at most.
+SLOT_HOG_TARGETS = {"bob_success_fraction_min": 1.0, "p50_ratio_max": 1.5, "p99_ratio_max": 3.0,
+                    "cold_p99_wait_vs_service_max": 3.0}  # fmt: skip
+COLD_ADAPTER = "cold"  # carol/cold-<i>: each of carol's requests names one not used before
+# The scheduler's aids off, for --compare-unscheduled
+UNSCHEDULED = {"engine_seats": 0, "adapter_slot_aging_s": 1e9}
 
 # alice's counters, shared with her flood process
 COMPLETED, TOKENS, REJECTED, ERRORS, IN_FLIGHT = range(5)
@@ -149,13 +164,25 @@ def fairness_ratios(idle: BobSummary, flood: BobSummary) -> dict[str, float]:
     }
 
 
-def meets_targets(flood: BobSummary, ratio: dict[str, float]) -> dict[str, bool]:
-    """NaN ratios (no successes) fail, as they should."""
-    return {
-        "bob_all_ok": flood.requested > 0 and flood.ok / flood.requested >= TARGETS["bob_success_fraction_min"],
-        "p50": ratio["p50"] <= TARGETS["p50_ratio_max"],
-        "p99": ratio["p99"] <= TARGETS["p99_ratio_max"],
+def meets_targets(
+    flood: BobSummary, ratio: dict[str, float], targets: dict[str, float] = TARGETS, cold: BobSummary | None = None
+) -> dict[str, bool]:
+    """NaN ratios (no successes) fail, as they should. With `cold` (carol's): her requests all succeed
+    and her p99 wait is within the bound (`ratio["cold_p99_wait"]`)."""
+    met = {
+        "bob_all_ok": flood.requested > 0 and flood.ok / flood.requested >= targets["bob_success_fraction_min"],
+        "p50": ratio["p50"] <= targets["p50_ratio_max"],
+        "p99": ratio["p99"] <= targets["p99_ratio_max"],
     }
+    if cold is not None:
+        met["cold_all_ok"] = cold.requested > 0 and cold.ok == cold.requested
+        met["cold_wait"] = ratio["cold_p99_wait"] <= targets["cold_p99_wait_vs_service_max"]
+    return met
+
+
+def cold_wait_ratio(idle: BobSummary, cold: BobSummary) -> float:
+    """A cold adapter's p99 wait (time to first token) over one request's service time (bob idle p50)."""
+    return ratio_of(cold.ttft_p99_s, idle.p50_s)
 
 
 def sse_data(line: bytes) -> dict[str, Any] | None:
@@ -182,22 +209,30 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
                      f"{ratio['ttft_p50']:.2f}x", f"{ratio['ttft_p99']:.2f}x",
                      f"{alice.requests_per_s:.1f} req/s, {alice.tokens_per_s:.0f} tok/s",
                      str(alice.rejected_429)])  # fmt: skip
+        if (cold := r.get("carol_cold")) is not None:
+            rows.append([f"{name}: carol, cold adapters", f"{cold.ok}/{cold.requested}", f"{cold.p50_s:.3f}",
+                         f"{cold.p99_s:.3f}", f"{cold.ttft_p50_s:.3f}", f"{cold.ttft_p99_s:.3f}",
+                         f"wait p99 {ratio['cold_p99_wait']:.2f}x bob's idle p50", ""])  # fmt: skip
     header = ["gateway: user phase", "bob ok", "p50 (s)", "p99 (s)", "TTFT p50 (s)", "TTFT p99 (s)",
               "alice throughput", "alice 429s"]  # fmt: skip
     lines = [table(header, rows), ""]
     for name, r in results.items():
-        met = {k: "met" if ok else "MISSED" for k, ok in r["targets_met"].items()}
-        lines.append(f"{name} ({r['limits']}): bob all ok: {met['bob_all_ok']}; "
-                     f"p50 <= {TARGETS['p50_ratio_max']:.1f}x: {met['p50']}; "
-                     f"p99 <= {TARGETS['p99_ratio_max']:.1f}x: {met['p99']}")  # fmt: skip
+        met, targets = {k: "met" if ok else "MISSED" for k, ok in r["targets_met"].items()}, r["targets"]
+        line = (f"{name} ({r['limits']}): bob all ok: {met['bob_all_ok']}; "
+                f"p50 <= {targets['p50_ratio_max']:.1f}x: {met['p50']}; "
+                f"p99 <= {targets['p99_ratio_max']:.1f}x: {met['p99']}")  # fmt: skip
+        if "cold_wait" in met:
+            line += (f"; carol all ok: {met['cold_all_ok']}; cold p99 wait <= "
+                     f"{targets['cold_p99_wait_vs_service_max']:.1f}x: {met['cold_wait']}")  # fmt: skip
+        lines.append(line)
     return "\n".join(lines)
 
 
 # -- load -------------------------------------------------------------------------------
 
 
-def _body(i: int, max_tokens: int, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": ADAPTER, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+def _body(i: int, max_tokens: int, stream: bool, model: str = ADAPTER) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
                             "temperature": 0.0}  # fmt: skip
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -205,10 +240,16 @@ def _body(i: int, max_tokens: int, stream: bool) -> dict[str, Any]:
 
 
 async def run_bob(
-    url: str, api_key: str, requests: int, concurrency: int, max_tokens: int, deadline_s: float
+    url: str,
+    api_key: str,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    deadline_s: float,
+    models: Sequence[str] = (ADAPTER,),
 ) -> BobRun:
-    """`requests` streamed completions from `concurrency` workers; none is started after `deadline_s`
-    (a time.monotonic() value), and the ones never started count as errors."""
+    """`requests` streamed completions from `concurrency` workers, request i to models[i % len]; none is
+    started after `deadline_s` (a time.monotonic() value), and the ones never started count as errors."""
     result = BobRun(requested=requests)
     next_index = itertools.count()
     async with aiohttp.ClientSession(
@@ -221,7 +262,8 @@ async def run_bob(
             started = time.perf_counter()
             first_token: float | None = None
             tokens = 0
-            async with session.post(f"{url}/v1/completions", json=_body(i, max_tokens, stream=True)) as response:
+            body = _body(i, max_tokens, stream=True, model=models[i % len(models)])
+            async with session.post(f"{url}/v1/completions", json=body) as response:
                 if response.status != 200:
                     raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
                 async for line in response.content:
@@ -263,9 +305,10 @@ def _note(result: BobRun, error: str) -> None:
         result.first_errors.append(error)
 
 
-async def _flood(url: str, api_key: str, workers: int, max_tokens: int, counters: SynchronizedArray[int],
-                 stop: Event, deadline_s: float) -> None:  # fmt: skip
-    """Alice: `workers` requests in flight, each re-issued as it ends, until `stop` or `deadline_s`."""
+async def _flood(url: str, api_key: str, workers: int, max_tokens: int, models: Sequence[str],
+                 counters: SynchronizedArray[int], stop: Event, deadline_s: float) -> None:  # fmt: skip
+    """Alice: `workers` requests in flight (worker w's to models[w % len]), each re-issued as it ends,
+    until `stop` or `deadline_s`."""
 
     def add(index: int, n: int = 1) -> None:
         with counters.get_lock():
@@ -275,7 +318,8 @@ async def _flood(url: str, api_key: str, workers: int, max_tokens: int, counters
         for i in range(FLOOD_REQUESTS_PER_WORKER):
             add(IN_FLIGHT)
             try:
-                async with session.post(f"{url}/v1/completions", json=_body(w + i, max_tokens, stream=False)) as r:
+                body = _body(w + i, max_tokens, stream=False, model=models[w % len(models)])
+                async with session.post(f"{url}/v1/completions", json=body) as r:
                     payload = await r.json(content_type=None)
                 if r.status == 200:
                     add(COMPLETED)
@@ -308,22 +352,24 @@ async def _flood(url: str, api_key: str, workers: int, max_tokens: int, counters
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _flood_process(url: str, api_key: str, workers: int, max_tokens: int, counters: SynchronizedArray[int],
-                   stop: Event, seconds: float) -> None:  # fmt: skip
+def _flood_process(url: str, api_key: str, workers: int, max_tokens: int, models: Sequence[str],
+                   counters: SynchronizedArray[int], stop: Event, seconds: float) -> None:  # fmt: skip
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it (Ctrl-C reaches the whole group)
-    asyncio.run(_flood(url, api_key, workers, max_tokens, counters, stop, time.monotonic() + seconds))
+    asyncio.run(_flood(url, api_key, workers, max_tokens, models, counters, stop, time.monotonic() + seconds))
 
 
 class Flood:
     """Alice's flood in a child process, stopped however the block ends."""
 
-    def __init__(self, url: str, api_key: str, workers: int, max_tokens: int, seconds: float) -> None:
+    def __init__(
+        self, url: str, api_key: str, workers: int, max_tokens: int, seconds: float, models: Sequence[str]
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.counters = ctx.Array("q", 5)
         self.stop = ctx.Event()
         self.process = ctx.Process(
             target=_flood_process,
-            args=(url, api_key, workers, max_tokens, self.counters, self.stop, seconds),
+            args=(url, api_key, workers, max_tokens, tuple(models), self.counters, self.stop, seconds),
             daemon=True,
         )
 
@@ -362,6 +408,7 @@ class Config:
     url: str = ""
     bob_idle: list[BobRun] = field(default_factory=list)
     bob_flood: list[BobRun] = field(default_factory=list)
+    carol_cold: list[BobRun] = field(default_factory=list)
     alice: list[FloodWindow] = field(default_factory=list)
     alice_totals: list[list[int]] = field(default_factory=list)  # each whole flood phase, ramp included
 
@@ -369,7 +416,8 @@ class Config:
 def _gateway(opts: argparse.Namespace, base: Path, store: Path, keys_file: Path, limits: dict[str, Any],
              log_path: Path) -> ServerProcess:  # fmt: skip
     port = free_port()
-    engine = {"max_num_seqs": opts.max_num_seqs} if opts.max_num_seqs is not None else {}
+    engine = {name: getattr(opts, name) for name in ("max_num_seqs", "max_loras", "max_cpu_loras")}
+    engine = {name: value for name, value in engine.items() if value is not None}
     command = gateway_command(base, store, port, keys_file=keys_file, dtype="float32", kv_cache_gib=KV_CACHE_GIB,
                               **limits, **engine)  # fmt: skip
     return ServerProcess(command, port, log_path, "/readyz", ENGINE_ENV)
@@ -378,15 +426,25 @@ def _gateway(opts: argparse.Namespace, base: Path, store: Path, keys_file: Path,
 def _warm_up(opts: argparse.Namespace, url: str, keys: dict[str, str]) -> None:
     """Load both adapters and run the engine once at the flood's batch size, unmeasured."""
     asyncio.run(run_bob(url, keys["bob"], 4, opts.concurrency, opts.max_tokens, time.monotonic() + 60))
-    with Flood(url, keys["alice"], opts.flood, 8, 60) as flood:
+    with Flood(url, keys["alice"], opts.flood, 8, 60, alice_models(opts)) as flood:
         flood.wait_until_loaded(FLOOD_RAMP_TIMEOUT_S)
         time.sleep(1.0)
     time.sleep(SETTLE_S)
 
 
-def _flood_phase(opts: argparse.Namespace, config: Config, keys: dict[str, str]) -> BobRun:
-    seconds = FLOOD_RAMP_TIMEOUT_S + opts.phase_timeout
-    with Flood(config.url, keys["alice"], opts.flood, opts.flood_max_tokens, seconds) as flood:
+def alice_models(opts: argparse.Namespace) -> list[str]:
+    return [ADAPTER] if opts.alice_adapters == 1 else [f"{ADAPTER}-{i}" for i in range(opts.alice_adapters)]
+
+
+def carol_models(opts: argparse.Namespace, round_no: int) -> list[str]:
+    """Round `round_no`'s cold adapters (1-based): none used in an earlier round."""
+    first = (round_no - 1) * opts.cold_requests
+    return [f"{COLD_ADAPTER}-{i}" for i in range(first, first + opts.cold_requests)]
+
+
+def _flood_phase(opts: argparse.Namespace, config: Config, keys: dict[str, str], round_no: int) -> BobRun:
+    seconds = FLOOD_RAMP_TIMEOUT_S + 2 * opts.phase_timeout
+    with Flood(config.url, keys["alice"], opts.flood, opts.flood_max_tokens, seconds, alice_models(opts)) as flood:
         if not flood.wait_until_loaded(FLOOD_RAMP_TIMEOUT_S):
             print(f"{config.name}: alice's flood had no completion after {FLOOD_RAMP_TIMEOUT_S:.0f} s; "
                   "measuring bob anyway", file=sys.stderr, flush=True)  # fmt: skip
@@ -395,6 +453,10 @@ def _flood_phase(opts: argparse.Namespace, config: Config, keys: dict[str, str])
                                   time.monotonic() + opts.phase_timeout))  # fmt: skip
         after = flood.snapshot()
         config.alice.append(flood_window(before, after, time.perf_counter() - started))
+        if opts.cold_requests:  # one after another: each waits for its own slot, not for carol's others
+            config.carol_cold.append(asyncio.run(run_bob(
+                config.url, keys["carol"], opts.cold_requests, 1, opts.max_tokens,
+                time.monotonic() + opts.phase_timeout, models=carol_models(opts, round_no))))  # fmt: skip
     config.alice_totals.append(flood.snapshot())
     time.sleep(SETTLE_S)
     return run
@@ -417,12 +479,22 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--queue-timeout", type=float, default=defaults["queue_timeout_s"].default,
                    help="the gateway's queue_timeout_s")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, help="the engine's sequences per step (default: the gateway's)")
+    p.add_argument("--max-loras", type=int, help="the gateway's max_loras (default: its own)")
+    p.add_argument(
+        "--max-cpu-loras", type=int, help="the gateway's max_cpu_loras, its adapter slots (default: its own)"
+    )
+    p.add_argument("--alice-adapters", type=int, default=1,
+                   help="adapters alice's requests spread over (K > 1: a slot hog; use --max-cpu-loras K)")  # fmt: skip
+    p.add_argument("--cold-requests", type=int, default=0,
+                   help="carol's requests per flood phase, each to an adapter not resident")  # fmt: skip
+    p.add_argument("--compare-unscheduled", action="store_true",
+                   help="also run a gateway with the admission scheduler's aids off: " + str(UNSCHEDULED))  # fmt: skip
     p.add_argument("--compare-unlimited", action="store_true",
                    help=f"also run a gateway with max_running_per_user {UNLIMITED} (limits off)")  # fmt: skip
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds until a gateway must be ready")
     p.add_argument("--out", type=Path, default=Path("artifacts/bench-fairness.json"))
     opts = p.parse_args(argv)
-    for name in ("requests", "concurrency", "max_tokens", "flood", "flood_max_tokens", "rounds"):
+    for name in ("requests", "concurrency", "max_tokens", "flood", "flood_max_tokens", "rounds", "alice_adapters"):
         if getattr(opts, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return opts
@@ -439,10 +511,15 @@ def main(argv: list[str]) -> int:
     configs = [Config("limited", limited)]
     if opts.compare_unlimited:
         configs.append(Config("unlimited", {**limited, "max_running_per_user": UNLIMITED}))
+    if opts.compare_unscheduled:
+        share = {"max_slots_per_user": opts.max_cpu_loras} if opts.max_cpu_loras else {}  # all slots: no share
+        configs.append(Config("unscheduled", {**limited, **UNSCHEDULED, **share}))
+    adapters = [f"alice/{m}" for m in alice_models(opts)] + [f"bob/{ADAPTER}"]
+    adapters += [f"carol/{m}" for r in range(1, opts.rounds + 1) for m in carol_models(opts, r)]
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp, contextlib.ExitStack() as servers:
-        made = make_model(Path(tmp), [f"alice/{ADAPTER}", f"bob/{ADAPTER}"])
+        made = make_model(Path(tmp), adapters)
         keys_file = Path(tmp) / "keys.yaml"
-        keys = {user: add_key(keys_file, user)[0] for user in ("alice", "bob")}
+        keys = {user: add_key(keys_file, user)[0] for user in ("alice", "bob", "carol")}
         # Both gateways stay up for all rounds (an idle one costs ~1% of a core), taking turns.
         for config in configs:
             log_path = logs / f"{config.name}.log"
@@ -456,7 +533,7 @@ def main(argv: list[str]) -> int:
                 idle = asyncio.run(run_bob(config.url, keys["bob"], opts.requests, opts.concurrency, opts.max_tokens,
                                            time.monotonic() + opts.phase_timeout))  # fmt: skip
                 config.bob_idle.append(idle)
-                flood = _flood_phase(opts, config, keys)
+                flood = _flood_phase(opts, config, keys, round_no)
                 config.bob_flood.append(flood)
                 i, f, a = summarize_bob([idle]), summarize_bob([flood]), summarize_alice(config.alice[-1:])
                 print(f"round {round_no}: {config.name}: bob idle p50 {i.p50_s:.3f} s p99 {i.p99_s:.3f} s; "
@@ -465,13 +542,17 @@ def main(argv: list[str]) -> int:
                       f"429s {a.rejected_429}, errors {a.errors}", file=sys.stderr, flush=True)  # fmt: skip
 
     results: dict[str, dict[str, Any]] = {}
+    targets = SLOT_HOG_TARGETS if opts.alice_adapters > 1 else TARGETS
     for config in configs:
         idle, flood = summarize_bob(config.bob_idle), summarize_bob(config.bob_flood)
         ratio = fairness_ratios(idle, flood)
+        cold = summarize_bob(config.carol_cold) if config.carol_cold else None
+        if cold is not None:
+            ratio["cold_p99_wait"] = cold_wait_ratio(idle, cold)
         results[config.name] = {
             "limits": ", ".join(f"{k} {v}" for k, v in config.limits.items()),
-            "bob_idle": idle, "bob_flood": flood, "alice": summarize_alice(config.alice),
-            "ratios": ratio, "targets_met": meets_targets(flood, ratio),
+            "bob_idle": idle, "bob_flood": flood, "alice": summarize_alice(config.alice), "carol_cold": cold,
+            "ratios": ratio, "targets": targets, "targets_met": meets_targets(flood, ratio, targets, cold),
         }  # fmt: skip
     print(markdown_table(results))
     report = {
@@ -484,6 +565,7 @@ def main(argv: list[str]) -> int:
             c.name: {
                 "bob_idle": [asdict(summarize_bob([r])) for r in c.bob_idle],
                 "bob_flood": [asdict(summarize_bob([r])) for r in c.bob_flood],
+                "carol_cold": [asdict(summarize_bob([r])) for r in c.carol_cold],
                 "alice": [asdict(w) for w in c.alice],
                 "alice_whole_phases": [
                     dict(zip(("completed", "tokens", "rejected_429", "errors"), t)) for t in c.alice_totals
@@ -491,8 +573,10 @@ def main(argv: list[str]) -> int:
             }
             for c in configs
         },
-        "first_errors": {c.name: [e for r in c.bob_idle + c.bob_flood for e in r.first_errors][:5] for c in configs},
-        "targets": TARGETS,
+        "first_errors": {
+            c.name: [e for r in c.bob_idle + c.bob_flood + c.carol_cold for e in r.first_errors][:5] for c in configs
+        },
+        "targets": targets,
     }
     write_json(opts.out, report)
     # The limiter is under test: bob starved behind the limits in force fails the run.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,3 +72,44 @@ def test_clients_that_hang_up_mid_stream_release_their_adapters(impatient_gatewa
     # would wait adapter_wait_timeout_s (3 s) for a slot and get a 503.
     result = client.completions.create(model="carol/chat", prompt="x", max_tokens=4, temperature=0)
     assert result.usage.completion_tokens == 4
+
+
+@pytest.fixture(scope="module")
+def hogged_gateway(tiny: DevModel, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Aging at 0: a waiter drains a busy adapter at once, so the bound below is a number of requests,
+    whatever the host's speed; a wait of 10 minutes: starvation shows as a miss of that bound, not a 503."""
+    yield from two_slot_gateway(
+        tiny, keys, tmp_path_factory.mktemp("hog-logs"), adapter_slot_aging_s=0, adapter_wait_timeout_s=600
+    )
+
+
+def test_a_cold_adapter_is_served_while_another_tenant_keeps_every_slot_busy(
+    hogged_gateway: ServerProcess, tiny: DevModel, oracle: ReferenceModel, keys: Keys
+) -> None:
+    """The admin keeps both slots busy with two overlapping streams per adapter; carol's own adapter,
+    not resident, must be served (and right) before those streams have run many more requests."""
+    hog = client_for(hogged_gateway, keys.by_user[ADMIN])
+    carol = client_for(hogged_gateway, keys.by_user["carol"])
+    hot, cold, budget = ("alice/chat", "bob/chat"), "carol/chat", 40  # requests per hog worker, at most
+    carol_done, hog_answers = threading.Event(), []
+
+    def stream(model: str) -> int:
+        sent = 0
+        while not carol_done.is_set() and sent < budget:
+            hog_answers.append((model, complete_ids(hog, model, PROMPTS[0], MAX_TOKENS)))
+            sent += 1
+        return sent
+
+    with ThreadPoolExecutor(max_workers=4) as workers:
+        streams = [workers.submit(stream, model) for model in hot for _ in range(2)]
+        while len(hog_answers) < 4:  # both hot adapters resident and busy
+            time.sleep(0.05)
+        try:
+            answer = complete_ids(carol, cold, PROMPTS[1], MAX_TOKENS)
+        finally:
+            carol_done.set()
+        sent = [s.result() for s in streams]
+    assert max(sent) < budget, f"carol's adapter waited while the hog ran {sent} requests per worker"
+    assert answer == oracle.greedy_ids(adapter_dir(tiny, cold), oracle.prompt_ids(PROMPTS[1]), MAX_TOKENS)
+    expected = {m: oracle.greedy_ids(adapter_dir(tiny, m), oracle.prompt_ids(PROMPTS[0]), MAX_TOKENS) for m in hot}
+    assert all(ids == expected[model] for model, ids in hog_answers)

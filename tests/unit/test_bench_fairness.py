@@ -7,8 +7,11 @@ import math
 import pytest
 
 from gateway.bench.fairness import (
+    SLOT_HOG_TARGETS,
+    TARGETS,
     BobRun,
     FloodWindow,
+    cold_wait_ratio,
     fairness_ratios,
     flood_window,
     markdown_table,
@@ -72,6 +75,7 @@ def test_markdown_table_names_phases_ratios_and_alice() -> None:
             "bob_flood": flood,
             "alice": summarize_alice([FloodWindow(20, 1280, 3, 0, 2.0)]),
             "ratios": ratio,
+            "targets": TARGETS,
             "targets_met": meets_targets(flood, ratio),
         }
     }
@@ -79,3 +83,38 @@ def test_markdown_table_names_phases_ratios_and_alice() -> None:
     assert "| limited: bob idle | 2/2 | 0.500 | 0.500 | 0.100 | 0.100 |  |  |" in text
     assert "| limited: flood / idle |  | 2.00x | 2.00x | 2.00x | 2.00x | 10.0 req/s, 640 tok/s | 3 |" in text
     assert "limited (max_running_per_user 64): bob all ok: met; p50 <= 3.5x: met; p99 <= 6.0x: met" in text
+
+
+def test_a_cold_adapters_wait_is_judged_against_one_requests_service_time() -> None:
+    idle = summarize_bob([BobRun(requested=2, latencies_s=[0.5, 0.5], ttft_s=[0.1, 0.1])])
+    flood = summarize_bob([BobRun(requested=2, latencies_s=[0.6, 0.6], ttft_s=[0.1, 0.1])])
+    quick = summarize_bob([BobRun(requested=2, latencies_s=[1.0, 1.2], ttft_s=[0.4, 1.4])])
+    slow = summarize_bob([BobRun(requested=3, latencies_s=[2.0, 2.0], ttft_s=[1.6, 1.6], errors=1)])
+    ratio = fairness_ratios(idle, flood)
+    ratio["cold_p99_wait"] = cold_wait_ratio(idle, quick)
+    assert ratio["cold_p99_wait"] == pytest.approx(1.4 / 0.5, rel=0.05)
+    assert meets_targets(flood, ratio, SLOT_HOG_TARGETS, quick) == {
+        "bob_all_ok": True, "p50": True, "p99": True, "cold_all_ok": True, "cold_wait": True
+    }  # fmt: skip
+    ratio["cold_p99_wait"] = cold_wait_ratio(idle, slow)
+    met = meets_targets(flood, ratio, SLOT_HOG_TARGETS, slow)
+    assert not met["cold_all_ok"] and not met["cold_wait"]
+    results = {
+        "limited": {
+            "limits": "max_cpu_loras 4",
+            "bob_idle": idle,
+            "bob_flood": flood,
+            "alice": summarize_alice([FloodWindow(20, 1280, 0, 0, 2.0)]),
+            "carol_cold": slow,
+            "ratios": ratio,
+            "targets": SLOT_HOG_TARGETS,
+            "targets_met": met,
+        }
+    }
+    text = markdown_table(results)
+    assert (
+        "| limited: carol, cold adapters | 2/3 | 2.000 | 2.000 | 1.600 | 1.600 | wait p99 3.20x bob's idle p50 |"
+        in text
+    )
+    assert "carol all ok: MISSED; cold p99 wait <= 3.0x: MISSED" in text
+    assert "p50 <= 1.5x: met" in text

@@ -515,5 +515,55 @@ async def test_warm_adapters_wait_their_turn_behind_queued_requests(make_pool) -
     pool.keep_warm([warm])
     assert warm.versioned_ref not in engine.add_calls  # no slot taken ahead of the waiter
     await finish(*held, waiter)
-    pool.keep_warm([warm])  # the next sync: a slot is free
-    await until(lambda: warm.versioned_ref in {r.name for r in pool.resident() if r.pinned}, timeout_s=30)
+    for _ in range(600):  # the syncs after: once a slot is free (the grace of the adapters just used over)
+        pool.keep_warm([warm])
+        if warm.versioned_ref in {r.name for r in pool.resident() if r.pinned}:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the warm adapter never got a free slot")
+
+
+# -- a tenant past its share keeps off the slots of tenants below theirs ------------------------------
+
+
+async def test_between_its_requests_a_tenants_adapter_is_kept_from_a_tenant_past_its_share(make_pool) -> None:
+    pool, _ = make_pool(capacity=3, slot_aging_s=30.0, max_slots_per_user=2)
+    alice = [await arrive(pool, record, "alice") for record in (A, B)]  # alice at her share
+    await holding(*alice)
+    bob = await arrive(pool, X, "bob")
+    await holding(bob)
+    bob.end()
+    await bob.task  # bob's adapter idle between his requests
+    third = await arrive(pool, C, "alice")
+    assert queued(pool, third), "alice, past her share, took the slot bob had just used"
+    again = await arrive(pool, X, "bob")
+    assert again.holding  # his next request finds his adapter resident
+    await finish(again)
+    # Once the grace is over (at most MAX_SHARE_GRACE_S), alice gets the slot bob left: never left idle.
+    await until(lambda: third.holding, timeout_s=30)
+    await finish(third, *alice)
+
+
+async def test_a_waiter_past_its_share_drains_its_own_adapter_not_another_tenants(make_pool) -> None:
+    pool, _ = make_pool(capacity=3, slot_aging_s=0, max_slots_per_user=2)
+    alice = [Stream(pool, record, "alice") for record in (A, B)]
+    bob = Stream(pool, X, "bob")
+    for stream in (*alice, bob):
+        await stream.start()
+    extra = [await arrive(pool, record, "alice") for record in (A, B)]  # bob's has the fewest requests in flight
+    await holding(*extra)
+    waiter = await arrive(pool, C, "alice")
+    for step in range(6):
+        await settle()
+        assert not pool._entries[X.versioned_ref].draining, "bob's adapter drained for alice past her share"
+        if step == 0:
+            await finish(*extra)
+        for stream in (*alice, bob):
+            await stream.step()
+        if waiter.holding:
+            break
+    assert waiter.holding, "alice's waiter got none of her own slots"
+    for stream in (*alice, bob):
+        await stream.stop()
+    await finish(waiter)
