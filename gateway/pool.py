@@ -482,19 +482,21 @@ class AdapterPool:
         `yielding` (for a caller past its share): not one a caller below its share used within the grace."""
         idle = [e for e in self._entries.values() if _idle(e) and not e.pinned]
         if yielding:
-            idle = [e for e in idle if self._grace_ends(e) is None]
+            alone = self._slots_held_alone()
+            idle = [e for e in idle if self._grace_ends(e, alone) is None]
         return next((e for e in idle if e.draining), idle[0] if idle else None)
 
-    def _grace_ends(self, entry: _Entry) -> float | None:
+    def _grace_ends(self, entry: _Entry, alone: Counter[str | None]) -> float | None:
         """When an idle adapter last used by a caller below its share stops being kept for it (None: it is not)."""
         ends = entry.released_at + min(self._slot_aging_s, MAX_SHARE_GRACE_S)
-        if ends <= time.monotonic() or self._past_share(entry.last_user):
+        if ends <= time.monotonic() or self._tenant_at_share(entry.last_user, alone):
             return None
         return ends
 
     def _wake_when_grace_ends(self) -> None:
         """A waiter past its share waits for a grace to end: dispatch then, whatever else happens."""
-        ends = [t for e in self._entries.values() if _idle(e) and (t := self._grace_ends(e)) is not None]
+        alone = self._slots_held_alone()
+        ends = [t for e in self._entries.values() if _idle(e) and (t := self._grace_ends(e, alone)) is not None]
         if not ends or (self._wake is not None and self._wake[0] <= min(ends)):
             return
         if self._wake is not None:
