@@ -106,6 +106,7 @@ class EngineSeats:
         estimate = self._rate.wait_s(ahead)
         if estimate is not None and estimate > self._wait_timeout_s:
             self._remove(waiter)
+            self._dispatch()  # it may have been first in turn, holding back a smaller request
             raise self._busy("estimate", f"{ahead} requests wait ahead of this one", estimate)
         try:
             with self._metrics.waiting("engine_seat"):
