@@ -60,6 +60,7 @@ class EngineSeats:
         self._wait_timeout_s = wait_timeout_s
         self._metrics = metrics or detached_metrics()
         self._held: Counter[str] = Counter()  # seats per caller (no zero counts)
+        self._in_use = 0  # their sum
         self._waiting: dict[str, deque[_SeatWaiter]] = {}  # per caller, in arrival order
         self._queued = 0  # waiters in all
         self._order = itertools.count()
@@ -67,7 +68,7 @@ class EngineSeats:
 
     @property
     def in_use(self) -> int:
-        return sum(self._held.values())
+        return self._in_use
 
     def held_by(self, user: str) -> int:
         return self._held[user]
@@ -82,7 +83,7 @@ class EngineSeats:
         span = trace.get_current_span()
         span.set_attributes({spans.SEATS_TAKEN: seats, spans.SEATS_QUEUE_POSITION: 0, spans.SEATS_WAIT: 0.0})
         if not self._queued and self._fits(user, seats):
-            self._held[user] += seats
+            self._hold(user, seats)
         else:
             await self._wait(user, seats, span)
         try:
@@ -154,7 +155,7 @@ class EngineSeats:
             if self.in_use + first.seats > self.seats:
                 return  # the next in turn waits for more seats; nobody passes it (it would starve)
             self._remove(first)
-            self._held[first.user] += first.seats
+            self._hold(first.user, first.seats)
             self._rate.served()
             first.granted.set_result(None)
 
@@ -169,8 +170,13 @@ class EngineSeats:
         self._queued += change
         self._rate.queue_changed(self._queued)
 
+    def _hold(self, user: str, seats: int) -> None:
+        self._held[user] += seats
+        self._in_use += seats
+
     def _release(self, user: str, seats: int) -> None:
         self._held[user] -= seats
+        self._in_use -= seats
         if self._held[user] <= 0:
             del self._held[user]
         self._dispatch()
