@@ -79,7 +79,7 @@ def _upload_options(required: bool) -> argparse.ArgumentParser:
     )
     upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
     upload.add_argument(
-        "--warm", action="store_true", help="gateways fetch it to disk at start, before the first request"
+        "--warm", action="store_true", help="gateways fetch it to disk at start and keep it pinned in their engines"
     )
     upload.add_argument(
         "--model",

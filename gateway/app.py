@@ -285,8 +285,11 @@ async def _keep_warm_adapters(app: web.Application) -> None:
             except Exception as exc:  # a request will try again (and report) later
                 log.warning("prefetching warm adapter %s failed: %s", record.ref, exc)
     while True:
-        if serving.pool is not None:
-            serving.pool.keep_warm(catalog.records())
+        try:
+            if serving.pool is not None:
+                serving.pool.keep_warm(catalog.records())
+        except Exception:  # never stop: the next round tries again
+            log.exception("keeping the warm adapters pinned failed")
         await asyncio.sleep(min(app[SETTINGS].sync_interval_s, WARM_CHECK_MAX_INTERVAL_S))
 
 
