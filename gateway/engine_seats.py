@@ -92,7 +92,13 @@ class EngineSeats:
             self._release(user, seats)
 
     def _fits(self, user: str, seats: int) -> bool:
-        return self.in_use + seats <= self.seats and self._held[user] + seats <= self.max_per_user
+        return self._room_for(seats) and self._within_share(user, seats)
+
+    def _room_for(self, seats: int) -> bool:
+        return self._in_use + seats <= self.seats
+
+    def _within_share(self, user: str, seats: int) -> bool:
+        return self._held[user] + seats <= self.max_per_user
 
     async def _wait(self, user: str, seats: int, span: Span) -> None:
         arrived = time.monotonic()
@@ -148,11 +154,11 @@ class EngineSeats:
         """Hand free seats out: the caller holding fewest first, the first in line among equals."""
         while self._waiting:
             heads = [queue[0] for queue in self._waiting.values()]
-            heads = [w for w in heads if self._held[w.user] + w.seats <= self.max_per_user]
+            heads = [w for w in heads if self._within_share(w.user, w.seats)]
             if not heads:
                 return  # every waiting caller is at its share: its own requests must end first
             first = min(heads, key=lambda w: (self._held[w.user], w.order))
-            if self.in_use + first.seats > self.seats:
+            if not self._room_for(first.seats):
                 return  # the next in turn waits for more seats; nobody passes it (it would starve)
             self._remove(first)
             self._hold(first.user, first.seats)
