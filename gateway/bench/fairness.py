@@ -185,6 +185,24 @@ def cold_wait_ratio(idle: BobSummary, cold: BobSummary) -> float:
     return ratio_of(cold.ttft_p99_s, idle.p50_s)
 
 
+def result_of(
+    limits: str,
+    idle: BobSummary,
+    flood: BobSummary,
+    alice: AliceSummary,
+    targets: dict[str, float],
+    cold: BobSummary | None = None,
+) -> dict[str, Any]:
+    """One gateway configuration's result, as the table and the report read it."""
+    ratio = fairness_ratios(idle, flood)
+    if cold is not None:
+        ratio["cold_p99_wait"] = cold_wait_ratio(idle, cold)
+    return {
+        "limits": limits, "bob_idle": idle, "bob_flood": flood, "alice": alice, "carol_cold": cold,
+        "ratios": ratio, "targets": targets, "targets_met": meets_targets(flood, ratio, targets, cold),
+    }  # fmt: skip
+
+
 def sse_data(line: bytes) -> dict[str, Any] | None:
     """The JSON payload of one server-sent-events line; None for other lines and `[DONE]`."""
     text = line.decode(errors="replace").strip()
@@ -544,16 +562,14 @@ def main(argv: list[str]) -> int:
     results: dict[str, dict[str, Any]] = {}
     targets = SLOT_HOG_TARGETS if opts.alice_adapters > 1 else TARGETS
     for config in configs:
-        idle, flood = summarize_bob(config.bob_idle), summarize_bob(config.bob_flood)
-        ratio = fairness_ratios(idle, flood)
-        cold = summarize_bob(config.carol_cold) if config.carol_cold else None
-        if cold is not None:
-            ratio["cold_p99_wait"] = cold_wait_ratio(idle, cold)
-        results[config.name] = {
-            "limits": ", ".join(f"{k} {v}" for k, v in config.limits.items()),
-            "bob_idle": idle, "bob_flood": flood, "alice": summarize_alice(config.alice), "carol_cold": cold,
-            "ratios": ratio, "targets": targets, "targets_met": meets_targets(flood, ratio, targets, cold),
-        }  # fmt: skip
+        results[config.name] = result_of(
+            ", ".join(f"{k} {v}" for k, v in config.limits.items()),
+            summarize_bob(config.bob_idle),
+            summarize_bob(config.bob_flood),
+            summarize_alice(config.alice),
+            targets,
+            summarize_bob(config.carol_cold) if config.carol_cold else None,
+        )
     print(markdown_table(results))
     report = {
         "config": config_of(opts),

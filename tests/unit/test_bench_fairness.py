@@ -16,6 +16,7 @@ from gateway.bench.fairness import (
     flood_window,
     markdown_table,
     meets_targets,
+    result_of,
     sse_data,
     summarize_alice,
     summarize_bob,
@@ -67,19 +68,8 @@ def test_sse_data() -> None:
 def test_markdown_table_names_phases_ratios_and_alice() -> None:
     idle = summarize_bob([BobRun(requested=2, latencies_s=[0.5, 0.5], ttft_s=[0.1, 0.1])])
     flood = summarize_bob([BobRun(requested=2, latencies_s=[1.0, 1.0], ttft_s=[0.2, 0.2])])
-    ratio = fairness_ratios(idle, flood)
-    results = {
-        "limited": {
-            "limits": "max_running_per_user 64",
-            "bob_idle": idle,
-            "bob_flood": flood,
-            "alice": summarize_alice([FloodWindow(20, 1280, 3, 0, 2.0)]),
-            "ratios": ratio,
-            "targets": TARGETS,
-            "targets_met": meets_targets(flood, ratio),
-        }
-    }
-    text = markdown_table(results)
+    alice = summarize_alice([FloodWindow(20, 1280, 3, 0, 2.0)])
+    text = markdown_table({"limited": result_of("max_running_per_user 64", idle, flood, alice, TARGETS)})
     assert "| limited: bob idle | 2/2 | 0.500 | 0.500 | 0.100 | 0.100 |  |  |" in text
     assert "| limited: flood / idle |  | 2.00x | 2.00x | 2.00x | 2.00x | 10.0 req/s, 640 tok/s | 3 |" in text
     assert "limited (max_running_per_user 64): bob all ok: met; p50 <= 3.5x: met; p99 <= 6.0x: met" in text
@@ -99,19 +89,10 @@ def test_a_cold_adapters_wait_is_judged_against_one_requests_service_time() -> N
     ratio["cold_p99_wait"] = cold_wait_ratio(idle, slow)
     met = meets_targets(flood, ratio, SLOT_HOG_TARGETS, slow)
     assert not met["cold_all_ok"] and not met["cold_wait"]
-    results = {
-        "limited": {
-            "limits": "max_cpu_loras 4",
-            "bob_idle": idle,
-            "bob_flood": flood,
-            "alice": summarize_alice([FloodWindow(20, 1280, 0, 0, 2.0)]),
-            "carol_cold": slow,
-            "ratios": ratio,
-            "targets": SLOT_HOG_TARGETS,
-            "targets_met": met,
-        }
-    }
-    text = markdown_table(results)
+    alice = summarize_alice([FloodWindow(20, 1280, 0, 0, 2.0)])
+    result = result_of("max_cpu_loras 4", idle, flood, alice, SLOT_HOG_TARGETS, slow)
+    assert result["targets_met"] == met
+    text = markdown_table({"limited": result})
     assert (
         "| limited: carol, cold adapters | 2/3 | 2.000 | 2.000 | 1.600 | 1.600 | wait p99 3.20x bob's idle p50 |"
         in text
