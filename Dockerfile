@@ -30,6 +30,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     python -m pip install --no-deps -r requirements/cpu.lock
 COPY pyproject.toml README.md ./
 COPY gateway gateway
+COPY gateway_tools gateway_tools
 COPY adapters_manifest adapters_manifest
 COPY adapter_training adapter_training
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -81,6 +82,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway gateway
+COPY gateway_tools gateway_tools
 COPY adapters_manifest adapters_manifest
 COPY adapter_training adapter_training
 # The README's GPU install: the project with its `gpu` extra (vllm==0.33.0, the CUDA build, which

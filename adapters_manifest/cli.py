@@ -1,4 +1,4 @@
-"""`lora-gateway adapters push|list|show|rm|register|train`: manage the adapters in a store, train new ones."""
+"""`lora-gateway adapters push|list|show|rm|register`: manage the adapters in a store."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-from adapter_training.dataset import DatasetError
 from adapters_manifest.open_store import open_store
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.published_base import PublishedBase
@@ -34,18 +33,14 @@ DEFAULT_STORE = "adapter-store"
 
 
 def _parser() -> argparse.ArgumentParser:
-    store_default = os.environ.get("LORA_GATEWAY_STORE", DEFAULT_STORE)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--store", default=store_default, help=f"s3://bucket/prefix, file:///path or a path (default: {store_default})"
-    )
+    common = store_option()
     parser = argparse.ArgumentParser(prog="lora-gateway adapters", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    upload = _upload_options(required=True)
-    push = commands.add_parser("push", parents=[common, upload], help="validate and upload an adapter folder")
+    flags = upload_options(required=True)
+    push = commands.add_parser("push", parents=[common, flags], help="validate and upload an adapter folder")
     push.add_argument("folder", type=Path)
-    register = commands.add_parser("register", parents=[common, upload], help="adopt adapter files already in S3")
+    register = commands.add_parser("register", parents=[common, flags], help="adopt adapter files already in S3")
     register.add_argument("source", help="s3://bucket/prefix holding adapter_config.json and adapter_model.safetensors")
     listing = commands.add_parser("list", parents=[common], help="list adapters")
     listing.add_argument("--owner")
@@ -53,17 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("ref", help="owner/name")
     remove = commands.add_parser("rm", parents=[common], help="delete an adapter (record, then files)")
     remove.add_argument("ref", help="owner/name")
-    _add_train_command(commands, common)
     return parser
 
 
-def _upload_options(required: bool) -> argparse.ArgumentParser:
+def store_option() -> argparse.ArgumentParser:
+    """`--store`, defaulting to $LORA_GATEWAY_STORE."""
+    store_default = os.environ.get("LORA_GATEWAY_STORE", DEFAULT_STORE)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store", default=store_default, help=f"s3://bucket/prefix, file:///path or a path (default: {store_default})"
+    )
+    return common
+
+
+def upload_options(required: bool) -> argparse.ArgumentParser:
     """Where a published adapter goes and what its record says (push, register, train --push)."""
-    upload = argparse.ArgumentParser(add_help=False)
-    upload.add_argument("--owner", required=required)
-    upload.add_argument("--name", required=required)
-    upload.add_argument("--description", default="", help=f"at most {MAX_DESCRIPTION_CHARS} characters")
-    upload.add_argument(
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--owner", required=required)
+    flags.add_argument("--name", required=required)
+    flags.add_argument("--description", default="", help=f"at most {MAX_DESCRIPTION_CHARS} characters")
+    flags.add_argument(
         "--route",
         action="append",
         default=[],
@@ -71,69 +75,33 @@ def _upload_options(required: bool) -> argparse.ArgumentParser:
         help=f"an example request that model 'auto' routes to this adapter (repeatable; at most {MAX_ROUTES} "
         f"routes in all, each 1-{MAX_ROUTE_CHARS} characters, no repeats)",
     )
-    upload.add_argument(
+    flags.add_argument(
         "--routes-file",
         type=Path,
         metavar="FILE",
         help="more routes, one a line (blank lines ignored), after the --route ones",
     )
-    upload.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
-    upload.add_argument(
+    flags.add_argument("--public", action="store_true", help="every user may use it (default: only the owner)")
+    flags.add_argument(
         "--warm", action="store_true", help="gateways fetch it to disk at start and keep it pinned in their engines"
     )
-    upload.add_argument(
+    flags.add_argument(
         "--model",
         type=Path,
         help="base model folder to check modules and shapes against (default: the base a gateway published to "
         "the store)",
     )
-    upload.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
-    upload.add_argument(
+    flags.add_argument("--max-lora-rank", type=int, help="refuse ranks above this (the gateway's --max-lora-rank)")
+    flags.add_argument(
         "--base-model",
         help="served base model name: the published base to check against, and the record's "
         "(default: the store's only published base, else from adapter_config.json)",
     )
-    return upload
-
-
-def _add_train_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    train = commands.add_parser(
-        "train",
-        parents=[common, _upload_options(required=False)],
-        help="train a LoRA adapter on a JSONL dataset (then --push it)",
-        description='Train a PEFT LoRA adapter. DATA is JSON lines of {"prompt", "completion"} or chat '
-        '{"messages": [{"role", "content"}, ...]}; the loss is on the completion (assistant) tokens only.',
-    )
-    train.add_argument("data", type=Path, help="the dataset (JSONL)")
-    train.add_argument("--base", type=Path, required=True, help="base model folder (Hugging Face layout)")
-    train.add_argument("--out", type=Path, required=True, help="folder the adapter is written to")
-    train.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8; at most the gateway's max rank)")
-    train.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
-    train.add_argument(
-        "--target-modules",
-        nargs="+",
-        default=[],
-        metavar="MODULE",
-        help="e.g. q_proj v_proj (default: every linear layer)",
-    )
-    train.add_argument(
-        "--epochs",
-        type=int,
-        help="passes over the data (default: from the data: at least 3 passes and 500 steps, "
-        "stopping once every target token is learned)",
-    )
-    train.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
-    train.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    train.add_argument("--seed", type=int, default=0, help="same data + seed + machine = the same adapter (default: 0)")
-    train.add_argument("--eval", type=Path, metavar="FILE", help="held-out JSONL: report the adapter's loss on it")
-    train.add_argument("--push", action="store_true", help="then publish it to --store as --owner/--name")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    return flags
 
 
 def main(argv: list[str]) -> int:
     opts = _parser().parse_args(argv)
-    if opts.command == "train":
-        return _train(opts)
     try:
         store = open_store(opts.store)
         return asyncio.run(COMMANDS[opts.command](store, opts))
@@ -145,77 +113,25 @@ def main(argv: list[str]) -> int:
         return 1
 
 
-def _train(opts: argparse.Namespace) -> int:
-    """Train (torch and PEFT imported only here), then optionally publish like `push` does."""
-    if opts.push and not (opts.owner and opts.name):
-        print("error: --push needs --owner and --name", file=sys.stderr)
-        return 2
-    try:
-        if opts.push:  # names, routes and store checked before minutes of training, not after
-            _record_fields(opts)
-            store = open_store(opts.store)
-        if opts.max_lora_rank is not None and opts.rank > opts.max_lora_rank:
-            raise ValueError(f"--rank {opts.rank} exceeds --max-lora-rank {opts.max_lora_rank}")
-        from adapter_training.trainer import TrainingOptions, train_adapter
-
-        options = TrainingOptions(
-            rank=opts.rank,
-            alpha=opts.alpha,
-            target_modules=tuple(opts.target_modules),
-            epochs=opts.epochs,
-            lr=opts.lr,
-            batch_size=opts.batch_size,
-            seed=opts.seed,
-        )
-        result = train_adapter(opts.data, opts.base, opts.out, options, progress=not opts.quiet, eval_data=opts.eval)
-        first, last = result.epochs[0], result.epochs[-1]
-        print(
-            f"trained {opts.out} on {result.examples} examples ({result.target_tokens} target tokens): "
-            f"{len(result.epochs)} epochs, {result.steps} steps in {result.seconds:.1f} s; loss {first.loss:.3f} "
-            f"(first epoch) -> {last.loss:.3f} (final); {last.accuracy:.0%} of target tokens predicted"
-        )
-        if result.held_out is not None:
-            print(
-                f"held out ({opts.eval}): loss {result.held_out.loss:.3f}, "
-                f"{result.held_out.accuracy:.0%} of target tokens predicted"
-            )
-        if warning := result.convergence_warning():
-            print(f"warning: {warning}", file=sys.stderr)
-        if opts.push:
-            opts.model = opts.model or opts.base  # check modules and shapes against the base it trained on
-            record = asyncio.run(_upload(store, opts.out, opts))
-            print(f"pushed {record.ref} version {record.version} to {store.url}")
-        return 0
-    except DatasetError as exc:
-        print(exc, file=sys.stderr)  # FILE:LINE: what is wrong
-        return 2
-    except (AdapterValidationError, ValueError) as exc:  # TrainingError too
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (StoreUnavailableError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
 async def _push(store: AdapterStore, opts: argparse.Namespace) -> int:
-    record = await _upload(store, opts.folder, opts)
+    record = await upload(store, opts.folder, opts)
     print(f"pushed {record.ref} version {record.version} to {store.url}")
     return 0
 
 
 async def _register(store: AdapterStore, opts: argparse.Namespace) -> int:
-    _record_fields(opts)  # before the download, not after
+    record_fields(opts)  # before the download, not after
     with tempfile.TemporaryDirectory() as tmp:
         await asyncio.to_thread(_download_s3_folder, opts.source, Path(tmp))
-        record = await _upload(store, Path(tmp), opts)
+        record = await upload(store, Path(tmp), opts)
     print(f"registered {opts.source} as {record.ref} version {record.version} in {store.url}")
     return 0
 
 
-async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -> AdapterRecord:
+async def upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -> AdapterRecord:
     from tqdm import tqdm
 
-    description, routes = _record_fields(opts)
+    description, routes = record_fields(opts)
     checks = await _checks_for(store, folder, opts)
     print(checks.said, file=sys.stderr)  # before validating: a refusal says what it was judged by too
     record = validated_record(
@@ -235,7 +151,7 @@ async def _upload(store: AdapterStore, folder: Path, opts: argparse.Namespace) -
         return await publish(store, folder, record, progress=bar.update)
 
 
-def _record_fields(opts: argparse.Namespace) -> tuple[str, list[str]]:
+def record_fields(opts: argparse.Namespace) -> tuple[str, list[str]]:
     """Check the upload flags (ValueError): owner, name (not a reserved one), description and routes.
     Returns the description and routes the record gets: the --route values, then --routes-file's lines."""
     check_name(opts.owner, "owner")

@@ -1,11 +1,11 @@
-"""`lora-gateway`: serve, adapters, keys, dev make-model, bench (serve, load, fairness, swap, route, ...), demo."""
+"""`lora-gateway`: serve, adapters, keys; train, dev make-model, bench (serve, load, fairness, ...), demo."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import logging
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
 
 def _serve(args: list[str]) -> int:
@@ -19,78 +19,38 @@ def _serve(args: list[str]) -> int:
     return uvloop.run(serve(settings))
 
 
-def _make_model(args: list[str]) -> int:
-    from gateway.dev.models import BASES, make_model
-    from gateway.dev.smollm2 import ModelPackageMissing
-
-    parser = argparse.ArgumentParser(
-        prog="lora-gateway dev make-model",
-        description="Build a base model (the tiny random one, or SmolLM2-135M-Instruct from its PyPI wheel) "
-        "and seeded random adapters into OUT/base and OUT/store, offline.",
-    )
-    parser.add_argument("out", type=Path, help="folder to write base/ and store/ into")
-    parser.add_argument("--base", choices=BASES, default="tiny", help="which base model (default: tiny)")
-    parser.add_argument("--adapters", default="alice/chat,bob/chat", help="comma-separated owner/name list")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
-    opts = parser.parse_args(args)
-    refs = [ref.strip() for ref in opts.adapters.split(",") if ref.strip()]
-    try:
-        made = make_model(opts.out, refs, rank=opts.rank, base=opts.base, dtype=opts.dtype)
-    except (ModelPackageMissing, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"base model: {made.base} (serve it as {made.served_name})")
-    print(f"store:      {made.store}")
-    for record in made.adapters:
-        print(f"adapter:    {record.ref} version {record.version} rank {record.rank}")
-    return 0
+_OUR_PACKAGES = ("gateway", "gateway_tools", "adapters_manifest", "adapter_training")
 
 
-BENCHMARKS = ("serve", "load", "fairness", "swap", "scale", "rank", "compare", "soak", "ops", "route")
+def _tool(module: str, command: str, extra: str = "") -> Callable[[list[str]], int]:
+    """A command of another package, imported only when run: serving needs neither training nor tooling,
+    so their dependencies come with the project's extras."""
 
+    def run(args: list[str]) -> int:
+        try:
+            return int(getattr(importlib.import_module(module), command)(args))
+        except ModuleNotFoundError as exc:  # a dependency the extra brings, not one of ours
+            if not extra or (exc.name or "").partition(".")[0] in _OUR_PACKAGES:
+                raise
+            print(f"error: {exc.name} is not installed; install lora-gateway[{extra}]", file=sys.stderr)
+            return 2
 
-def _bench(args: list[str]) -> int:
-    if args[:1] and args[0] in BENCHMARKS:
-        import importlib
-
-        # One module per benchmark, imported only when run: most pull in vLLM or matplotlib.
-        return int(importlib.import_module(f"gateway.bench.{args[0]}").main(args[1:]))
-    print(f"usage: lora-gateway bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
-    return 2
-
-
-def _demo(args: list[str]) -> int:
-    from gateway.demo import main as demo
-
-    return demo(args)
-
-
-def _adapters(args: list[str]) -> int:
-    from adapters_manifest.cli import main as adapters
-
-    return adapters(args)
-
-
-def _keys(args: list[str]) -> int:
-    from gateway.auth.cli import main as keys
-
-    return keys(args)
+    return run
 
 
 COMMANDS = {
     "serve": _serve,
-    "adapters": _adapters,
-    "keys": _keys,
-    "dev": lambda args: _make_model(args[1:]) if args[:1] == ["make-model"] else _usage(),
-    "bench": _bench,
-    "demo": _demo,
+    "adapters": _tool("adapters_manifest.cli", "main"),
+    "keys": _tool("gateway.auth.cli", "main"),
+    "train": _tool("adapter_training.cli", "main", extra="train"),
+    "dev": _tool("gateway_tools.cli", "dev", extra="tools"),
+    "bench": _tool("gateway_tools.cli", "bench", extra="tools"),
+    "demo": _tool("gateway_tools.cli", "demo", extra="tools"),
 }
 
 
 def _usage() -> int:
-    commands = "serve,adapters,keys,dev make-model,bench " + "|".join(BENCHMARKS) + ",demo"
-    print(f"usage: lora-gateway {{{commands}}} ...", file=sys.stderr)
+    print("usage: lora-gateway {serve,adapters,keys,train,dev make-model,bench NAME,demo} ...", file=sys.stderr)
     return 2
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.dev.s3_server import S3Server
+from gateway_tools.dev.s3_server import S3Server
 
 
 @pytest.fixture(scope="session")

@@ -32,9 +32,9 @@ from safetensors.numpy import save_file
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import ADAPTER_FILES, AdapterFile, AdapterRecord, content_version
-from gateway.dev import tiny_model
 from gateway.engine.interface import AdapterLoadError, EngineAdapter, EngineDeadError
 from gateway.settings import ServeSettings
+from gateway_tools.dev import tiny_model
 
 NO_ADAPTER = "<no-adapter>"  # the label of generations without any adapter
 FAKE_TOKEN_ID_BASE = 100  # ids of generated tokens: 100 + 50 * choice + step (inside the tiny vocabulary)

@@ -12,9 +12,9 @@ import pytest
 from adapters_manifest import layout
 from adapters_manifest.record import AdapterRecord
 from gateway.auth.keys import add_key
-from gateway.dev.models import DevModel, make_model
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.process import ServerProcess, free_port, gateway_command
+from gateway_tools.dev.models import DevModel, make_model
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
 
 ADAPTERS = ["alice/chat", "bob/chat", "carol/chat", "dave/notes", "erin/notes", "frank/notes"]
 ENGINE = {"dtype": "float32", "max_lora_rank": 8}

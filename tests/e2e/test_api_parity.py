@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.dev.models import DevModel
-from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME
-from gateway.dev.vllm_server import vllm_server
 from gateway.settings import ServeSettings
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.process import ServerProcess
+from gateway_tools.dev.tiny_model import BASE_MODEL_NAME
+from gateway_tools.dev.vllm_server import vllm_server
 from tests.e2e.conftest import ENGINE, Keys, adapter_dir, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +34,7 @@ ADAPTER = "alice/chat"  # the caller's own adapter, served under this name by bo
 BASE = BASE_MODEL_NAME
 PROMPT = "Hello world"  # greedy output differs between base and adapter, and is not all one token
 MESSAGES = [{"role": "user", "content": "Hello world"}]
-# The tiny tokenizer's special tokens (gateway.dev.tiny_model.SPECIAL_TOKENS): </s> ends a sequence.
+# The tiny tokenizer's special tokens (gateway_tools.dev.tiny_model.SPECIAL_TOKENS): </s> ends a sequence.
 EOS, IM_START = 1, 3
 PIPE = 96  # a token alice/chat writes greedily after PROMPT: "\x1bmamama|mamama"
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}

@@ -15,9 +15,9 @@ from safetensors.numpy import load_file, save_file
 from adapters_manifest import layout
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for
-from gateway.dev.models import DevModel
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.tiny_model import BASE_MODEL_NAME
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import adapter_dir, complete_ids, record_of
 
 pytestmark = pytest.mark.e2e

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.dev.models import DevModel
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.process import ServerProcess
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.process import ServerProcess
 from tests.e2e.conftest import ADAPTERS, ADMIN, Keys, adapter_dir, client_for, complete_ids, start_gateway
 
 pytestmark = pytest.mark.e2e

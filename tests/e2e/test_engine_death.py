@@ -20,9 +20,9 @@ import psutil
 import pytest
 import requests
 
-from gateway.dev.models import DevModel
-from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.process import ServerProcess
+from gateway_tools.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import ADMIN, Keys, start_gateway
 
 pytestmark = pytest.mark.e2e

@@ -16,8 +16,8 @@ import requests
 import schemathesis
 from hypothesis import settings
 
-from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME
+from gateway_tools.dev.process import ServerProcess
+from gateway_tools.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import ADMIN, Keys
 
 pytestmark = pytest.mark.e2e

@@ -17,10 +17,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.dev.models import DevModel
-from gateway.dev.process import ServerProcess, free_port, gateway_command
 from gateway.telemetry import spans
-from gateway.telemetry.receiver import ReceivedSpan, TraceReceiver
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
+from gateway_tools.otlp_receiver import ReceivedSpan, TraceReceiver
 from tests.e2e.conftest import ENGINE, Keys, record_of
 
 pytestmark = pytest.mark.e2e

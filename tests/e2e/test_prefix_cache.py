@@ -11,7 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.dev.process import ServerProcess
+from gateway_tools.dev.process import ServerProcess
 from tests.e2e.conftest import Keys
 
 pytestmark = pytest.mark.e2e

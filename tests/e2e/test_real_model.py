@@ -1,6 +1,6 @@
 """The real model, SmolLM2-135M-Instruct in float32: the gateway's greedy output for the base and two
 adapters equals transformers + PEFT token for token in mixed concurrent batches, and an adapter
-trained with `adapters train`'s defaults on a dozen styled answers answers a question it never saw
+trained with `lora-gateway train`'s defaults on a dozen styled answers answers a question it never saw
 in its style. One engine for the module, stopped at its end (two engines on a small host slow both)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gateway.dev.models import DevModel, make_model
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.process import ServerProcess
+from gateway_tools.dev.models import DevModel, make_model
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.process import ServerProcess
 from tests.e2e.conftest import ADMIN, Keys, adapter_dir, client_for, complete_ids, start_gateway, token_ids
 
 pytestmark = pytest.mark.e2e
@@ -54,14 +54,14 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> DevModel:
 
 @pytest.fixture(scope="module")
 def styled(real: DevModel, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """`adapters train --push` with no training options, as a new user runs it: the model name."""
+    """`lora-gateway train --push` with no training options, as a new user runs it: the model name."""
     work = tmp_path_factory.mktemp("pirate")
     data = work / "pirate.jsonl"
     lines = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": pirate(a)}]} for q, a in FACTS
     ]
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    command = [sys.executable, "-m", "gateway", "adapters", "train", str(data), "--base", str(real.base)]
+    command = [sys.executable, "-m", "gateway", "train", str(data), "--base", str(real.base)]
     command += ["--out", str(work / "adapter"), "--push", "--owner", STYLE_OWNER, "--name", "pirate"]
     command += ["--store", str(real.store), "--base-model", real.served_name, "--max-lora-rank", "8"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200)

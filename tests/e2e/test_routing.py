@@ -16,9 +16,9 @@ import pytest
 from adapters_manifest import layout
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for
-from gateway.dev.models import DevModel, make_model
-from gateway.dev.process import ServerProcess
 from gateway.routing.encoder import OnnxSentenceEncoder, SentenceTransformerEncoder, load_encoder, packaged_encoder_dir
+from gateway_tools.dev.models import DevModel, make_model
+from gateway_tools.dev.process import ServerProcess
 from tests.e2e.conftest import Keys, client_for, start_gateway
 
 pytestmark = pytest.mark.e2e

@@ -20,11 +20,11 @@ from adapters_manifest import layout
 from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.s3_store import S3Store
-from gateway.dev.models import DevModel
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.process import ServerProcess, free_port, gateway_command
-from gateway.dev.s3_server import S3Server
-from gateway.dev.tiny_model import BASE_MODEL_NAME
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
+from gateway_tools.dev.s3_server import S3Server
+from gateway_tools.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import ADMIN, ENGINE, Keys, adapter_dir, client_for, complete_ids
 
 pytestmark = pytest.mark.e2e

@@ -8,10 +8,10 @@ import urllib.request
 import openai
 import pytest
 
-from gateway.dev.models import DevModel
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.process import ServerProcess
+from gateway_tools.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import adapter_dir, complete_ids
 
 pytestmark = pytest.mark.e2e

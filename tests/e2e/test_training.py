@@ -1,4 +1,4 @@
-"""From dataset to served adapter: `adapters train --push` as a user runs it, then the gateway on
+"""From dataset to served adapter: `lora-gateway train --push` as a user runs it, then the gateway on
 real vLLM answers a training example's prompt with that example's completion (greedy), and stops."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from gateway.dev.models import DevModel
-from gateway.dev.process import ServerProcess
-from gateway.dev.tiny_model import BASE_MODEL_NAME
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.process import ServerProcess
+from gateway_tools.dev.tiny_model import BASE_MODEL_NAME
 from tests.e2e.conftest import Keys, client_for
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +38,7 @@ def trained(tiny: DevModel, tmp_path_factory: pytest.TempPathFactory) -> str:
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHAT_EXAMPLES
     ]
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    command = [sys.executable, "-m", "gateway", "adapters", "train", str(data), "--base", str(tiny.base)]
+    command = [sys.executable, "-m", "gateway", "train", str(data), "--base", str(tiny.base)]
     command += [
         "--out",
         str(work / "adapter"),

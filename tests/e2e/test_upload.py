@@ -10,9 +10,9 @@ import pytest
 import requests
 
 from adapters_manifest.record import ADAPTER_FILES
-from gateway.dev.models import DevModel
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.process import ServerProcess
+from gateway_tools.dev.models import DevModel
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.process import ServerProcess
 from tests.e2e.conftest import Keys, adapter_dir, client_for, complete_ids
 
 pytestmark = pytest.mark.e2e

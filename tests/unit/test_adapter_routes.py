@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse, FormData
 
+from adapter_training.cli import main as train_main
 from adapters_manifest import cli as adapters_cli
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for, validated_record
@@ -331,8 +332,8 @@ def test_push_and_register_refuse_the_reserved_name(tmp_path: Path, capsys: pyte
 def test_train_push_refuses_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture, flags: tuple[str, ...], refusal: str
 ) -> None:
-    argv = ["train", str(tmp_path / "no-data.jsonl"), "--base", str(tmp_path / "no-base"), "--out", str(tmp_path / "o")]
-    assert cli(tmp_path / "store", *argv, "--push", "--owner", "carol", *flags) == 2
+    argv = [str(tmp_path / "no-data.jsonl"), "--base", str(tmp_path / "no-base"), "--out", str(tmp_path / "o")]
+    assert train_main([*argv, "--push", "--owner", "carol", *flags, "--store", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(refusal) and err.count("\n") == 1
     assert not (tmp_path / "o").exists()

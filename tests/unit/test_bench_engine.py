@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
-from gateway.bench import compare, rank, scale, soak, swap
-from gateway.bench.harness import ALL_LINEAR, Timed, sse_payloads, token_ids_of, write_synthetic_adapter
-from gateway.dev.tiny_model import build_base_model, build_tokenizer
+from gateway_tools.bench import compare, rank, scale, soak, swap
+from gateway_tools.bench.harness import ALL_LINEAR, Timed, sse_payloads, token_ids_of, write_synthetic_adapter
+from gateway_tools.dev.tiny_model import build_base_model, build_tokenizer
 
 # -- swap ---------------------------------------------------------------------------------
 
@@ -162,7 +162,7 @@ def test_rank_table_with_trained_adapters_leads_with_their_quality(tmp_path: Pat
 
 
 def test_the_task_dataset_holds_out_questions_it_never_trains_on(tmp_path: Path) -> None:
-    from gateway.bench.tasks import TASKS, write_task_dataset
+    from gateway_tools.bench.tasks import TASKS, write_task_dataset
 
     write_task_dataset(tmp_path / "train.jsonl", tmp_path / "held.jsonl", 60, 30)
     again = tmp_path / "again"
@@ -331,7 +331,7 @@ def test_synthetic_adapters_pass_validation_and_differ_by_seed(tiny_base: Path, 
 
 
 def test_synthetic_adapter_loads_in_peft_and_changes_the_output(tiny_base: Path, tmp_path: Path) -> None:
-    from gateway.dev.oracle import ReferenceModel
+    from gateway_tools.dev.oracle import ReferenceModel
 
     write_synthetic_adapter(tiny_base, tmp_path / "a", 8, seed=1)
     oracle = ReferenceModel(tiny_base)

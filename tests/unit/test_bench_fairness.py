@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.bench.fairness import (
+from gateway_tools.bench.fairness import (
     SLOT_HOG_TARGETS,
     TARGETS,
     BobRun,

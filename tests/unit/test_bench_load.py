@@ -7,10 +7,10 @@ import math
 import pytest
 
 from adapters_manifest.record import AdapterFile, AdapterRecord
-from gateway.bench.load import render, stat, sync_summary, targets_met, tier_summary
-from gateway.bench.load_sync import SyncSamples, record_objects
-from gateway.bench.load_tiers import TierSamples, object_key
-from gateway.bench.report import markdown_table, percentile, ratio_of
+from gateway_tools.bench.load import render, stat, sync_summary, targets_met, tier_summary
+from gateway_tools.bench.load_sync import SyncSamples, record_objects
+from gateway_tools.bench.load_tiers import TierSamples, object_key
+from gateway_tools.bench.report import markdown_table, percentile, ratio_of
 
 TEMPLATE = AdapterRecord(
     owner="bench",

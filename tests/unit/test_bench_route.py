@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.bench.route import (
+from gateway_tools.bench.route import (
     BASE,
     MAX_DESCRIPTION_CHARS,
     MAX_ROUTE_CHARS,
@@ -64,7 +64,7 @@ def test_the_packaged_set_is_well_formed() -> None:
 def test_the_packaged_set_is_package_data() -> None:
     """pyproject.toml ships it: importlib.resources is how the bench reads it when installed."""
     text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
-    assert '"gateway.bench" = ["route_set.json"]' in text
+    assert '"gateway_tools.bench" = ["route_set.json"]' in text
 
 
 # -- loading and checking a set ----------------------------------------------------------
@@ -266,8 +266,8 @@ async def test_a_failed_request_counts_as_error(aiohttp_server: Any) -> None:
 
 
 def test_the_command_and_its_options() -> None:
-    from gateway.bench.route import _parse
-    from gateway.cli import BENCHMARKS
+    from gateway_tools.bench.route import _parse
+    from gateway_tools.cli import BENCHMARKS
 
     assert "route" in BENCHMARKS
     opts = _parse([])
@@ -282,7 +282,7 @@ def test_the_command_and_its_options() -> None:
 def test_the_confusion_plot_is_written(tmp_path: Path) -> None:
     import matplotlib
 
-    from gateway.bench.route import plot_confusion
+    from gateway_tools.bench.route import plot_confusion
 
     matplotlib.use("Agg")
     plot_confusion([("coding", "coding"), (BASE, "error")], ["coding", BASE], "t", tmp_path / "c.png")

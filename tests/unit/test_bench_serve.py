@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway.bench.report import process_cpu_seconds
-from gateway.bench.serve import (
+from gateway_tools.bench.report import process_cpu_seconds
+from gateway_tools.bench.serve import (
     client_argv,
     loads_of,
     markdown_table,

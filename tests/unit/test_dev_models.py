@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main as cli
-from gateway.dev import smollm2
+from gateway_tools.dev import smollm2
 
 
 def test_without_the_model_package_make_model_says_what_to_install(

@@ -17,7 +17,7 @@ from adapters_manifest.publish import publish
 from adapters_manifest.record import WEIGHTS_FILE, AdapterRecord
 from adapters_manifest.s3_store import S3Store
 from adapters_manifest.store import AdapterStore
-from gateway.dev.s3_server import S3Server
+from gateway_tools.dev.s3_server import S3Server
 from tests.unit import test_stores
 from tests.unit.test_stores import fresh_s3_url, make_adapter, use_aws_env
 

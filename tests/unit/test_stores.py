@@ -22,7 +22,7 @@ from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterRecord
 from adapters_manifest.s3_store import S3Store
 from adapters_manifest.store import AdapterStore, ProgressCallback, StoreAccessError, StoreUnavailableError
-from gateway.dev.s3_server import S3Server
+from gateway_tools.dev.s3_server import S3Server
 
 BUCKET = "lora-tests"
 SECRET = "s3cr3t-do-not-log-0x5eed"  # moto checks no signatures: any value works

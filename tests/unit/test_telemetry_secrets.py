@@ -27,9 +27,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from adapters_manifest.open_store import open_store
 from gateway.app import create_app
 from gateway.auth.keys import add_key
-from gateway.dev.s3_server import S3Server
 from gateway.settings import ServeSettings
 from gateway.telemetry.logs import json_handler
+from gateway_tools.dev.s3_server import S3Server
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 
 BASE = "fake-base"

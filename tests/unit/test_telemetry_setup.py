@@ -25,8 +25,8 @@ from gateway.app import create_app
 from gateway.settings import ServeSettings
 from gateway.telemetry import spans
 from gateway.telemetry.logs import vllm_logging_config
-from gateway.telemetry.receiver import TraceReceiver
 from gateway.telemetry.tracing import build_resource, build_tracer_provider, exporter_names, service_version
+from gateway_tools.otlp_receiver import TraceReceiver
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 
 BASE = "fake-base"

@@ -30,9 +30,9 @@ from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import AdapterStore
 from gateway.app import create_app
-from gateway.dev.s3_server import S3Server
 from gateway.settings import ServeSettings
 from gateway.telemetry import spans
+from gateway_tools.dev.s3_server import S3Server
 from tests.fakes import FakeEngine, write_adapter_dir, write_base_model
 
 BASE = "fake-base"

@@ -1,4 +1,4 @@
-"""`lora-gateway adapters train`: bad datasets refused naming the line (exit 2, no traceback);
+"""`lora-gateway train`: bad datasets refused naming the line (exit 2, no traceback);
 training lowers the loss, is reproducible with a seed, and writes an adapter the gateway accepts
 that has learned its examples; `--push` publishes it like `adapters push`."""
 
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from adapter_training.cli import main as train_main
 from adapter_training.dataset import read_examples, tokenize
 from adapter_training.trainer import TrainingOptions, train_adapter
-from adapters_manifest.cli import main as adapters_cli
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
-from gateway.dev.oracle import ReferenceModel
-from gateway.dev.tiny_model import build_base_model, build_tokenizer
+from gateway_tools.dev.oracle import ReferenceModel
+from gateway_tools.dev.tiny_model import build_base_model, build_tokenizer
 
 CONTEXT = 2048  # the tiny model's max_position_embeddings
 GOOD = {"prompt": "Q: What do bees make?\nA:", "completion": " HONEY."}
@@ -61,7 +61,7 @@ def write_jsonl(path: Path, items: list[object]) -> Path:
 
 
 def train_cli(data: Path, base: Path, out: Path, *flags: str) -> int:
-    return adapters_cli(["train", str(data), "--base", str(base), "--out", str(out), "--quiet", *flags])
+    return train_main([str(data), "--base", str(base), "--out", str(out), "--quiet", *flags])
 
 
 LONG_PROMPT = "word " * CONTEXT  # at least one token per word: beyond the context

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.demo import FACTS, SEEN_QUESTIONS, UNSEEN_QUESTIONS, _styles_visible
+from gateway_tools.demo import FACTS, SEEN_QUESTIONS, UNSEEN_QUESTIONS, _styles_visible
 
 SOUP = "\x17\x17 nO nO��"
 

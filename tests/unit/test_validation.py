@@ -22,9 +22,9 @@ from adapters_manifest.validation import (
     ValidationLimits,
     validate_adapter_dir,
 )
-from gateway.dev.models import LORA_TARGET_MODULES, build_adapter
-from gateway.dev.tiny_model import build_base_model, build_tokenizer
 from gateway.engine.zero_adapter import write_zero_adapter
+from gateway_tools.dev.models import LORA_TARGET_MODULES, build_adapter
+from gateway_tools.dev.tiny_model import build_base_model, build_tokenizer
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from types import TracebackType
 
-from gateway.dev.process import free_port
+from gateway_tools.dev.process import free_port
 
 
 class S3Process:
@@ -22,7 +22,7 @@ class S3Process:
         self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> S3Process:
-        command = [sys.executable, "-m", "gateway.bench.s3_process", str(self.port), self.bucket]
+        command = [sys.executable, "-m", "gateway_tools.bench.s3_process", str(self.port), self.bucket]
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
         )
@@ -60,7 +60,7 @@ class S3Process:
 
 
 def _child(port: int, bucket: str) -> None:
-    from gateway.dev.s3_server import S3Server
+    from gateway_tools.dev.s3_server import S3Server
 
     server = S3Server(port).start()
     server.create_bucket(bucket)

@@ -9,7 +9,7 @@ times, `--outage-s` each) and `--new-versions` adapters get a new version pushed
 
 Checked, with targets (exit 1 if one fails):
 - 0 wrong outputs: every `--check-every`th request asks for its exact token ids, compared afterwards
-  with transformers + PEFT greedy output (gateway.dev.oracle) for its adapter; after a new version
+  with transformers + PEFT greedy output (gateway_tools.dev.oracle) for its adapter; after a new version
   either version's output is right for a request that began before the gateway was seen serving
   the new one, only the new one's after;
 - 0 lost requests: each gets a response or a clear JSON error; errors are counted by type, and a
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.bench.harness import (
+from gateway_tools.bench.harness import (
     PROMPTS,
     BaseModel,
     Client,
@@ -50,8 +50,8 @@ from gateway.bench.harness import (
     tree_rss_bytes,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table
-from gateway.bench.s3_process import S3Process
+from gateway_tools.bench.report import config_of, markdown_table
+from gateway_tools.bench.s3_process import S3Process
 
 BUCKET = "bench-soak"
 STORE = f"s3://{BUCKET}/soak"
@@ -323,7 +323,7 @@ class Soak:
     def check(self) -> tuple[int, int, list[dict[str, Any]]]:
         """Every checked success against the reference for the versions it may rightly have:
         (checked, of them equal to a version pushed during the run, the wrong ones)."""
-        from gateway.dev.oracle import ReferenceModel
+        from gateway_tools.dev.oracle import ReferenceModel
 
         oracle = ReferenceModel(self.model.path)
         expected: dict[tuple[str | None, str], list[int]] = {}

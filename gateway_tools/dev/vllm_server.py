@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from gateway.dev.process import ServerProcess, free_port
+from gateway_tools.dev.process import ServerProcess, free_port
 
 KV_CACHE_GIB = 1  # the gateway's default kv_cache_gib
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}

@@ -11,7 +11,7 @@ once, and the port can be bound again right away.
         s3.create_bucket("adapters")
         env = s3.client_env()  # for a child gateway: --store s3://adapters/prefix
 
-`python -m gateway.dev.s3_server --bucket adapters` serves one from its own process instead.
+`python -m gateway_tools.dev.s3_server --bucket adapters` serves one from its own process instead.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import boto3
 from moto.server import ThreadedMotoServer
 
-from gateway.dev.process import free_port
+from gateway_tools.dev.process import free_port
 
 REGION = "us-east-1"  # no LocationConstraint needed
 

@@ -6,7 +6,7 @@ Alice's adapter answers in UPPER CASE and Bob's signs every answer " -- Bob": st
 sees at a glance. On the real base (SmolLM2-135M-Instruct, the default) the adapters learn their
 own examples word for word and carry the style to questions they never saw while the base
 answers plainly; on the tiny random base (`--base tiny`) only their own examples come out right.
-Both adapters are trained with `adapters train`'s defaults: no options to tune.
+Both adapters are trained with `lora-gateway train`'s defaults: no options to tune.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.auth.keys import add_key
-from gateway.dev.models import BASES, make_model
-from gateway.dev.process import ServerProcess, free_port, gateway_command
+from gateway_tools.dev.models import BASES, make_model
+from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
 
 ADAPTER_NAME = "style"
 SIGNATURE = " -- Bob"
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
 
 
 def _run(work: Path, base: str, max_tokens: int) -> int:
-    from adapters_manifest.cli import main as adapters_cli
+    from adapter_training.cli import main as train_cli
 
     started = time.monotonic()
     if base == "smollm2":
@@ -131,15 +131,15 @@ def _run(work: Path, base: str, max_tokens: int) -> int:
     for owner, name, style, lines in trainings:
         data = work / f"{owner}-{name}.jsonl"
         data.write_text(lines)
-        argv = ["train", str(data), "--base", str(model.base), "--out", str(work / "adapters" / owner / name)]
+        argv = [str(data), "--base", str(model.base), "--out", str(work / "adapters" / owner / name)]
         argv += ["--push", "--owner", owner, "--name", name, "--store", str(model.store)]
         argv += ["--base-model", model.served_name, "--max-lora-rank", "8"]
         if owner == "bob":  # bob routes among his two adapters with model "auto"
             description, routes = ROUTES[name]
             argv += ["--description", description, *(arg for route in routes for arg in ("--route", route))]
         print(f"\n   {owner}/{name} {style}, e.g. {json.loads(lines.splitlines()[0])['messages'][1]}")
-        print(f"   $ lora-gateway adapters {shlex.join(argv)}", flush=True)
-        if adapters_cli(argv) != 0:
+        print(f"   $ lora-gateway train {shlex.join(argv)}", flush=True)
+        if train_cli(argv) != 0:
             print(f"   training {owner}/{name} failed", file=sys.stderr)
             return 1
     print(f"   all {len(trainings)} trained and pushed in {time.monotonic() - training_started:.0f} s", flush=True)

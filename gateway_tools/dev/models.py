@@ -15,7 +15,7 @@ from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.validation import BaseModelSpec
-from gateway.dev import smollm2, tiny_model
+from gateway_tools.dev import smollm2, tiny_model
 
 BASES = ("tiny", "smollm2")
 SERVED_NAMES = {"tiny": tiny_model.BASE_MODEL_NAME, "smollm2": smollm2.SERVED_NAME}

@@ -26,10 +26,10 @@ from typing import Any
 import uvloop
 
 from adapters_manifest.record import AdapterRecord
-from gateway.bench.load_sync import SyncSamples
-from gateway.bench.load_tiers import MOVES, BenchAdapter, TierSamples
-from gateway.bench.report import config_of, markdown_table, percentile, raise_on_sigterm, ratio_of, write_json
-from gateway.dev.process import free_port
+from gateway_tools.bench.load_sync import SyncSamples
+from gateway_tools.bench.load_tiers import MOVES, BenchAdapter, TierSamples
+from gateway_tools.bench.report import config_of, markdown_table, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway_tools.dev.process import free_port
 
 BUCKET = "bench-load"
 TARGETS = {"store_to_disk_vs_raw_get_max": 1.2, "poll_vs_listing_max": 1.1}
@@ -162,7 +162,7 @@ def render(tiers: list[dict[str, Any]], sync: dict[str, Any] | None, plot_note: 
 def s3_server(bucket: str) -> Iterator[dict[str, str]]:
     """moto's S3 API on loopback in its own process (so its request handling does not share this
     process's GIL with the code measured); yields the AWS settings that reach it."""
-    command = [sys.executable, "-m", "gateway.dev.s3_server", "--port", str(free_port()), "--bucket", bucket]
+    command = [sys.executable, "-m", "gateway_tools.dev.s3_server", "--port", str(free_port()), "--bucket", bucket]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = process.stdout.readline() if process.stdout else ""  # printed once the bucket exists
@@ -177,7 +177,7 @@ def s3_server(bucket: str) -> Iterator[dict[str, str]]:
 def make_adapters(work_dir: Path, ranks: list[int]) -> tuple[Path, list[BenchAdapter]]:
     """The tiny model and one adapter per rank, on local disk."""
     from adapters_manifest import layout
-    from gateway.dev.models import make_model
+    from gateway_tools.dev.models import make_model
 
     adapters = []
     for rank in ranks:
@@ -216,9 +216,9 @@ async def _run_tiers(
     opts: argparse.Namespace, env: dict[str, str], base: Path, adapters: list[BenchAdapter], work: Path
 ) -> list[TierSamples]:
     from adapters_manifest.s3_store import S3Store
-    from gateway.bench.load_tiers import measure_tiers
     from gateway.engine.vllm_engine import VllmEngine
     from gateway.settings import MAX_LORA_RANKS, ServeSettings
+    from gateway_tools.bench.load_tiers import measure_tiers
 
     # Only the engine's arguments are used: no HTTP server, so no callers to authenticate.
     settings = ServeSettings(
@@ -242,7 +242,7 @@ async def _run_tiers(
 
 async def _run_sync(opts: argparse.Namespace, env: dict[str, str], template: AdapterRecord) -> SyncSamples:
     from adapters_manifest.s3_store import S3Store
-    from gateway.bench.load_sync import measure_sync
+    from gateway_tools.bench.load_sync import measure_sync
 
     store = S3Store(BUCKET, "sync", endpoint_url=env["AWS_ENDPOINT_URL"])
     _progress(

@@ -43,10 +43,10 @@ from typing import Any
 import aiohttp
 
 from gateway.auth.keys import add_key
-from gateway.bench.report import config_of, percentile, raise_on_sigterm, ratio_of, write_json
-from gateway.bench.report import markdown_table as table
-from gateway.bench.serve import ENGINE_ENV, KV_CACHE_GIB, running
-from gateway.dev.process import ServerProcess, free_port, gateway_command
+from gateway_tools.bench.report import config_of, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway_tools.bench.report import markdown_table as table
+from gateway_tools.bench.serve import ENGINE_ENV, KV_CACHE_GIB, running
+from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
 
 PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
 ADAPTER = "chat"  # alice/chat and bob/chat: each user names their own adapter by its bare name
@@ -519,7 +519,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from gateway.dev.models import make_model
+    from gateway_tools.dev.models import make_model
 
     opts = _parse(argv)
     signal.signal(signal.SIGTERM, raise_on_sigterm)  # unwinds through `running` and `Flood`

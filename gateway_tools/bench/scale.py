@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.bench.harness import (
+from gateway_tools.bench.harness import (
     PROMPTS,
     BaseModel,
     Client,
@@ -41,7 +41,7 @@ from gateway.bench.harness import (
     running,
     write_report,
 )
-from gateway.bench.report import config_of, cpu_seconds, markdown_table, percentile, ratio_of
+from gateway_tools.bench.report import config_of, cpu_seconds, markdown_table, percentile, ratio_of
 
 TARGET = {"adapters": 64, "min_max_loras": 8, "throughput_vs_base_min": 0.7}
 BASE = 0  # "0 adapters": the base model only

@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 
 from gateway.auth.keys import add_key
-from gateway.bench.report import (
+from gateway_tools.bench.report import (
     config_of,
     cpu_seconds,
     percentile,
@@ -44,10 +44,10 @@ from gateway.bench.report import (
     ratio_of,
     write_json,
 )
-from gateway.bench.report import markdown_table as table
-from gateway.dev.process import ServerProcess, free_port, gateway_command
-from gateway.dev.vllm_server import ENGINE_ENV, KV_CACHE_GIB
-from gateway.dev.vllm_server import vllm_server as dev_vllm_server
+from gateway_tools.bench.report import markdown_table as table
+from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
+from gateway_tools.dev.vllm_server import ENGINE_ENV, KV_CACHE_GIB
+from gateway_tools.dev.vllm_server import vllm_server as dev_vllm_server
 
 PROBE_INTERVAL_S = 0.25  # between two timed requests to the server's health endpoint
 # vLLM's client's latency figures, each as its median and p99 (`median_ttft_ms`, `p99_ttft_ms`, ...)
@@ -296,7 +296,7 @@ def running(server: ServerProcess, startup_timeout_s: float) -> Iterator[str]:
 def _inputs(opts: argparse.Namespace, work_dir: Path) -> tuple[Path, str, dict[str, Path]]:
     """Base model folder, store URL, and a local copy of each adapter (vLLM's --lora-modules reads folders)."""
     from adapters_manifest.open_store import open_store
-    from gateway.dev.models import BASES, make_model
+    from gateway_tools.dev.models import BASES, make_model
 
     if opts.base in BASES:  # as many adapters as the largest mix
         refs = [f"user{i:02d}/chat" for i in range(max(opts.mixes))]
@@ -327,7 +327,7 @@ def _inputs(opts: argparse.Namespace, work_dir: Path) -> tuple[Path, str, dict[s
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from gateway.dev.models import BASES
+    from gateway_tools.dev.models import BASES
 
     p = argparse.ArgumentParser(prog="lora-gateway bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--base", default="tiny", help="tiny, smollm2 (from its wheel) or a base model folder")

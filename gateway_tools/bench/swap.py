@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.bench.harness import (
+from gateway_tools.bench.harness import (
     BaseModel,
     Client,
     add_model_options,
@@ -43,8 +43,8 @@ from gateway.bench.harness import (
     running,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table, ratio_of
-from gateway.bench.s3_process import S3Process
+from gateway_tools.bench.report import config_of, markdown_table, ratio_of
+from gateway_tools.bench.s3_process import S3Process
 
 TIERS = ("running", "cpu cache", "disk", "store", "base")
 MAX_LORAS = 1  # user adapters per batch: a second adapter pushes the first out of vLLM's active slots

@@ -16,8 +16,8 @@ from typing import Any
 from adapters_manifest import layout
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.s3_store import S3Store
-from gateway.bench.load_tiers import object_key
 from gateway.catalog import MAX_PARALLEL_READS, AdapterCatalog
+from gateway_tools.bench.load_tiers import object_key
 
 NAMES_PER_OWNER = 10
 

@@ -27,13 +27,13 @@ import aiohttp
 import numpy as np
 
 from adapters_manifest.record import AdapterRecord
-from gateway.bench.report import percentile, raise_on_sigterm, write_json
-from gateway.dev.process import ServerProcess, free_port, gateway_command
+from gateway_tools.bench.report import percentile, raise_on_sigterm, write_json
+from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
 
 KV_CACHE_GIB = 1.0
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 TINY_TARGET_MODULES = ("q_proj", "v_proj", "o_proj")  # the tiny model's figures were measured so
-# What `adapters train` targets by default, and so what users' adapters on a real base weigh.
+# What `lora-gateway train` targets by default, and so what users' adapters on a real base weigh.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def ", "for i in range(")
 REQUEST_TIMEOUT_S = 120.0
@@ -74,7 +74,7 @@ def add_model_options(p: argparse.ArgumentParser, name: str) -> None:
 
 def base_model(opts: argparse.Namespace, work: Path) -> BaseModel:
     """The model under test: a dev base (`tiny`, `smollm2`) built into `work`, or a folder."""
-    from gateway.dev.models import BASES, make_model
+    from gateway_tools.dev.models import BASES, make_model
 
     if opts.base not in BASES:
         path = Path(opts.base).resolve()

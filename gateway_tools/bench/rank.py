@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gateway.bench.harness import (
+from gateway.settings import MAX_LORA_RANKS
+from gateway_tools.bench.harness import (
     Client,
     add_model_options,
     admin_key,
@@ -36,9 +37,8 @@ from gateway.bench.harness import (
     tree_rss_bytes,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table, ratio_of
-from gateway.bench.scale import run_stream
-from gateway.settings import MAX_LORA_RANKS
+from gateway_tools.bench.report import config_of, markdown_table, ratio_of
+from gateway_tools.bench.scale import run_stream
 
 SETTLE_S = 1.0  # after loads, before reading memory: the allocator and the engine settle
 
@@ -193,7 +193,7 @@ async def _measure(
 def _train_each_rank(opts: argparse.Namespace, base: Path, work: Path) -> dict[int, Quality]:
     """One adapter per rank on the same generated rows (same seed, order and steps); 0: the base's scores."""
     from adapter_training.trainer import TrainingOptions, evaluate, train_adapter
-    from gateway.bench.tasks import write_task_dataset
+    from gateway_tools.bench.tasks import write_task_dataset
 
     train, held_out = work / "tasks-train.jsonl", work / "tasks-held-out.jsonl"
     write_task_dataset(train, held_out, opts.train_rows, opts.held_out_rows)

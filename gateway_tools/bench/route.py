@@ -34,13 +34,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.bench.report import config_of, markdown_table, percentile
+from gateway_tools.bench.report import config_of, markdown_table, percentile
 
 if TYPE_CHECKING:
     import aiohttp
     import numpy as np
 
-    from gateway.bench.harness import BaseModel
+    from gateway_tools.bench.harness import BaseModel
 
 BASE = "base"  # the label of prompts no adapter should take, and of the base model's answers
 ERROR = "error"  # the column of requests that failed: counted as wrong
@@ -131,7 +131,7 @@ def problems(route_set: RouteSet) -> list[str]:
 def load_route_set(path: Path | None = None) -> RouteSet:
     """The packaged set (or `path`); ValueError listing its problems when it is not well-formed."""
     if path is None:
-        text = resources.files("gateway.bench").joinpath("route_set.json").read_text(encoding="utf-8")
+        text = resources.files("gateway_tools.bench").joinpath("route_set.json").read_text(encoding="utf-8")
     else:
         text = path.read_text(encoding="utf-8")
     route_set = parse_route_set(json.loads(text))
@@ -421,7 +421,7 @@ async def publish_topics(store_url: str, model: BaseModel, route_set: RouteSet, 
     from adapters_manifest.open_store import open_store
     from adapters_manifest.publish import publish, validated_record
     from adapters_manifest.validation import BaseModelSpec
-    from gateway.bench.harness import write_synthetic_adapter
+    from gateway_tools.bench.harness import write_synthetic_adapter
 
     store = open_store(store_url)
     spec = BaseModelSpec.from_model_dir(model.path)
@@ -435,7 +435,7 @@ async def publish_topics(store_url: str, model: BaseModel, route_set: RouteSet, 
 
 def run_gateway(opts: argparse.Namespace, route_set: RouteSet) -> int:
     from gateway.auth.keys import add_key
-    from gateway.bench.harness import base_model, bench_work_dir, gateway_server, progress, running
+    from gateway_tools.bench.harness import base_model, bench_work_dir, gateway_server, progress, running
 
     with bench_work_dir("route") as work:
         model = base_model(opts, work)
@@ -496,13 +496,13 @@ def plot_confusion(pairs: Sequence[tuple[str, str]], labels: Sequence[str], titl
 def _write(out: Path, name: str, report: dict[str, Any], text: str, pairs: Sequence[tuple[str, str]],
            labels: Sequence[str], title: str) -> None:  # fmt: skip
     """OUT/NAME.json, OUT/NAME.md (the text, printed too) and OUT/NAME.png (the confusion)."""
-    from gateway.bench.harness import write_report
+    from gateway_tools.bench.harness import write_report
 
     write_report(out, name, report, text, lambda path: plot_confusion(pairs, labels, title, path))
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from gateway.bench.harness import add_model_options
+    from gateway_tools.bench.harness import add_model_options
 
     p = argparse.ArgumentParser(prog="lora-gateway bench route", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gateway.bench.report import config_of, markdown_table, write_json
+from gateway_tools.bench.report import config_of, markdown_table, write_json
 
 # The linear layers vLLM wraps in a Llama block: (name, input features, output slices) as
 # functions of hidden size h, intermediate size i, query heads q, KV heads kv, head dim d.
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from gateway.dev.models import BASES, make_model
+    from gateway_tools.dev.models import BASES, make_model
 
     opts = _parse(argv)
     torch.set_num_threads(torch.get_num_threads())  # as the engine: one thread per core

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from gateway.bench.harness import (
+from gateway_tools.bench.harness import (
     Client,
     add_model_options,
     admin_key,
@@ -31,9 +31,9 @@ from gateway.bench.harness import (
     tree_rss_bytes,
     write_report,
 )
-from gateway.bench.report import config_of, markdown_table
-from gateway.bench.scale import run_stream
-from gateway.dev.models import BASES
+from gateway_tools.bench.report import config_of, markdown_table
+from gateway_tools.bench.scale import run_stream
+from gateway_tools.dev.models import BASES
 
 DEFAULT_PROMPTS = ("def parse(value):", "import os\n", "The capital of France is", "Once upon a time,")
 SHOWN_CHARS = 60

@@ -1,0 +1,1 @@
+"""Tooling beside the gateway: benchmarks, the demo, model builders, the reference model, test servers."""
