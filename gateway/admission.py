@@ -15,15 +15,14 @@ distinct adapters a step as it has LoRA slots (max_loras).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from adapters_manifest.record import AdapterRecord
-from gateway.engine.interface import EngineAdapter
 from gateway.engine_seats import EngineSeats
 from gateway.fair_share import UserLimiter
-from gateway.pool import AdapterPool
+from gateway.pool import AdapterPool, SlotGrant
 
 
 class Admission:
@@ -37,19 +36,14 @@ class Admission:
         return self.callers.admit(user)
 
     @asynccontextmanager
-    async def enter_engine(
-        self,
-        record: AdapterRecord | None,
-        user: str,
-        sequences: int,
-        on_outcome: Callable[[str], None] | None = None,
-    ) -> AsyncIterator[EngineAdapter | None]:
-        """Stages 2 and 3: seats for the request's sequences, then its adapter (None: the base model,
-        where the engine needs no adapter for it), held until the block exits."""
+    async def enter_engine(self, record: AdapterRecord | None, user: str, sequences: int) -> AsyncIterator[SlotGrant]:
+        """Stages 2 and 3: seats for the request's sequences, then its adapter's slot, held until the
+        block exits; the grant says which adapter (None: the base model, where the engine needs none) and
+        where it came from."""
         async with contextlib.AsyncExitStack() as held:
             if self.seats is not None:
                 await held.enter_async_context(self.seats.take(user, sequences))
-            yield await held.enter_async_context(self.pool.acquire(record, user, on_outcome))
+            yield await held.enter_async_context(self.pool.take_slot(record, user))
 
 
 def sequences_of(body: Any) -> int:

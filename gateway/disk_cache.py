@@ -8,6 +8,8 @@ Guarantees:
 - a version the engine holds (pinned) is never deleted: vLLM may re-read its files;
 - unpinned versions are kept, least recently used first out, within `max_bytes`;
 - a retired version (superseded or deleted in the store) is deleted once unpinned.
+The single flight, pins, retirement and LRU order are `RefcountedLRU`'s; the byte budget and the
+checksums are this tier's.
 
 A download is an `adapter.fetch` span (source without secrets, bytes, retries, duration), a
 child of whatever started it: a request's `adapter.acquire`, or the warm prefetch.
@@ -20,7 +22,6 @@ import logging
 import shutil
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from adapters_manifest.adapter_dir import sha256_file
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
 from adapters_manifest.validation import AdapterValidationError
+from gateway.refcounted_lru import EntryState, LruEntry, RefcountedLRU
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import TIER_DISK, GatewayMetrics, detached_metrics, elapsed_since
 
@@ -42,13 +44,10 @@ class ChecksumMismatchError(AdapterValidationError):
     fault, which its owner may be told."""
 
 
-@dataclass
-class _CachedVersion:
+@dataclass(kw_only=True)
+class _CachedVersion(LruEntry):  # its holders are its pins
     path: Path
-    ready: asyncio.Future[None]
     size: int = 0
-    pins: int = 0
-    retired: bool = False
 
 
 class DiskCache:
@@ -67,8 +66,7 @@ class DiskCache:
         self._max_bytes = max_bytes
         self._attempts = attempts
         self._downloads = asyncio.Semaphore(max_parallel)
-        self._versions: OrderedDict[str, _CachedVersion] = OrderedDict()  # LRU first
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._versions: RefcountedLRU[_CachedVersion] = RefcountedLRU()
         self._tracer = tracer or trace.NoOpTracer()
         self._metrics = metrics or detached_metrics()
         self._source = spans.store_source(store.url)
@@ -78,85 +76,69 @@ class DiskCache:
 
     @property
     def used_bytes(self) -> int:
-        return sum(v.size for v in self._versions.values() if v.ready.done() and not v.ready.exception())
+        return sum(v.size for v in self._versions.values() if v.loaded.done())  # (a failed one left)
 
     def is_cached(self, record: AdapterRecord) -> bool:
         version = self._versions.get(record.versioned_ref)
-        return version is not None and version.ready.done() and version.ready.exception() is None
+        return version is not None and version.loaded.done()
 
     async def pin(self, record: AdapterRecord) -> Path:
         """The local folder of this version, kept until `unpin`; downloads it when needed."""
         key = record.versioned_ref
         version = self._versions.get(key)
         if version is None:
-            loop = asyncio.get_running_loop()
-            version = _CachedVersion(path=self._version_dir(record), ready=loop.create_future())
-            version.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._versions[key] = version
-            task = loop.create_task(self._download(key, version, record))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        version.pins += 1
-        version.retired = False  # pinned for serving: this version is current again (republished)
-        self._versions.move_to_end(key)
+            version = _CachedVersion(key=key, path=self._version_dir(record))
+            self._versions.start(version, self._download(version, record))
+        self._versions.hold(version)  # pinned for serving: a retired version is current again (republished)
         try:
-            await asyncio.shield(version.ready)
+            await asyncio.shield(version.loaded)
         except BaseException:
             # Release this pin's own version: after a failed download the key may already name
             # a retry that another request started and pinned.
-            self._unpin(key, version)
+            self._unpin(version)
             raise
         return version.path
 
     def unpin(self, record: AdapterRecord) -> None:
-        key = record.versioned_ref
-        version = self._versions.get(key)
+        version = self._versions.get(record.versioned_ref)
         if version is not None:
-            self._unpin(key, version)
+            self._unpin(version)
 
     def retire(self, record: AdapterRecord) -> None:
         """This version is no longer served: delete it now, or when its last pin goes."""
-        key = record.versioned_ref
-        version = self._versions.get(key)
+        version = self._versions.get(record.versioned_ref)
         if version is None:
             shutil.rmtree(self._version_dir(record), ignore_errors=True)
-            return
-        version.retired = True
-        if version.pins == 0 and version.ready.done():
-            self._delete(key)
+        elif self._versions.retire(version) is EntryState.DROPPED:
+            _delete(version)
 
     # -- internals -------------------------------------------------------------
 
-    def _unpin(self, key: str, version: _CachedVersion) -> None:
-        version.pins -= 1
-        if version.pins > 0 or self._versions.get(key) is not version or not version.ready.done():
-            return  # still pinned, a failed download (already gone), or downloading: `_download` decides
-        if version.retired:
-            self._delete(key)
-        else:
-            self._versions.move_to_end(key)
+    def _unpin(self, version: _CachedVersion) -> None:
+        # Neither dropped nor idle: still pinned, downloading (`_download` decides), or a failed download (gone).
+        state = self._versions.release(version)
+        if state is EntryState.DROPPED:
+            _delete(version)
+        elif state is EntryState.IDLE:
             self._shrink()
 
     def _version_dir(self, record: AdapterRecord) -> Path:
         return self._root / record.owner / record.name / record.version
 
-    async def _download(self, key: str, version: _CachedVersion, record: AdapterRecord) -> None:
+    async def _download(self, version: _CachedVersion, record: AdapterRecord) -> None:
         try:
             # (The common case, no folder yet, skips a thread hop: it is on the cold path's clock.)
             if not version.path.is_dir() or not await asyncio.to_thread(_matches, version.path, record):
                 await self._traced_fetch(version.path, record)
         except asyncio.CancelledError:  # the app is shutting down
-            self._versions.pop(key, None)
-            version.ready.cancel()
+            self._versions.set_failed(version, None)
             raise
         except Exception as exc:
-            self._versions.pop(key, None)
-            version.ready.set_exception(exc)
+            self._versions.set_failed(version, exc)
             return
         version.size = sum(f.size for f in record.files)
-        version.ready.set_result(None)
-        if version.retired and version.pins == 0:
-            self._delete(key)  # retired while downloading, and every request for it has left
+        if self._versions.set_loaded(version) is EntryState.DROPPED:
+            _delete(version)  # retired while downloading, and every request for it has left
         else:
             self._shrink()
 
@@ -210,18 +192,18 @@ class DiskCache:
     def _shrink(self) -> None:
         """Drop least recently used unpinned versions until the cache fits its budget."""
         used = self.used_bytes
-        for key in list(self._versions):
+        for version in list(self._versions.idle()):
             if used <= self._max_bytes:
                 return
-            version = self._versions[key]
-            if version.pins == 0 and version.ready.done():
-                log.info("disk cache: dropping %s (least recently used, %d bytes)", key, version.size)
-                self._delete(key)
-                used -= version.size
+            log.info("disk cache: dropping %s (least recently used, %d bytes)", version.key, version.size)
+            self._versions.evict(version)
+            _delete(version)
+            used -= version.size
 
-    def _delete(self, key: str) -> None:
-        version = self._versions.pop(key)
-        shutil.rmtree(version.path, ignore_errors=True)
+
+def _delete(version: _CachedVersion) -> None:
+    """The folder of a version out of the cache."""
+    shutil.rmtree(version.path, ignore_errors=True)
 
 
 def _matches(folder: Path, record: AdapterRecord) -> bool:

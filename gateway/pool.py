@@ -39,7 +39,8 @@ never evicted or drained while warm, in at most `warm_slots` slots (one at least
 Also:
 - a version that fails to load fails fast for `failure_ttl_s`, and the engine serves on;
 - a retired version (superseded or deleted) leaves the engine when its last request ends.
-The files come from the disk tier (`AdapterFiles`), pinned while the engine holds them.
+The files come from the disk tier (`AdapterFiles`), pinned while the engine holds them. The single
+flight, holder counts, retirement and LRU order are `RefcountedLRU`'s; the scheduling is this module's.
 
 Each acquire is an `adapter.acquire` span (outcome resident, disk, store or failed; the queue
 position it got and the seconds it waited for a slot, 0 when it did not queue); a load runs
@@ -57,8 +58,8 @@ import itertools
 import logging
 import math
 import time
-from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ from gateway.errors import (
     describe,
     redact_paths,
 )
+from gateway.refcounted_lru import EntryState, LruEntry, RefcountedLRU
 from gateway.service_rate import ServiceRate, retry_after_s
 from gateway.telemetry import spans
 from gateway.telemetry.instruments import TIER_ENGINE, GatewayMetrics, detached_metrics, elapsed_since
@@ -101,13 +103,10 @@ class AdapterFiles(Protocol):
         """Whether this version is on local disk already (a load from it skips the store)."""
 
 
-@dataclass
-class _Entry:
+@dataclass(kw_only=True)
+class _Entry(LruEntry):  # keyed by the version's engine name
     record: AdapterRecord
     adapter: EngineAdapter
-    loaded: asyncio.Future[None]
-    holders: int = 0
-    retired: bool = False
     source: str = spans.STORE  # where the load found the files: disk, or the store (fetched first)
     load_span: SpanContext | None = None  # the acquire span of the request that started the load
     users: Counter[str | None] = field(default_factory=Counter)  # holders by caller (no zero counts)
@@ -126,6 +125,14 @@ class _Waiter:
     arrived: float  # time.monotonic()
     context: contextvars.Context  # the request's (its acquire span current): a load started for it runs in it
     granted: asyncio.Future[tuple[_Entry, bool]]  # the entry, held for it; whether it was loaded then
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    """What taking a slot did for a request."""
+
+    adapter: EngineAdapter | None  # held until the block exits (None: the base model, with no adapter)
+    source: str | None  # where it came from: resident, disk or store (the acquire outcome); None: the base model
 
 
 @dataclass(frozen=True)
@@ -179,11 +186,10 @@ class AdapterPool:
         self._max_queued = max_queued
         self._warm_slots = min(warm_slots, capacity - 1)  # one slot at least is never pinned
         self._rate = ServiceRate()  # of the slot queue: what a newcomer's wait is estimated from
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
+        self._entries: RefcountedLRU[_Entry] = RefcountedLRU()  # its tasks: the loads and removals
         self._failures: dict[str, tuple[str, float]] = {}  # name -> (reason, retry at)
         self._engine_ids = itertools.count(1)
         self._base_adapter: EngineAdapter | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._removing = 0  # retired adapters out of the pool whose engine removal has not returned
         # engine name -> done when its removal from the engine returned: a version published
         # again meanwhile is registered only after that (the engine refuses a name added twice).
@@ -206,26 +212,27 @@ class AdapterPool:
     # -- requests --------------------------------------------------------------
 
     @asynccontextmanager
-    async def acquire(
-        self,
-        record: AdapterRecord | None,
-        user: str | None = None,
-        on_outcome: Callable[[str], None] | None = None,
-    ) -> AsyncIterator[EngineAdapter | None]:
+    async def take_slot(self, record: AdapterRecord | None, user: str | None = None) -> AsyncIterator[SlotGrant]:
         """The engine adapter for `record` (None: the base model), held for caller `user` until the
-        block exits. `on_outcome` hears where it came from: resident, disk or store."""
+        block exits, and where it came from."""
         if record is None:
-            yield self._base_adapter
+            yield SlotGrant(self._base_adapter, None)
             return
-        entry = await self._traced_hold(record, user, on_outcome)
+        entry, source = await self._traced_hold(record, user)
         try:
-            yield entry.adapter
+            yield SlotGrant(entry.adapter, source)
         finally:
             self._release(entry, user)
 
-    async def _traced_hold(
-        self, record: AdapterRecord, user: str | None, on_outcome: Callable[[str], None] | None
-    ) -> _Entry:
+    @asynccontextmanager
+    async def acquire(
+        self, record: AdapterRecord | None, user: str | None = None
+    ) -> AsyncIterator[EngineAdapter | None]:
+        """`take_slot`, for a caller that needs only the adapter."""
+        async with self.take_slot(record, user) as grant:
+            yield grant.adapter
+
+    async def _traced_hold(self, record: AdapterRecord, user: str | None) -> tuple[_Entry, str]:
         started = time.perf_counter()
         with self._tracer.start_as_current_span(spans.ACQUIRE, attributes=spans.adapter_attributes(record)) as span:
             try:
@@ -237,9 +244,7 @@ class AdapterPool:
             span.set_attribute(spans.ACQUIRE_OUTCOME, outcome)
         self._metrics.adapter_acquires.labels(outcome).inc()
         self._metrics.adapter_acquire_seconds.labels(outcome).observe(elapsed_since(started))
-        if on_outcome is not None:
-            on_outcome(outcome)
-        return entry
+        return entry, outcome
 
     async def _hold(self, record: AdapterRecord, user: str | None, span: Span) -> tuple[_Entry, str]:
         name = record.versioned_ref
@@ -267,29 +272,27 @@ class AdapterPool:
         return entry, spans.RESIDENT if resident else entry.source
 
     def _hold_entry(self, entry: _Entry, user: str | None) -> bool:
-        """Count a request in (synchronously: a held entry is never evicted); whether it is loaded."""
-        entry.holders += 1
+        """Count a request in (synchronously: a held entry is never evicted); whether it is loaded. The
+        caller resolved this version as current: a retired one was republished."""
         entry.users[user] += 1
-        entry.retired = False  # the caller resolved this version as current (republished)
-        self._entries.move_to_end(entry.record.versioned_ref)
-        return entry.loaded.done()
+        return self._entries.hold(entry)
 
     def _release(self, entry: _Entry, user: str | None) -> None:
-        entry.holders -= 1
+        state = self._entries.release(entry)
         entry.users[user] -= 1
         if entry.users[user] <= 0:
             del entry.users[user]
-        name = entry.record.versioned_ref
-        if entry.holders > 0 or self._entries.get(name) is not entry:
+        if state in (EntryState.HELD, EntryState.ABSENT):
             return  # still in use, or already gone (a failed load hands its slot on itself)
         entry.released_at, entry.last_user = time.monotonic(), user
-        if entry.retired and entry.loaded.done():
-            self._evict_now(entry)
-        else:
-            # Recency counts from the end of use: an adapter busy with a long request is not
-            # less recently used than one whose short request ended meanwhile.
-            self._entries.move_to_end(name)
-            self._dispatch()
+        if state is EntryState.DROPPED:
+            self._remove_dropped(entry)
+            return
+        if state is EntryState.LOADING:
+            # Recency counts from the end of use (for a loaded one, the LRU's own rule): an adapter
+            # busy with a long request is not less recently used than one whose short request ended meanwhile.
+            self._entries.touch(entry)
+        self._dispatch()
 
     # -- the queue for slots ---------------------------------------------------
 
@@ -415,7 +418,7 @@ class AdapterPool:
         (the fewest requests in flight first, least recently used among equals); whether a drain
         was called off (its waiter served, gone, or no longer counted)."""
         # An idle draining adapter is no spare: its slot is the one its waiter is about to get.
-        idle = sum(1 for e in self._entries.values() if _idle(e) and not (e.draining or e.pinned))
+        idle = sum(1 for e in self._entries.idle() if not (e.draining or e.pinned))
         spare = max(0, self._capacity - self._occupied()) + idle
         aged, all_past_share = self._aged_waiters(spare + self._capacity)
         need = max(0, aged - spare)
@@ -480,7 +483,7 @@ class AdapterPool:
     def _idle_victim(self, yielding: bool = False) -> _Entry | None:
         """The idle adapter to evict for a new one: a draining one first, else the least recently used.
         `yielding` (for a caller past its share): not one a caller below its share used within the grace."""
-        idle = [e for e in self._entries.values() if _idle(e) and not e.pinned]
+        idle = [e for e in self._entries.idle() if not e.pinned]
         if yielding:
             alone = self._slots_held_alone()
             idle = [e for e in idle if self._grace_ends(e, alone) is None]
@@ -496,7 +499,7 @@ class AdapterPool:
     def _wake_when_grace_ends(self) -> None:
         """A waiter past its share waits for a grace to end: dispatch then, whatever else happens."""
         alone = self._slots_held_alone()
-        ends = [t for e in self._entries.values() if _idle(e) and (t := self._grace_ends(e, alone)) is not None]
+        ends = [t for e in self._entries.idle() if (t := self._grace_ends(e, alone)) is not None]
         if not ends or (self._wake is not None and self._wake[0] <= min(ends)):
             return
         if self._wake is not None:
@@ -514,22 +517,13 @@ class AdapterPool:
         if self._occupied() >= self._capacity:
             victim = self._idle_victim(yielding)
             assert victim is not None, "a load started without a slot"
-            self._entries.pop(victim.record.versioned_ref)
+            self._entries.evict(victim)
             self._removal_started(victim)
-        adapter = EngineAdapter(next(self._engine_ids), record.versioned_ref, Path())
-        entry = _Entry(record=record, adapter=adapter, loaded=asyncio.get_running_loop().create_future())
-        entry.load_span = trace.get_current_span().get_span_context()
-        self._entries[record.versioned_ref] = entry
+        name = record.versioned_ref
+        adapter = EngineAdapter(next(self._engine_ids), name, Path())
+        entry = _Entry(key=name, record=record, adapter=adapter, load_span=trace.get_current_span().get_span_context())
         # The task copies this context: the load's spans are children of the triggering acquire.
-        self._spawn(self._load(entry, victim))
-        # A load that fails after every waiter left must not warn "exception never retrieved".
-        entry.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return entry
-
-    def _spawn(self, work: Coroutine[None, None, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return self._entries.start(entry, self._load(entry, victim))
 
     async def _load(self, entry: _Entry, victim: _Entry | None) -> None:
         record, name = entry.record, entry.record.versioned_ref
@@ -551,13 +545,12 @@ class AdapterPool:
             # Not the adapter's fault: nothing to remember, the client may retry. The details
             # (endpoint, bucket, object) go to the log and the spans, never to the client.
             log.warning("adapter %s could not be loaded now: %s", name, describe(exc))
-            self._forget(name, record if pinned else None)
             unavailable = ServiceUnavailableError(
                 "The engine is not serving. Retry shortly." if isinstance(exc, EngineDeadError) else STORE_UNREACHABLE,
                 retry_after_s=5,
             )
             unavailable.__cause__ = exc
-            entry.loaded.set_exception(unavailable)
+            self._forget(entry, unavailable, record if pinned else None)
         except Exception as exc:
             log.warning("adapter %s failed to load: %s", name, describe(exc))
             # What is wrong with the adapter itself is its owner's to know (without server paths);
@@ -565,14 +558,13 @@ class AdapterPool:
             known = isinstance(exc, (AdapterLoadError, AdapterValidationError))
             reason = redact_paths(str(exc)) if known else "the server could not prepare it"
             self._failures[name] = (reason, time.monotonic() + self._failure_ttl_s)
-            self._forget(name, record if pinned else None)
-            entry.loaded.set_exception(_failure_error(name, reason))
+            self._forget(entry, _failure_error(name, reason), record if pinned else None)
         else:
             log.info("adapter %s registered as engine id %d", name, entry.adapter.engine_id)
-            entry.loaded.set_result(None)
-            if entry.holders == 0 and entry.retired:
-                self._evict_now(entry)
-            elif entry.holders == 0:
+            state = self._entries.set_loaded(entry)
+            if state is EntryState.DROPPED:
+                self._remove_dropped(entry)
+            elif state is EntryState.IDLE:
                 # Every request for it left while it loaded: it is evictable only now.
                 self._dispatch()
 
@@ -619,12 +611,11 @@ class AdapterPool:
         if removal is not None and not removal.done():
             removal.set_result(None)
 
-    def _evict_now(self, entry: _Entry) -> None:
-        """Take an idle entry out of the pool at once and remove it from the engine in the background."""
-        self._entries.pop(entry.record.versioned_ref, None)
+    def _remove_dropped(self, entry: _Entry) -> None:
+        """An entry the LRU dropped (retired, idle): remove it from the engine in the background."""
         self._removing += 1
         self._removal_started(entry)
-        self._spawn(self._evict_then_free_slot(entry))
+        self._entries.spawn(self._evict_then_free_slot(entry))
 
     async def _evict_then_free_slot(self, entry: _Entry) -> None:
         # The slot is free only once the engine let go: else an add could find it still full.
@@ -634,10 +625,11 @@ class AdapterPool:
             self._removing -= 1
             self._dispatch()
 
-    def _forget(self, name: str, pinned: AdapterRecord | None) -> None:
-        self._entries.pop(name, None)
+    def _forget(self, entry: _Entry, error: Exception, pinned: AdapterRecord | None) -> None:
+        """A failed load: out of the pool (its holders get `error`), its slot handed on."""
         if pinned is not None:
             self._files.unpin(pinned)
+        self._entries.set_failed(entry, error)
         self._dispatch()
 
     # -- versions leaving ------------------------------------------------------
@@ -646,11 +638,8 @@ class AdapterPool:
         """This version is superseded or deleted: new requests no longer reach it (the catalog
         sees to that); it leaves the engine now if idle, else when its last request ends."""
         entry = self._entries.get(record.versioned_ref)
-        if entry is None:
-            return
-        entry.retired = True
-        if entry.holders == 0 and entry.loaded.done():
-            self._evict_now(entry)
+        if entry is not None and self._entries.retire(entry) is EntryState.DROPPED:
+            self._remove_dropped(entry)
 
     def keep_warm(self, records: Iterable[AdapterRecord]) -> None:
         """Pin the current versions marked `warm` (up to `warm_slots`, by ref) in the engine: loaded now
@@ -709,11 +698,6 @@ def default_slots_per_user(capacity: int) -> int:
     """All slots but one (one when there is one): a tenant alone may use every slot, but while others
     wait it never holds the last one."""
     return max(1, capacity - 1)
-
-
-def _idle(entry: _Entry) -> bool:
-    """Loaded and held by no request: evictable."""
-    return entry.holders == 0 and entry.loaded.done()
 
 
 def _failure_error(versioned_name: str, reason: str) -> AdapterLoadFailedError:

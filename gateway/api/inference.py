@@ -196,9 +196,6 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
     request_span = trace.get_current_span()  # the server span of this HTTP request
     _describe_request(request_span, endpoint.operation, body)
 
-    def heard(source: str) -> None:
-        observation.adapter_source = source
-
     def first_token() -> None:
         metrics.time_to_first_token.labels(
             observation.endpoint, observation.stream_label, observation.adapter_source
@@ -224,9 +221,10 @@ async def _serve(request: web.Request, endpoint: Endpoint, observation: Observat
             request_span.set_attributes(spans.adapter_attributes(record))
         adapter = None
         if endpoint.generates:
-            adapter = await held.enter_async_context(
-                admission.enter_engine(record, principal.user, sequences_of(body), on_outcome=heard)
-            )
+            grant = await held.enter_async_context(admission.enter_engine(record, principal.user, sequences_of(body)))
+            adapter = grant.adapter
+            if grant.source is not None:  # None: the base model, BASE_SOURCE already
+                observation.adapter_source = grant.source
         caller = Caller(
             model=body.model,
             lora=lora_request(adapter),

@@ -442,4 +442,4 @@ async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
 
 async def _downloads_done(cache: DiskCache) -> None:
     """Wait for the cache's background downloads (white box: nothing public reports them)."""
-    await asyncio.gather(*cache._tasks, return_exceptions=True)
+    await asyncio.gather(*cache._versions.tasks, return_exceptions=True)
