@@ -7,7 +7,6 @@ request id (telemetry/request_id.py); its details go to the log line and the spa
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -15,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 from opentelemetry import trace
+from pydantic import BaseModel, ConfigDict
 
 from adapters_manifest.store import StoreUnavailableError
 from gateway.telemetry.request_id import request_id_of
@@ -172,8 +172,26 @@ def engine_request_error(status: int, message: str, param: str | None = None) ->
     return EngineRequestError(status, message, param)
 
 
-def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, for every 4xx and 5xx (and the OpenAPI document's schema of it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, error: GatewayError, request_id: str | None) -> ErrorBody:
+        detail = ErrorDetail(
+            message=client_message(error, request_id), type=error.error_type, param=error.param, code=error.code
+        )
+        return cls(error=detail)
 
 
 def redact_paths(text: str) -> str:
@@ -202,15 +220,15 @@ def client_message(error: GatewayError, request_id: str | None) -> str:
 
 def client_error_body(error: GatewayError, request: web.BaseRequest) -> dict[str, Any]:
     """The error object for `request`, also for an error event inside a stream already under way."""
-    return error_body(client_message(error, request_id_of(request)), error.error_type, error.param, error.code)
+    return ErrorBody.of(error, request_id_of(request)).model_dump()
 
 
 def error_response(error: GatewayError, request_id: str | None = None) -> web.Response:
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    body = error_body(client_message(error, request_id), error.error_type, error.param, error.code)
-    return web.Response(status=error.status, text=json.dumps(body), content_type="application/json", headers=headers)
+    body = ErrorBody.of(error, request_id).model_dump_json()
+    return web.Response(status=error.status, text=body, content_type="application/json", headers=headers)
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:

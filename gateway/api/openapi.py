@@ -9,12 +9,13 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from adapters_manifest.record import ADAPTER_FILES, MAX_DESCRIPTION_CHARS, MAX_ROUTE_CHARS, MAX_ROUTES, NAME_PATTERN
 from gateway.api.adapters import FORM_FIELDS
 from gateway.auth.middleware import OPEN_PATHS
+from gateway.errors import ErrorBody
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -23,21 +24,6 @@ BODY_SCHEMAS = {JSON: {"type": "object"}, SSE: {"type": "object", "required": ["
 STREAMED = (JSON, SSE)
 GENERATION_ERRORS = (400, 404, 408, 413, 422, 429, 503)  # a bad, slow or large body, no such model, adapter, limits
 TOKEN_ERRORS = (400, 404, 408, 413, 429, 503)
-
-
-class ErrorDetail(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class Error(BaseModel):
-    """OpenAI's error shape, for every 4xx and 5xx (gateway/errors.py)."""
-
-    model_config = ConfigDict(extra="forbid")
-    error: ErrorDetail
 
 
 @dataclass(frozen=True)
@@ -106,7 +92,7 @@ def _operations() -> tuple[Operation, ...]:
 def build_openapi() -> dict[str, Any]:
     operations = _operations()
     bodies = [op.body for op in operations if isinstance(op.body, type)]
-    refs, defs = models_json_schema([(m, "validation") for m in (*bodies, Error)], ref_template=REF)
+    refs, defs = models_json_schema([(m, "validation") for m in (*bodies, ErrorBody)], ref_template=REF)
     for schema in defs["$defs"].values():  # vLLM's models keep extras; the gateway's gate refuses them
         if schema.get("additionalProperties") is True and "properties" in schema:
             schema["additionalProperties"] = False
@@ -126,7 +112,7 @@ def build_openapi() -> dict[str, Any]:
 
 
 def _operation(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
-    error = {"content": {JSON: {"schema": refs[(Error, "validation")]}}}
+    error = {"content": {JSON: {"schema": refs[(ErrorBody, "validation")]}}}
     open_path = op.path in OPEN_PATHS
     statuses = sorted({*op.errors, *(() if open_path else (401, 500))})
     operation: dict[str, Any] = {
