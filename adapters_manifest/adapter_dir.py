@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
-from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, AdapterFile
+from adapters_manifest.record import ADAPTER_FILES, AdapterFile
 
 
 def sha256_file(path: Path) -> str:
@@ -24,7 +22,3 @@ def describe_files(folder: Path) -> list[AdapterFile]:
         AdapterFile(name=name, sha256=sha256_file(folder / name), size=(folder / name).stat().st_size)
         for name in ADAPTER_FILES
     ]
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / CONFIG_FILE).read_text())

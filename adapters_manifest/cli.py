@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -17,7 +16,6 @@ from adapters_manifest.publish import publish, validated_record
 from adapters_manifest.published_base import PublishedBase
 from adapters_manifest.record import (
     ADAPTER_FILES,
-    CONFIG_FILE,
     MAX_DESCRIPTION_CHARS,
     MAX_ROUTE_CHARS,
     MAX_ROUTES,
@@ -27,7 +25,7 @@ from adapters_manifest.record import (
     check_upload_name,
 )
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
-from adapters_manifest.validation import AdapterValidationError, BaseModelSpec, ValidationLimits
+from adapters_manifest.validation import AdapterValidationError, BaseModelSpec, ValidationLimits, read_config
 
 DEFAULT_STORE = "adapter-store"
 
@@ -220,7 +218,7 @@ async def _checks_for(store: AdapterStore, folder: Path, opts: argparse.Namespac
 
 def _base_model_of(folder: Path) -> str:
     """PEFT writes the base it trained on into the config; a record keeps its last path part."""
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    config = read_config(folder)
     return Path(str(config.get("base_model_name_or_path") or "unknown")).name or "unknown"
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapters_manifest.adapter_dir import describe_files, read_config
+from adapters_manifest.adapter_dir import describe_files
 from adapters_manifest.record import AdapterRecord, check_routing, check_upload_name, content_version
 from adapters_manifest.store import AdapterStore, ProgressCallback, RecordConflictError
-from adapters_manifest.validation import BaseModelSpec, ValidationLimits, validate_adapter_dir
+from adapters_manifest.validation import BaseModelSpec, ValidationLimits, read_config, validate_adapter_dir
 
 MAX_COMMIT_ATTEMPTS = 5
 

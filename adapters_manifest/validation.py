@@ -107,7 +107,7 @@ def validate_adapter_dir(
     """Refuse (AdapterValidationError) anything the engine should not load; `base` None means
     structural checks only (no rank limit, no module or shape checks against a base)."""
     _check_files(folder, limits)
-    summary = _check_config(_read_config(folder / CONFIG_FILE), base)
+    summary = _check_config(read_config(folder), base)
     header = _check_tensors(folder / WEIGHTS_FILE, summary, base, limits)
     try:
         check_values(folder / WEIGHTS_FILE, header, base.serving_dtype if base is not None else None)
@@ -141,9 +141,10 @@ def _check_files(folder: Path, limits: ValidationLimits) -> None:
             raise AdapterValidationError(f"{name} is {size} bytes, over the {limit}-byte limit")
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's adapter_config.json, the one way it is parsed: a JSON object without repeated keys."""
     try:
-        config = json.loads(path.read_bytes(), object_pairs_hook=refuse_duplicate_keys)
+        config = json.loads((folder / CONFIG_FILE).read_bytes(), object_pairs_hook=refuse_duplicate_keys)
     except (ValueError, RecursionError) as e:  # bad encoding, bad JSON, duplicate keys, absurd nesting
         raise AdapterValidationError(f"{CONFIG_FILE} is not valid JSON ({e})") from None
     if not isinstance(config, dict):

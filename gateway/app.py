@@ -23,6 +23,7 @@ from gateway.api import inference
 from gateway.api.adapters import delete_adapter, list_adapters, show_adapter, upload_adapter
 from gateway.api.admin import resident_adapters, trigger_sync
 from gateway.api.health import healthz, readyz
+from gateway.api.metrics_page import metrics, register_state_collector
 from gateway.api.models import list_models, show_model
 from gateway.api.openai_layer import build_openai_layer
 from gateway.api.openapi import OPENAPI, build_openapi, openapi_document
@@ -63,7 +64,7 @@ from gateway.engine_seats import EngineSeats
 from gateway.engine_start import EngineProcessWatch
 from gateway.errors import describe, error_middleware
 from gateway.fair_share import UserLimiter
-from gateway.metrics import metrics, register_state_collector
+from gateway.metrics import GatewayMetrics
 from gateway.pool import AdapterPool
 from gateway.routing.encoder import SentenceEncoder, load_encoder
 from gateway.routing.router import Router
@@ -75,7 +76,6 @@ from gateway.slow_clients import (
     watch_stalled_readers,
 )
 from gateway.telemetry.http import server_span_middleware
-from gateway.telemetry.instruments import GatewayMetrics
 from gateway.telemetry.request_id import add_request_id_header, request_id_middleware
 from gateway.telemetry.spans import tracer_of
 from gateway.upload_admission import UploadAdmission
@@ -186,11 +186,14 @@ def create_app(
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", show_model)
-    app.router.add_post("/v1/completions", inference.handler(inference.COMPLETIONS))
-    app.router.add_post("/v1/chat/completions", inference.handler(inference.CHAT_COMPLETIONS))
-    app.router.add_post("/v1/responses", inference.handler(inference.RESPONSES))
-    app.router.add_post("/tokenize", inference.handler(inference.TOKENIZE))
-    app.router.add_post("/detokenize", inference.handler(inference.DETOKENIZE))
+    endpoints = inference.Inference(
+        settings, app[SERVING], app[CATALOG], app[ROUTER], app[METRICS], app[CACHE_SALT_SECRET]
+    )
+    app.router.add_post("/v1/completions", endpoints.handler(inference.COMPLETIONS))
+    app.router.add_post("/v1/chat/completions", endpoints.handler(inference.CHAT_COMPLETIONS))
+    app.router.add_post("/v1/responses", endpoints.handler(inference.RESPONSES))
+    app.router.add_post("/tokenize", endpoints.handler(inference.TOKENIZE))
+    app.router.add_post("/detokenize", endpoints.handler(inference.DETOKENIZE))
     app.router.add_post("/v1/adapters", upload_adapter)
     app.router.add_get("/v1/adapters", list_adapters)
     app.router.add_get("/v1/adapters/{owner}/{name}", show_adapter)

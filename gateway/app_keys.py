@@ -17,12 +17,21 @@ from gateway.disk_cache import DiskCache
 from gateway.engine.interface import Engine
 from gateway.errors import ServiceUnavailableError
 from gateway.fair_share import UserLimiter
+from gateway.metrics import GatewayMetrics
 from gateway.pool import AdapterPool
 from gateway.routing.router import Router
 from gateway.settings import ServeSettings
-from gateway.telemetry.instruments import GatewayMetrics
 from gateway.upload_admission import UploadAdmission
 from gateway.version_collector import VersionCollector
+
+
+@dataclass(frozen=True)
+class Running:
+    """The engine and what works on it, as one request sees them (fetched once: the engine may restart)."""
+
+    engine: Engine
+    admission: Admission
+    openai: OpenAILayer
 
 
 @dataclass
@@ -61,15 +70,10 @@ class Serving:
         assert self.pool is not None  # set together with the engine
         return self.pool
 
-    def admission_or_raise(self) -> Admission:
-        self.engine_or_raise()
-        assert self.admission is not None  # set together with the engine
-        return self.admission
-
-    def openai_or_raise(self) -> OpenAILayer:
-        self.engine_or_raise()
-        assert self.openai is not None  # set together with the engine
-        return self.openai
+    def running_or_raise(self) -> Running:
+        engine = self.engine_or_raise()
+        assert self.admission is not None and self.openai is not None  # set together with the engine
+        return Running(engine, self.admission, self.openai)
 
 
 SETTINGS = web.AppKey("settings", ServeSettings)

@@ -31,8 +31,8 @@ from adapters_manifest.store import AdapterStore
 from gateway.auth.keys import Principal
 from gateway.errors import ModelNotFoundError
 from gateway.fair_share import UserLimiter
+from gateway.metrics import GatewayMetrics, detached_metrics
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import GatewayMetrics, detached_metrics
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from adapters_manifest.adapter_dir import sha256_file
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import AdapterStore, StoreUnavailableError
 from adapters_manifest.validation import AdapterValidationError
+from gateway.metrics import TIER_DISK, GatewayMetrics, detached_metrics, elapsed_since
 from gateway.refcounted_lru import EntryState, LruEntry, RefcountedLRU
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import TIER_DISK, GatewayMetrics, detached_metrics, elapsed_since
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from gateway.errors import EngineCapacityError
+from gateway.metrics import GatewayMetrics, detached_metrics
 from gateway.service_rate import ServiceRate, retry_after_s
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import GatewayMetrics, detached_metrics
 
 
 @dataclass

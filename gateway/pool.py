@@ -80,10 +80,10 @@ from gateway.errors import (
     describe,
     redact_paths,
 )
+from gateway.metrics import TIER_ENGINE, GatewayMetrics, detached_metrics, elapsed_since
 from gateway.refcounted_lru import EntryState, LruEntry, RefcountedLRU
 from gateway.service_rate import ServiceRate, retry_after_s
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import TIER_ENGINE, GatewayMetrics, detached_metrics, elapsed_since
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.api.metrics_page import metrics_only_app
 from gateway.app import EngineFactory, _start_vllm, create_app
 from gateway.app_keys import SERVING
-from gateway.metrics import metrics_only_app
 from gateway.settings import ServeSettings
 from gateway.telemetry.tracing import install_global_tracer_provider
 

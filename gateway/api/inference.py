@@ -1,10 +1,11 @@
 """The OpenAI inference endpoints (completions, chat, Responses, tokenize, detokenize).
 
-A request's path: the strict gate (vLLM's protocol models, unknown fields refused) -> fair share
-admits -> `model: "auto"` is routed to one of the caller's adapters (or the base) -> the catalog
-resolves `model` for the caller -> the pool holds the adapter in the engine ->
-vLLM's own OpenAI layer serves it as that caller -> the answer, whole or streamed, errors in OpenAI's
-shape (gateway/errors.py).
+A request's path, top to bottom in `Inference._serve`: the strict gate (vLLM's protocol models,
+unknown fields refused; request_gate.py) -> the caller's turn (admission.py) -> `model: "auto"` is
+routed to one of the caller's adapters (or the base) -> the catalog resolves `model` for the caller
+-> the request enters the engine: its seats, then its adapter's slot (admission.py) -> vLLM's own
+OpenAI layer serves it as that caller (openai_layer.py) -> the answer, whole or streamed, errors in
+OpenAI's shape (errors.py).
 
 Observed on the way: the request's server span gets the gen_ai.* attributes and the adapter's
 owner/name/version; each generation is an `engine.generate` span with a `first_token` event; request
@@ -34,8 +35,9 @@ from pydantic import BaseModel
 from gateway.admission import sequences_of
 from gateway.api.openai_layer import Caller
 from gateway.api.request_gate import parse_body
-from gateway.app_keys import CACHE_SALT_SECRET, CATALOG, METRICS, ROUTER, SERVING, SETTINGS
+from gateway.app_keys import Running, Serving
 from gateway.auth.middleware import PRINCIPAL
+from gateway.catalog import AdapterCatalog
 from gateway.engine.vllm_engine import lora_request
 from gateway.errors import (
     GatewayError,
@@ -46,9 +48,11 @@ from gateway.errors import (
     engine_request_error,
     known_error,
 )
+from gateway.metrics import GatewayMetrics, elapsed_since
 from gateway.routing.auto import ROUTED_MODEL_HEADER, auto_namespace, routed_model
+from gateway.routing.router import Router
+from gateway.settings import ServeSettings
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import elapsed_since
 from gateway.telemetry.request_id import request_id_of
 
 log = logging.getLogger(__name__)
@@ -152,100 +156,108 @@ def outcome_of(status: int) -> str:
     return OUTCOMES.get(status, "invalid" if 400 <= status < 500 else "error")
 
 
-def handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        observation = Observation(endpoint.label, time.perf_counter())
-        try:
-            return await _serve(request, endpoint, observation)
-        except (asyncio.CancelledError, ConnectionResetError):  # the client hung up
-            observation.outcome = "cancelled"
-            raise
-        except Exception as exc:  # errors.py answers it: the outcome follows its status
-            error = known_error(exc)
-            observation.outcome = "error" if error is None else outcome_of(error.status)
-            raise
-        finally:
-            metrics = request.app[METRICS]
-            labels = (endpoint.label, observation.stream_label, observation.outcome)
-            metrics.requests.labels(*labels).inc()
-            metrics.request_seconds.labels(*labels).observe(elapsed_since(observation.started))
+@dataclass(frozen=True)
+class Inference:
+    """The inference endpoints, with the collaborators the app factory passes in once."""
 
-    return handle
+    settings: ServeSettings
+    serving: Serving  # the engine's parts once it has started (it may restart)
+    catalog: AdapterCatalog
+    router: Router
+    metrics: GatewayMetrics
+    cache_salt_secret: bytes  # this process's secret for tenants' prefix-cache salts
 
-
-async def _serve(request: web.Request, endpoint: Endpoint, observation: Observation) -> web.StreamResponse:
-    raw = await _read_json(request)
-    if not isinstance(raw, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    app, principal = request.app, request[PRINCIPAL]
-    serving = app[SERVING]
-    try:
-        body = parse_body(endpoint.request_model(raw), raw)
-    except GatewayError:
-        raise
-    except Exception as exc:  # vLLM's own validators raise its errors out of pydantic's validation
-        raise _refusal(serving, None, exc) from exc
-    observation.stream = bool(getattr(body, "stream", False))
-    layer = serving.openai_or_raise()
-    catalog = app[CATALOG]
-    body.model = body.model or catalog.base_model_name  # as vLLM: no model is the base model
-    if hasattr(body, "request_id"):  # the engine's id is the gateway's: a client's could pose as another's
-        body.request_id = request_id_of(request)
-    if hasattr(body, "cache_salt") and app[SETTINGS].prefix_cache_per_tenant:
-        body.cache_salt = tenant_cache_salt(app[CACHE_SALT_SECRET], principal.user, body.cache_salt)
-    request_span = trace.get_current_span()  # the server span of this HTTP request
-    _describe_request(request_span, endpoint.operation, body)
-
-    def first_token() -> None:
-        metrics.time_to_first_token.labels(
-            observation.endpoint, observation.stream_label, observation.adapter_source
-        ).observe(elapsed_since(observation.started))
-
-    metrics = app[METRICS]
-    headers: dict[str, str] = {}
-    admission = serving.admission_or_raise()
-    async with contextlib.AsyncExitStack() as held:
-        with metrics.waiting("fair_share"):  # before any work for the caller, the look-up included
-            await held.enter_async_context(admission.caller_turn(principal.user))
-        routing_owner = auto_namespace(body.model, principal.user) if app[SETTINGS].routing else None
-        if routing_owner is not None:
-            if not endpoint.generates:
-                raise InvalidRequestError(
-                    f"model '{body.model}' routes completions, chat and responses; name a model here.", param="model"
-                )
-            body.model = await routed_model(app[ROUTER], catalog, principal, body, routing_owner)
-            headers[ROUTED_MODEL_HEADER] = body.model
-            request_span.set_attribute(gen_ai.GEN_AI_RESPONSE_MODEL, body.model)
-        record = await catalog.resolve(body.model, principal)
-        if record is not None:
-            request_span.set_attributes(spans.adapter_attributes(record))
-        adapter = None
-        if endpoint.generates:
-            grant = await held.enter_async_context(admission.enter_engine(record, principal.user, sequences_of(body)))
-            adapter = grant.adapter
-            if grant.source is not None:  # None: the base model, BASE_SOURCE already
-                observation.adapter_source = grant.source
-        caller = Caller(
-            model=body.model,
-            lora=lora_request(adapter),
-            on_first_token=first_token,
-            on_output=observation.add_output,
-        )
-        with layer.serving(caller):
+    def handler(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            observation = Observation(endpoint.label, time.perf_counter())
             try:
-                result = await endpoint.serve(layer)(body, None)
-            except Exception as exc:  # vLLM's server maps these in its exception handlers
-                raise _refusal(serving, caller, exc) from exc
-            response = await _respond(request, serving, caller, result, observation, headers)
-    _describe_result(request_span, observation)
-    if observation.outcome != "ok":
-        request_span.set_status(StatusCode.ERROR, f"the stream ended with an error ({observation.outcome})")
-    return response
+                return await self._serve(request, endpoint, observation)
+            except (asyncio.CancelledError, ConnectionResetError):  # the client hung up
+                observation.outcome = "cancelled"
+                raise
+            except Exception as exc:  # errors.py answers it: the outcome follows its status
+                error = known_error(exc)
+                observation.outcome = "error" if error is None else outcome_of(error.status)
+                raise
+            finally:
+                labels = (endpoint.label, observation.stream_label, observation.outcome)
+                self.metrics.requests.labels(*labels).inc()
+                self.metrics.request_seconds.labels(*labels).observe(elapsed_since(observation.started))
+
+        return handle
+
+    async def _serve(self, request: web.Request, endpoint: Endpoint, observation: Observation) -> web.StreamResponse:
+        raw = await _read_json(request, self.settings.body_timeout_s)
+        if not isinstance(raw, dict):
+            raise InvalidRequestError("The request body must be a JSON object.")
+        principal = request[PRINCIPAL]
+        try:
+            body = parse_body(endpoint.request_model(raw), raw)
+        except GatewayError:
+            raise
+        except Exception as exc:  # vLLM's own validators raise its errors out of pydantic's validation
+            raise _refusal(self.serving.running_or_raise(), None, exc) from exc
+        observation.stream = bool(getattr(body, "stream", False))
+        running = self.serving.running_or_raise()
+        body.model = body.model or self.catalog.base_model_name  # as vLLM: no model is the base model
+        if hasattr(body, "request_id"):  # the engine's id is the gateway's: a client's could pose as another's
+            body.request_id = request_id_of(request)
+        if hasattr(body, "cache_salt") and self.settings.prefix_cache_per_tenant:
+            body.cache_salt = tenant_cache_salt(self.cache_salt_secret, principal.user, body.cache_salt)
+        request_span = trace.get_current_span()  # the server span of this HTTP request
+        _describe_request(request_span, endpoint.operation, body)
+
+        def first_token() -> None:
+            self.metrics.time_to_first_token.labels(
+                observation.endpoint, observation.stream_label, observation.adapter_source
+            ).observe(elapsed_since(observation.started))
+
+        headers: dict[str, str] = {}
+        async with contextlib.AsyncExitStack() as held:
+            with self.metrics.waiting("fair_share"):  # before any work for the caller, the look-up included
+                await held.enter_async_context(running.admission.caller_turn(principal.user))
+            routing_owner = auto_namespace(body.model, principal.user) if self.settings.routing else None
+            if routing_owner is not None:
+                if not endpoint.generates:
+                    raise InvalidRequestError(
+                        f"model '{body.model}' routes completions, chat and responses; name a model here.",
+                        param="model",
+                    )
+                body.model = await routed_model(self.router, self.catalog, principal, body, routing_owner)
+                headers[ROUTED_MODEL_HEADER] = body.model
+                request_span.set_attribute(gen_ai.GEN_AI_RESPONSE_MODEL, body.model)
+            record = await self.catalog.resolve(body.model, principal)
+            if record is not None:
+                request_span.set_attributes(spans.adapter_attributes(record))
+            adapter = None
+            if endpoint.generates:
+                grant = await held.enter_async_context(
+                    running.admission.enter_engine(record, principal.user, sequences_of(body))
+                )
+                adapter = grant.adapter
+                if grant.source is not None:  # None: the base model, BASE_SOURCE already
+                    observation.adapter_source = grant.source
+            caller = Caller(
+                model=body.model,
+                lora=lora_request(adapter),
+                on_first_token=first_token,
+                on_output=observation.add_output,
+            )
+            with running.openai.serving(caller):
+                try:
+                    result = await endpoint.serve(running.openai)(body, None)
+                except Exception as exc:  # vLLM's server maps these in its exception handlers
+                    raise _refusal(running, caller, exc) from exc
+                response = await _respond(request, running, caller, result, observation, headers)
+        _describe_result(request_span, observation)
+        if observation.outcome != "ok":
+            request_span.set_status(StatusCode.ERROR, f"the stream ended with an error ({observation.outcome})")
+        return response
 
 
-async def _read_json(request: web.Request) -> Any:
+async def _read_json(request: web.Request, timeout_s: float) -> Any:
     try:  # bounded in size by the app's client_max_size (413), and in time against slow senders
-        async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
+        async with asyncio.timeout(timeout_s):
             raw = await request.read()
     except TimeoutError:
         raise RequestTimeoutError("The request body did not arrive in time.") from None
@@ -255,14 +267,14 @@ async def _read_json(request: web.Request) -> Any:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
 
 
-def _refusal(serving: Any, caller: Caller | None, error: Any) -> GatewayError:
+def _refusal(running: Running, caller: Caller | None, error: Any) -> GatewayError:
     """vLLM's ErrorResponse, or an exception out of its layer (mapped as vLLM's server maps it), as the
     gateway's error: anything while the engine is dead is a 503, and a failure of vLLM's layer before
     the request reached the engine is the request's (a body vLLM's models let through but its code
     cannot handle, e.g. `structured_outputs: [null]`): a 400."""
     from vllm.entrypoints.serve import create_error_response
 
-    if not serving.engine_or_raise().is_alive():
+    if not running.engine.is_alive():
         return ServiceUnavailableError("The engine is not serving; it is being restarted.", retry_after_s=5)
     info = (create_error_response(error) if isinstance(error, Exception) else error).error
     if info.code >= 500 and (caller is None or caller.generations == 0):
@@ -283,22 +295,27 @@ def _event_error_response(text: str) -> Any:
 
 
 async def _respond(
-    request: web.Request, serving: Any, caller: Caller, result: Any, observation: Observation, headers: dict[str, str]
+    request: web.Request,
+    running: Running,
+    caller: Caller,
+    result: Any,
+    observation: Observation,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     if isinstance(result, ErrorResponse):
-        raise _refusal(serving, caller, result)
+        raise _refusal(running, caller, result)
     if isinstance(result, BaseModel):
         payload = result.model_dump(mode="json", by_alias=True)
         _describe_response_id(payload)
         return web.json_response(text=json.dumps(payload, ensure_ascii=False), headers=headers)
-    return await _stream(request, serving, caller, result, observation, headers)
+    return await _stream(request, running, caller, result, observation, headers)
 
 
 async def _stream(
     request: web.Request,
-    serving: Any,
+    running: Running,
     caller: Caller,
     events: AsyncIterator[Any],
     observation: Observation,
@@ -309,7 +326,7 @@ async def _stream(
         try:  # before any byte is sent: an early failure is a plain error
             first = await anext(events, None)
         except Exception as exc:
-            raise _refusal(serving, caller, exc) from exc
+            raise _refusal(running, caller, exc) from exc
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
         )
@@ -320,7 +337,7 @@ async def _stream(
         while event is not None:
             text = _sse(event)
             if text.startswith('data: {"error"'):  # headers are gone: the error travels as an event
-                error = _refusal(serving, caller, _event_error_response(text))
+                error = _refusal(running, caller, _event_error_response(text))
                 observation.outcome = outcome_of(error.status)
                 text = f"data: {json.dumps(client_error_body(error, request))}\n\n"
             await response.write(text.encode())

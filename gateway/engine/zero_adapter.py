@@ -2,7 +2,8 @@
 
 vLLM's CPU LoRA kernels index the stacked adapter weights with each token's slot, and "no
 adapter" is -1, which Python reads as the *last* slot: a base request batched next to adapter
-requests silently gets someone's adapter (see FINDINGS.md). A request that carries an adapter
+requests silently gets someone's adapter (vLLM 0.32's CPU punica path; the e2e oracle tests
+catch it). A request that carries an adapter
 whose weights are all zero computes exactly the base model, whatever shares its batch.
 """
 

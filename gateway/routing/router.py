@@ -22,10 +22,10 @@ from opentelemetry.trace import Tracer
 
 from adapters_manifest.record import AdapterRecord
 from gateway.errors import ServiceUnavailableError
+from gateway.metrics import GatewayMetrics, detached_metrics, elapsed_since
 from gateway.routing.encoder import SentenceEncoder
 from gateway.routing.matcher import Decision, decide
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import GatewayMetrics, detached_metrics, elapsed_since
 
 log = logging.getLogger(__name__)
 

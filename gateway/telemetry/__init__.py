@@ -1,1 +1,1 @@
-"""Observability: OpenTelemetry tracing set-up and span helpers, Prometheus instruments, JSON logs."""
+"""Observability: OpenTelemetry tracing set-up and span helpers, JSON logs."""

@@ -147,7 +147,7 @@ def render(tiers: list[dict[str, Any]], sync: dict[str, Any] | None, plot_note: 
     if sync is not None:
         parts += [f"Sync at scale ({sync['records']} records, seeded in {sync['seed_s']:.1f} s)", "", _sync_table(sync),
                   "", "Absolute times are moto's: its paginated listing of 10,000 keys alone takes ~4 s "
-                  "(FINDINGS.md), so a 2 s poll is out of reach on moto whatever the gateway does; "
+                  "(measured with boto3 alone), so a 2 s poll is out of reach on moto whatever the gateway does; "
                   "the ratio to the bare listing is the result.", ""]  # fmt: skip
     met = targets_met(tiers, sync)
     parts += ["Targets (p50 ratios, median ratio for the poll): "

@@ -13,8 +13,8 @@ from gateway import service_rate
 from gateway.admission import sequences_of
 from gateway.engine_seats import EngineSeats, default_seats_per_user
 from gateway.errors import EngineCapacityError
+from gateway.metrics import GatewayMetrics
 from gateway.service_rate import ServiceRate
-from gateway.telemetry.instruments import GatewayMetrics
 from tests.unit.test_pool import until
 
 PATIENT = 3600.0

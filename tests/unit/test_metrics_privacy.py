@@ -17,7 +17,7 @@ from adapters_manifest.local_store import LocalFolderStore
 from gateway.app import create_app
 from gateway.app_keys import CATALOG, SERVING
 from gateway.auth.keys import add_key
-from gateway.metrics import metrics_only_app
+from gateway.api.metrics_page import metrics_only_app
 from gateway.settings import ServeSettings
 from tests.fakes import FakeEngine, publish_adapter, write_base_model
 from tests.unit import test_metrics_gateway

@@ -21,9 +21,9 @@ from adapters_manifest.record import AdapterRecord
 from gateway import service_rate
 from gateway.engine.interface import EngineAdapter
 from gateway.errors import AdapterCapacityError
+from gateway.metrics import GatewayMetrics
 from gateway.pool import AdapterPool, QueuedRequest, default_slots_per_user
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import GatewayMetrics
 from tests.fakes import FakeEngine, make_record
 from tests.unit.test_engine_seats import FakeClock
 from tests.unit.test_pool import FakeFiles, holders, until

@@ -11,11 +11,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.errors import InvalidRequestError, ServiceUnavailableError
+from gateway.metrics import detached_metrics
 from gateway.routing.encoder import encoder_dtype
 from gateway.routing.prompt import MAX_ROUTED_CHARS, routable_text
 from gateway.routing.router import MAX_CACHED_RECORDS, Router, route_texts
 from gateway.telemetry import spans
-from gateway.telemetry.instruments import detached_metrics
 from tests.fakes import FakeEncoder, make_record
 
 CODING = make_record("alice", "coding", routes=["fix my python function", "debug this python code"])

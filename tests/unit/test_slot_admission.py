@@ -131,7 +131,7 @@ async def test_a_tenant_filling_the_engine_leaves_seats_for_another_tenant(
     alice, bob = add_key(keys_file, "alice")[0], add_key(keys_file, "bob")[0]
     engine = SteppedEngine(max_model_len=MAX_MODEL_LEN)
     gw = await start_gateway(engine, keys_file=keys_file, engine_seats=4, adapter_wait_timeout_s=600)
-    seats = gw.app[SERVING].admission_or_raise().seats
+    seats = gw.app[SERVING].running_or_raise().admission.seats
     assert seats is not None and seats.max_per_user == 3
 
     async def send(key: str, prompt: str, **body: Any) -> asyncio.Task[int]:
@@ -160,7 +160,7 @@ async def test_a_request_for_several_sequences_takes_as_many_seats(start_gateway
     alice, bob = add_key(keys_file, "alice")[0], add_key(keys_file, "bob")[0]
     engine = SteppedEngine(max_model_len=MAX_MODEL_LEN)
     gw = await start_gateway(engine, keys_file=keys_file, engine_seats=4, max_seqs_per_user=4)
-    seats = gw.app[SERVING].admission_or_raise().seats
+    seats = gw.app[SERVING].running_or_raise().admission.seats
     assert seats is not None
     engine.hold(f"{HELD} alice")
     alice_sent = asyncio.create_task(post(gw, alice, {**completion(BASE, f"{HELD} alice"), "n": 3}))
