@@ -4,11 +4,14 @@
 fake vLLM engine client under vLLM's real OpenAI layer (real protocol, tokenizer and chat template:
 the tiny model's, config only). What it generates is a pure function of (adapter, prompt, choice,
 step), so a test can tell which adapter produced a response and compute the exact expected text
-with `expected_text` from the prompt's token ids (`FakeEngine.prompt_ids`). It also checks the
-guarantees the gateway owes the real engine (never more adapters resident than vLLM's
-`max_cpu_loras`, never generate with an unregistered adapter, never add twice) and records
-every violation in `violations` instead of only raising, so that a violation swallowed by
-the code under test still fails the test (`check()`).
+with `expected_text` from the prompt's token ids (`FakeEngine.prompt_ids`). It is no second vLLM:
+every choice runs to `max_tokens` ("length"), or to `stops_after` tokens ("stop") when a test sets
+it; stop strings, stop tokens and EOS are vLLM's engine's rules, which the gateway passes on
+(`generate_calls` records the sampling params) and tests/e2e/test_api_parity.py checks on the real
+engine. It also checks the guarantees the gateway owes the real engine (never more adapters
+resident than vLLM's `max_cpu_loras`, never generate with an unregistered adapter, never add twice)
+and records every violation in `violations` instead of only raising, so that a violation swallowed
+by the code under test still fails the test (`check()`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import ADAPTER_FILES, AdapterFile, AdapterRecord, content_version
+from adapters_manifest.store import AdapterStore
 from gateway.engine.interface import AdapterLoadError, EngineAdapter, EngineDeadError
 from gateway.settings import ServeSettings
 from gateway_tools.dev import tiny_model
@@ -54,7 +57,7 @@ def token_text(label: str, prompt_token_ids: list[int], choice: int, step: int) 
 
 
 def expected_text(label: str, prompt_token_ids: list[int], choice: int, tokens: int) -> str:
-    """What the fake generates for `tokens` steps (when no stop sequence cuts it short)."""
+    """What the fake generates in `tokens` steps."""
     return "".join(token_text(label, prompt_token_ids, choice, step) for step in range(tokens))
 
 
@@ -116,6 +119,9 @@ class FakeEngine:
     add_delay_s: float = 0.0
     remove_delay_s: float = 0.0  # vLLM's remove_lora is a round trip to the engine core too
     token_delay_s: float = 0.0
+    # When set, every choice ends after this many tokens with finish_reason "stop", as a real engine's
+    # does on a stop string, a stop token or EOS (which of them: vLLM's business, not the fake's).
+    stops_after: int | None = None
     # Adapter ref ("owner/name") or engine name ("owner/name@version") -> why loading fails.
     fail_loads: dict[str, str] = field(default_factory=dict)
     # When set, add_adapter waits for it (lets a test hold a load in flight).
@@ -266,10 +272,8 @@ class FakeEngine:
         from vllm.logprobs import Logprob
 
         token = token_text(label, prompt_token_ids, index, step)
-        whole = texts[index] + token
-        cut = min((i for i in (whole.find(s) for s in params.stop or ()) if i >= 0), default=-1)
-        if cut >= 0:  # like vLLM: the stop sequence itself is not part of the output
-            token, finish[index] = whole[len(texts[index]) : cut], "stop"
+        if step + 1 == self.stops_after:
+            finish[index] = "stop"
         elif step == params.max_tokens - 1:
             finish[index] = "length"
         texts[index] += token
@@ -328,6 +332,21 @@ class FakeEngine:
     def shutdown(self) -> None:
         self.shut_down = True
         self.alive = False
+
+
+@dataclass
+class GatedEngine(FakeEngine):
+    """Holds every generation open, before its first token, until `release` is set."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        first = True
+        async for output in super().generate(*args, **kwargs):
+            if first:
+                await self.release.wait()
+                first = False
+            yield output
 
 
 class FakeEngineClient:
@@ -441,7 +460,7 @@ def write_adapter_dir(
 
 
 async def publish_adapter(
-    store: LocalFolderStore,
+    store: AdapterStore,
     scratch: Path,
     owner: str,
     name: str,

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse, FormData
+from aiohttp import ClientResponse
 
 from adapter_training.cli import main as train_main
 from adapters_manifest import cli as adapters_cli
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.publish import publish, record_for, validated_record
 from adapters_manifest.record import (
-    ADAPTER_FILES,
     MAX_DESCRIPTION_CHARS,
     MAX_ROUTE_CHARS,
     MAX_ROUTES,
@@ -31,12 +30,7 @@ from gateway.api.adapters import MAX_FIELD_BYTES, MAX_ROUTES_FIELD_BYTES
 from gateway.auth.keys import Principal
 from gateway.catalog import AdapterCatalog
 from tests.fakes import publish_adapter, write_adapter_dir
-from tests.unit import test_api
-from tests.unit.test_api import Gateway, assert_error
-
-start_gateway = test_api.start_gateway
-gw = test_api.gw
-_no_ambient_settings = test_api._no_ambient_settings
+from tests.unit.harness import Gateway, adapter_form, assert_error
 
 
 def distinct_routes(count: int, chars: int, char: str = "x") -> list[str]:
@@ -342,19 +336,9 @@ def test_train_push_refuses_before_training(
 # -- the HTTP upload -------------------------------------------------------------------------------
 
 
-def upload_form(folder: Path, name: str = "travel", **fields: str) -> FormData:
-    form = FormData()
-    form.add_field("name", name)
-    for field, value in fields.items():
-        form.add_field(field, value)
-    for file_name in ADAPTER_FILES:
-        form.add_field(file_name, (folder / file_name).read_bytes(), filename=file_name)
-    return form
-
-
 async def upload(gw: Gateway, name: str = "travel", **fields: str) -> ClientResponse:
     folder = write_adapter_dir(gw.scratch / f"upload-{name}")
-    return await gw.client.post("/v1/adapters", data=upload_form(folder, name, **fields))
+    return await gw.client.post("/v1/adapters", data=adapter_form(folder, name, **fields))
 
 
 async def test_an_upload_with_routes_stores_and_shows_them(gw: Gateway) -> None:

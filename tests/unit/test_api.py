@@ -5,184 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
-from opentelemetry.trace import TracerProvider
 
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
-from gateway.app import create_app
 from gateway.app_keys import DISK_CACHE, SERVING, STORE
 from gateway.auth.keys import add_key
 from gateway.auth.middleware import OPEN_PATHS
 from gateway.engine.interface import Engine
-from gateway.routing.encoder import SentenceEncoder
 from gateway.settings import ServeSettings
-from tests.fakes import (
-    FAKE_TOKEN_ID_BASE,
-    FakeEncoder,
-    FakeEngine,
-    expected_text,
-    publish_adapter,
-    token_text,
-    write_base_model,
+from tests.fakes import FAKE_TOKEN_ID_BASE, FakeEngine, expected_text, publish_adapter, token_text
+from tests.unit.harness import (
+    ADAPTERS,
+    BASE,
+    MAX_MODEL_LEN,
+    MESSAGES,
+    Gateway,
+    StartGateway,
+    assert_error,
+    chat,
+    chatml,
+    completion,
+    sse_events,
+    until,
 )
-from tests.waiting import ENGINE_START_TIMEOUT_S, until
-
-BASE = "fake-base"
-MAX_MODEL_LEN = 256
-ADAPTERS = ("alice/coding", "bob/poems")
-
-
-@dataclass
-class Gateway:
-    client: TestClient
-    app: web.Application
-    engine: FakeEngine
-    store: LocalFolderStore
-    records: dict[str, AdapterRecord]
-    scratch: Path
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.engine.client.get_tokenizer().decode(token_ids)
-
-    def label(self, model: str) -> str:
-        """The engine name the fake engine puts in the text it generates for `model`."""
-        return "__base__" if model == BASE else self.records[model].versioned_ref
-
-    async def post(self, path: str, body: Any) -> ClientResponse:
-        return await self.client.post(path, json=body)
-
-    async def wait_ready(self, timeout_s: float = ENGINE_START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            resp = await self.client.get("/readyz")
-            if resp.status == 200:
-                return
-            assert time.monotonic() < deadline, await resp.text()
-            await asyncio.sleep(0.005)
-
-
-StartGateway = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("LORA_GATEWAY_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-async def start_gateway(tmp_path: Path, aiohttp_client: Any) -> Any:
-    engines: list[FakeEngine] = []
-
-    async def start(
-        engine: FakeEngine | None = None,
-        *,
-        factory: Callable[[ServeSettings], Engine] | None = None,
-        encoder: SentenceEncoder | None = None,
-        tracer_provider: TracerProvider | None = None,
-        ready: bool = True,
-        **settings: Any,
-    ) -> Gateway:
-        engine = engine or FakeEngine(max_model_len=MAX_MODEL_LEN)
-        engines.append(engine)
-        store = LocalFolderStore(tmp_path / "store")
-        records = {}
-        for ref in ADAPTERS:
-            owner, name = ref.split("/")
-            records[ref] = await publish_adapter(store, tmp_path, owner, name, base_model=BASE)
-        serve_settings = ServeSettings(
-            _env_file=None,
-            model=write_base_model(tmp_path / "base"),
-            store=str(store.root),
-            served_model_name=BASE,
-            # These tests are about serving; tests/unit/test_tenants.py covers authentication.
-            **{"insecure_no_auth": not {"keys_file", "trusted_user_header"} & set(settings), **settings},
-        )
-        app = create_app(
-            serve_settings,
-            engine_factory=factory or engine.started_with,
-            encoder_factory=lambda settings: encoder or FakeEncoder(),
-            tracer_provider=tracer_provider,
-        )
-        client = await aiohttp_client(app)
-        gateway = Gateway(client, app, engine, store, records, tmp_path)
-        if ready:
-            await gateway.wait_ready()
-        return gateway
-
-    yield start
-    for engine in engines:
-        engine.check()
-
-
-@pytest.fixture
-async def gw(start_gateway: StartGateway) -> Gateway:
-    return await start_gateway()
-
-
-async def assert_error(resp: ClientResponse, status: int, *, param: str | None = None, code: str | None = None) -> dict:
-    """OpenAI's error shape, as JSON, with the given status; returns the `error` object."""
-    assert resp.status == status, await resp.text()
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
-
-async def sse_events(resp: ClientResponse) -> list[dict[str, Any]]:
-    """The JSON events of an SSE body; asserts the framing and the closing `data: [DONE]`."""
-    assert resp.status == 200, await resp.text()
-    assert resp.content_type == "text/event-stream"
-    text = await resp.text()
-    assert text.endswith("\n\n")
-    blocks = text.split("\n\n")[:-1]
-    assert blocks[-1] == "data: [DONE]"
-    events = []
-    for block in blocks[:-1]:
-        assert block.startswith("data: "), block
-        assert "\n" not in block, block
-        events.append(json.loads(block.removeprefix("data: ")))
-    return events
-
-
-def completion(model: str = BASE, prompt: str = "Hello", **fields: Any) -> dict[str, Any]:
-    return {"model": model, "prompt": prompt, "max_tokens": 3, **fields}
-
-
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-
-
-def chatml(messages: list[dict[str, str]]) -> str:
-    """A conversation as the tiny model's chat template renders it, with the assistant's turn."""
-    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return turns + "<|im_start|>assistant\n"
-
-
-def chat(model: str = BASE, messages: list[dict[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
-    return {"model": model, "messages": MESSAGES if messages is None else messages, "max_tokens": 3, **fields}
-
 
 # -- health and readiness --------------------------------------------------------------
 
@@ -333,12 +186,60 @@ async def test_sampling_options_reach_the_engine(gw: Gateway) -> None:
     assert (params.temperature, params.top_p, params.seed, params.stop, params.max_tokens) == (0.5, 0.9, 7, ["zz"], 2)
 
 
-async def test_completion_stops_at_a_stop_sequence(gw: Gateway) -> None:
-    resp = await gw.post("/v1/completions", completion("alice/coding", "Hi", max_tokens=5, stop=".2>"))
-    choice = (await resp.json())["choices"][0]
-    whole = expected_text(gw.label("alice/coding"), gw.engine.prompt_ids("Hi"), 0, 5)
-    assert choice["text"] == whole[: whole.index(".2>")]
-    assert choice["finish_reason"] == "stop"
+# Where a generation stops (stop strings, stop tokens, EOS) is the engine's rule, not the gateway's: the
+# real one's is checked against vLLM's own server in tests/e2e/test_api_parity.py (the stop-list,
+# stop-token-ids, include-stop-str, eos and ignore-eos cases). What the gateway owes: the request's stop
+# conditions reach the engine as sent, and the engine's stop reaches the client as the engine ended it.
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_stop_conditions_reach_the_engine_as_sent(gw: Gateway, path: str) -> None:
+    fields = dict(max_tokens=5, stop=".2>", stop_token_ids=[7, 9], include_stop_str_in_output=True, ignore_eos=True)
+    body = completion("alice/coding", "Hi", **fields) if path == "/v1/completions" else chat("alice/coding", **fields)
+    resp = await gw.post(path, body)
+    assert resp.status == 200, await resp.text()
+    params = gw.engine.generate_calls[-1].params
+    assert (params.stop, params.stop_token_ids, params.max_tokens) == ([".2>"], [7, 9], 5)
+    assert (params.include_stop_str_in_output, params.ignore_eos) == (True, True)
+
+
+async def test_no_stop_conditions_reach_the_engine_unless_sent(gw: Gateway) -> None:
+    resp = await gw.post("/v1/completions", completion("alice/coding", "Hi", max_tokens=5))
+    assert resp.status == 200
+    params = gw.engine.generate_calls[-1].params
+    assert (params.stop, params.stop_token_ids, params.include_stop_str_in_output, params.ignore_eos) == (
+        [],
+        [],
+        False,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "stream"), [("/v1/completions", False), ("/v1/completions", True), ("/v1/chat/completions", False)]
+)
+async def test_a_choice_the_engine_stops_reaches_the_client_as_it_ended(gw: Gateway, path: str, stream: bool) -> None:
+    gw.engine.stops_after = 2  # the engine ends the choice early, on a stop condition of its own
+    fields: dict[str, Any] = dict(max_tokens=5, stop=".2>", stream=stream)
+    if stream:
+        fields["stream_options"] = {"include_usage": True}
+    body = completion("alice/coding", "Hi", **fields) if path == "/v1/completions" else chat("alice/coding", **fields)
+    resp = await gw.post(path, body)
+    prompt = gw.engine.generate_calls[-1].prompt_token_ids
+    expected = expected_text(gw.label("alice/coding"), prompt, 0, 2)
+    if stream:
+        *chunks, last = await sse_events(resp)
+        assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "stop"]
+        usage = last["usage"]
+    else:
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        [choice] = body["choices"]
+        text = choice["text"] if path == "/v1/completions" else choice["message"]["content"]
+        assert (text, choice["finish_reason"]) == (expected, "stop")
+        usage = body["usage"]
+    assert usage["completion_tokens"] == 2
 
 
 async def test_completion_logprobs(gw: Gateway) -> None:

@@ -18,10 +18,9 @@ from gateway.auth.keys import Principal
 from gateway.catalog import AdapterCatalog, SyncResult
 from gateway.errors import ModelNotFoundError
 from tests.fakes import publish_adapter
+from tests.unit.harness import BASE, until
 
 ALICE = Principal("alice")  # the owner of every adapter here: may look up her own namespace
-
-BASE = "fake-base"
 
 
 class CountingStore:
@@ -331,12 +330,12 @@ async def test_polling_survives_failures_and_picks_up_a_new_adapter_within_an_in
     store.down = True
     polling = asyncio.create_task(catalog.poll_forever(interval))
     try:
-        await until(lambda: store.calls.count("list_stamps") >= 2)  # failed, and tried again
+        await until(lambda: store.calls.count("list_stamps") >= 2, timeout_s=2.0)  # failed, and tried again
         assert not polling.done()
         assert catalog.last_error is not None and not catalog.synced
 
         store.down = False
-        await until(lambda: catalog.synced)
+        await until(lambda: catalog.synced, timeout_s=2.0)
         record = await publish("alice/a")
         published_at = time.monotonic()
         await until(lambda: catalog.records() == [record], timeout_s=5 * interval)
@@ -346,10 +345,3 @@ async def test_polling_survives_failures_and_picks_up_a_new_adapter_within_an_in
         polling.cancel()
         with pytest.raises(asyncio.CancelledError):
             await polling
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)

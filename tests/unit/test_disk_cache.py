@@ -5,7 +5,6 @@ touches a pinned version, retirement, and what an earlier process left behind.""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import StoreUnavailableError
 from gateway.disk_cache import ChecksumMismatchError, DiskCache
 from tests.fakes import publish_adapter
+from tests.unit.harness import until
 
 PAYLOAD_BYTES = 64  # every test adapter's weights: equal sizes make byte budgets easy to state
 
@@ -431,13 +431,6 @@ async def test_stale_download_folders_are_removed_at_construction(local, store, 
     DiskCache(store, root, max_bytes=10_000)
     assert staging_dirs(root) == []
     assert files_under(root) == []
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)
 
 
 async def _downloads_done(cache: DiskCache) -> None:

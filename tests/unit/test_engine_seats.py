@@ -15,7 +15,7 @@ from gateway.engine_seats import EngineSeats, default_seats_per_user
 from gateway.errors import EngineCapacityError
 from gateway.metrics import GatewayMetrics
 from gateway.service_rate import ServiceRate
-from tests.unit.test_pool import until
+from tests.unit.harness import FakeClock, until
 
 PATIENT = 3600.0
 
@@ -155,14 +155,6 @@ async def test_a_cancelled_waiter_frees_its_place_and_a_cancelled_holder_its_sea
     behind.task.cancel()
     await settle()
     assert seats.in_use == 0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 @pytest.fixture

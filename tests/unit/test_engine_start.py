@@ -16,15 +16,12 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 import gateway.server
-from adapters_manifest.local_store import LocalFolderStore
 from gateway.engine.interface import Engine
 from gateway.engine_start import EngineProcessWatch
 from gateway.server import serve
 from gateway.settings import ServeSettings
-from tests.fakes import FakeEngine, write_base_model
-from tests.unit import test_api
-
-_no_ambient_settings = test_api._no_ambient_settings
+from tests.fakes import FakeEngine
+from tests.unit.harness import gateway_settings
 
 VLLM_WORDS = (
     "WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause."
@@ -32,14 +29,7 @@ VLLM_WORDS = (
 
 
 def settings(tmp_path: Path) -> ServeSettings:
-    return ServeSettings(
-        _env_file=None,
-        model=write_base_model(tmp_path / "base"),
-        store=str(LocalFolderStore(tmp_path / "store").root),
-        served_model_name="fake-base",
-        insecure_no_auth=True,
-        port=0,
-    )
+    return gateway_settings(tmp_path, port=0)
 
 
 @pytest.fixture

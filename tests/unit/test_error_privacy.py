@@ -13,11 +13,7 @@ from adapters_manifest.store import StoreUnavailableError
 from gateway.app_keys import CATALOG, DISK_CACHE, SERVING, STORE
 from gateway.engine.interface import Engine
 from gateway.settings import ServeSettings
-from tests.unit import test_api
-from tests.unit.test_api import Gateway, StartGateway, assert_error, completion, until
-
-# The serving tests' fixtures: the real app on a fake engine.
-_no_ambient_settings, start_gateway, gw = test_api._no_ambient_settings, test_api.start_gateway, test_api.gw
+from tests.unit.harness import Gateway, StartGateway, assert_error, completion, until
 
 BUCKET, ENDPOINT = "tenant-adapters-prod", "http://10.20.30.40:9000"
 OBJECT_URL = f"{ENDPOINT}/{BUCKET}/adapters/records/alice/not-seen-yet.json"

@@ -14,8 +14,7 @@ from gateway.auth.keys import add_key
 from gateway.errors import RateLimitError
 from gateway.fair_share import UserLimiter
 from tests.fakes import FakeEngine
-from tests.unit import test_api
-from tests.unit.test_api import (
+from tests.unit.harness import (
     BASE,
     MAX_MODEL_LEN,
     StartGateway,
@@ -23,10 +22,6 @@ from tests.unit.test_api import (
     completion,
     until,
 )
-
-# test_api's fixtures: the app on a fake engine, without ambient LORA_GATEWAY_* settings.
-start_gateway = test_api.start_gateway
-_no_ambient_settings = test_api._no_ambient_settings
 
 
 class Holder:

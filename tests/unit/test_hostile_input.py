@@ -8,28 +8,28 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import FormData
 
 from adapters_manifest.local_store import LocalFolderStore
-from adapters_manifest.record import ADAPTER_FILES
 from gateway.auth.keys import add_key
 from tests.fakes import write_adapter_dir
-from tests.unit import test_api
-from tests.unit.test_api import (
+from tests.unit.harness import (
+    ADMIN,
     Gateway,
     StartGateway,
+    StoreCalls,
+    adapter_form,
     assert_error,
     chat,
     completion,
+    publish_extra,
+    raw_http,
+    read_response,
+    response,
+    watch_store,
 )
-from tests.unit.test_tenants import ADMIN, StoreCalls, publish_extra, raw_http, response, watch_store
-
-# test_api's fixtures: the app on a fake engine, without ambient LORA_GATEWAY_* settings.
-start_gateway = test_api.start_gateway
-_no_ambient_settings = test_api._no_ambient_settings
 
 BODY_TIMEOUT_S = 0.3
 
@@ -43,14 +43,6 @@ async def hostile(
     await publish_extra(tmp_path)
     gw = await start_gateway(keys_file=keys_file, body_timeout_s=BODY_TIMEOUT_S, sync_interval_s=3600)
     return gw, watch_store(gw, monkeypatch), {user: f"Bearer {key}" for user, key in keys.items()}
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines if line)}
-    body = await reader.readexactly(int(headers["content-length"]))
-    return int(status_line.split()[1]), headers, body
 
 
 # -- slow bodies -------------------------------------------------------------------------------
@@ -229,15 +221,6 @@ async def test_a_raw_nul_or_control_byte_in_the_request_line_is_refused_by_the_h
         status, _, _ = await raw_http(gw, b"GET " + target + b" HTTP/1.1", {"Authorization": auth[ADMIN]})
         assert status == 400, target
     assert calls.calls == []
-
-
-def adapter_form(folder: Path, **fields: Any) -> FormData:
-    form = FormData()
-    for key, value in fields.items():
-        form.add_field(key, value)
-    for file_name in ADAPTER_FILES:
-        form.add_field(file_name, (folder / file_name).read_bytes(), filename=file_name)
-    return form
 
 
 @pytest.mark.parametrize(

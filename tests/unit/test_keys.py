@@ -14,10 +14,7 @@ import yaml
 from gateway.auth.keys import KEY_PREFIX, KeyRing, Principal, add_key, read_keys_file, remove_keys
 from gateway.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _no_ambient_keys_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LORA_GATEWAY_KEYS_FILE", raising=False)
+# No ambient LORA_GATEWAY_KEYS_FILE reaches these tests: tests/unit/conftest.py clears LORA_GATEWAY_*.
 
 
 def keys_cli(capsys: pytest.CaptureFixture[str], keys_file: Path, *args: str) -> tuple[int, str, str]:

@@ -15,10 +15,7 @@ import yaml
 import gateway.auth.keys as keys_module
 from gateway.auth.keys import KeyRing, Principal, add_key, remove_keys
 from gateway.auth.middleware import AUTHENTICATOR
-from tests.unit import test_api
-from tests.unit.test_api import StartGateway
-
-_no_ambient_settings, start_gateway = test_api._no_ambient_settings, test_api.start_gateway
+from tests.unit.harness import StartGateway
 
 
 def entries(keys_file: Path) -> list[dict[str, Any]]:

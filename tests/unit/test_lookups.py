@@ -11,10 +11,7 @@ import time
 from adapters_manifest.record import AdapterRecord
 from gateway.app_keys import CATALOG, STORE
 from tests.fakes import publish_adapter
-from tests.unit import test_api
-from tests.unit.test_api import BASE, Gateway, StartGateway, assert_error, completion
-
-_no_ambient_settings, start_gateway = test_api._no_ambient_settings, test_api.start_gateway
+from tests.unit.harness import BASE, Gateway, StartGateway, assert_error, completion
 
 
 class CountingReads:

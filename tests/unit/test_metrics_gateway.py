@@ -6,10 +6,7 @@ that stay the same however many adapters are served; the engine's metrics on the
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY, Gauge
-from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_manifest.local_store import LocalFolderStore
-from gateway.app import create_app
-from gateway.settings import ServeSettings
-from tests.fakes import FakeEngine, publish_adapter, write_base_model
-from tests.waiting import ENGINE_START_TIMEOUT_S, until
-
-BASE = "fake-base"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+from tests.fakes import FakeEngine, GatedEngine, publish_adapter
+from tests.unit.harness import BASE, LORA_INFO, Samples, StartGateway, parse, until
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -48,48 +31,18 @@ async def scrape(client: TestClient) -> Samples:
     return parse(await resp.text())
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith(("LORA_GATEWAY_", "OTEL_")):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
-async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
-    engines: list[FakeEngine] = []
+def start(start_gateway: StartGateway) -> Any:
+    """The app with `adapters` adapters published: user0/adapter0, user1/adapter1, ..."""
 
     async def start_app(
         adapters: int = 3, engine: FakeEngine | None = None, **settings: Any
     ) -> tuple[TestClient, web.Application, FakeEngine]:
-        engine = engine or FakeEngine(max_model_len=256)
-        engines.append(engine)
-        store = LocalFolderStore(tmp_path / "store")
-        for i in range(adapters):
-            await publish_adapter(store, tmp_path, f"user{i}", f"adapter{i}", base_model=BASE)
+        refs = [f"user{i}/adapter{i}" for i in range(adapters)]
+        gw = await start_gateway(engine, adapters=refs, **settings)
+        return gw.client, gw.app, gw.engine
 
-        app = create_app(
-            ServeSettings(
-                _env_file=None,
-                model=write_base_model(tmp_path / "base"),
-                store=str(store.root),
-                served_model_name=BASE,
-                insecure_no_auth=True,
-                **settings,
-            ),
-            engine_factory=engine.started_with,
-        )
-        client = await aiohttp_client(app)
-        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
-        while (ready := await client.get("/readyz")).status != 200:
-            reason = (await ready.json())["reason"]
-            assert time.monotonic() < deadline and not reason.startswith("engine failed"), reason
-            await asyncio.sleep(0.005)
-        return client, app, engine
-
-    yield start_app
-    for engine in engines:
-        engine.check()
+    return start_app
 
 
 async def complete(client: TestClient, model: str, **body: Any) -> int:
@@ -229,24 +182,6 @@ async def test_the_engines_default_registry_is_served_alongside(start: Any) -> N
         REGISTRY.unregister(engine_gauge)
     assert value(metrics, "lora_gateway_test_engine_side") == 7
     assert ("lora_gateway_resident_adapters", frozenset()) in metrics
-
-
-@dataclass
-class GatedEngine(FakeEngine):
-    """Holds every generation open, before its first token, until `release` is set."""
-
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        first = True
-        async for output in super().generate(*args, **kwargs):
-            if first:
-                await self.release.wait()
-                first = False
-            yield output
-
-
-LORA_INFO = "lora_gateway:lora_requests_info"
 
 
 def lora_info(samples: Samples) -> tuple[dict[str, str], float]:

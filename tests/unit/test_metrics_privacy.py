@@ -13,46 +13,24 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY, Gauge
 
-from adapters_manifest.local_store import LocalFolderStore
-from gateway.app import create_app
-from gateway.app_keys import CATALOG, SERVING
-from gateway.auth.keys import add_key
 from gateway.api.metrics_page import metrics_only_app
-from gateway.settings import ServeSettings
-from tests.fakes import FakeEngine, publish_adapter, write_base_model
-from tests.unit import test_metrics_gateway
-from tests.unit.test_metrics_gateway import BASE, LORA_INFO, GatedEngine, parse
-from tests.waiting import ENGINE_START_TIMEOUT_S, until
-
-_no_ambient_settings = test_metrics_gateway._no_ambient_settings
+from gateway.auth.keys import add_key
+from tests.fakes import FakeEngine, GatedEngine
+from tests.unit.harness import LORA_INFO, StartGateway, parse, until
 
 TOKEN = "metrics-scraper-token-0123456789"
 ADAPTER = "user0/adapter0"
 
 
 @pytest.fixture
-async def start(tmp_path: Path, aiohttp_client: Any) -> Any:
-    """As tests/unit/test_metrics_gateway.py's, with API keys: the way a gateway is run."""
+def start(start_gateway: StartGateway, tmp_path: Path) -> Any:
+    """The app with ADAPTER published, and API keys: the way a gateway is run. Gives the user's key."""
     keys_file = tmp_path / "keys.yaml"
     key, _ = add_key(keys_file, "user0")
 
     async def start_app(engine: FakeEngine, **settings: Any) -> tuple[TestClient, web.Application, str]:
-        store = LocalFolderStore(tmp_path / "store")
-        await publish_adapter(store, tmp_path, "user0", "adapter0", base_model=BASE)
-        app = create_app(
-            ServeSettings(
-                _env_file=None,
-                model=write_base_model(tmp_path / "base"),
-                store=str(store.root),
-                served_model_name=BASE,
-                keys_file=keys_file,
-                **settings,
-            ),
-            engine_factory=engine.started_with,
-        )
-        client = await aiohttp_client(app)
-        await until(lambda: app[SERVING].pool is not None and app[CATALOG].synced, ENGINE_START_TIMEOUT_S)
-        return client, app, key
+        gw = await start_gateway(engine, adapters=[ADAPTER], keys_file=keys_file, **settings)
+        return gw.client, gw.app, key
 
     return start_app
 

@@ -19,26 +19,9 @@ from gateway.engine.vllm_engine import lora_request
 from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
 from gateway.pool import AdapterPool
 from tests.fakes import FakeEngine, expected_text, make_record
+from tests.unit.harness import FakeFiles, holders, until
 
 A, B, C, D = (make_record("alice", name) for name in ("a", "b", "c", "d"))
-
-
-class FakeFiles:
-    """The disk tier: a folder per version, with pins counted."""
-
-    def __init__(self) -> None:
-        self.pins: dict[str, int] = {}
-
-    async def pin(self, record: AdapterRecord) -> Path:
-        self.pins[record.versioned_ref] = self.pins.get(record.versioned_ref, 0) + 1
-        return Path("/adapters") / record.versioned_ref
-
-    def unpin(self, record: AdapterRecord) -> None:
-        assert self.pins.get(record.versioned_ref, 0) > 0, f"unpin without pin: {record.versioned_ref}"
-        self.pins[record.versioned_ref] -= 1
-
-    def is_cached(self, record: AdapterRecord) -> bool:
-        return record.versioned_ref in self.pins  # pinned before: on disk since
 
 
 @pytest.fixture
@@ -70,17 +53,6 @@ def make_pool() -> Iterator[Callable[..., tuple[AdapterPool, FakeEngine]]]:
 async def use(pool: AdapterPool, record: AdapterRecord | None) -> EngineAdapter | None:
     async with pool.acquire(record) as adapter:
         return adapter
-
-
-def holders(pool: AdapterPool) -> dict[str, int]:
-    return {r.name: r.holders for r in pool.resident()}
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)
 
 
 # -- single flight -----------------------------------------------------------------------

@@ -25,8 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pool import AdapterPool, QueuedRequest, default_slots_per_user
 from gateway.telemetry import spans
 from tests.fakes import FakeEngine, make_record
-from tests.unit.test_engine_seats import FakeClock
-from tests.unit.test_pool import FakeFiles, holders, until
+from tests.unit.harness import FakeClock, FakeFiles, holders, until
 
 A, B, C, D = (make_record("alice", name) for name in ("a", "b", "c", "d"))
 X, Y = make_record("bob", "x"), make_record("carol", "y")

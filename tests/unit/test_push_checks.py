@@ -14,12 +14,7 @@ from adapters_manifest import cli as adapters_cli
 from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.published_base import PublishedBase
 from tests.fakes import write_adapter_dir
-from tests.unit import test_api
-from tests.unit.test_api import BASE, Gateway
-
-start_gateway = test_api.start_gateway
-gw = test_api.gw
-_no_ambient_settings = test_api._no_ambient_settings
+from tests.unit.harness import BASE, Gateway
 
 
 async def published(store: LocalFolderStore, timeout_s: float = 10.0) -> PublishedBase:

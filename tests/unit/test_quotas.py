@@ -3,20 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 from adapters_manifest import layout
 from tests.fakes import write_adapter_dir
-from tests.unit import test_api
-from tests.unit.test_api import Gateway, StartGateway, assert_error
-from tests.unit.test_upload_limits import adapter_form
-
-start_gateway = test_api.start_gateway
-gw = test_api.gw
-_no_ambient_settings = test_api._no_ambient_settings
+from tests.unit.harness import ADAPTERS, Gateway, StartGateway, adapter_form, assert_error, until
 
 
 async def upload(gw: Gateway, tmp_path: Path, name: str, payload: str, **fields: str) -> Any:
@@ -30,13 +22,6 @@ async def upload(gw: Gateway, tmp_path: Path, name: str, payload: str, **fields:
 def stored_versions(gw: Gateway, owner: str, name: str) -> set[str]:
     folder = gw.store.root / layout.ADAPTERS_DIR / owner / name
     return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-
-
-async def until(condition: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 # -- adapters per user -----------------------------------------------------------------------
@@ -69,7 +54,7 @@ async def test_replaced_versions_are_collected_once_their_grace_period_is_over(
         assert resp.status == 201, await resp.text()
         versions.append((await resp.json())["version"])
     current = versions[-1]
-    await until(lambda: stored_versions(gw, "dev", "churn") == {current})
+    await until(lambda: stored_versions(gw, "dev", "churn") == {current}, timeout_s=10.0)
     record = await gw.store.get_record("dev", "churn")
     assert record is not None and record.version == current and await gw.store.has_version(record)
     resp = await gw.post("/v1/completions", {"model": "dev/churn", "prompt": "x", "max_tokens": 1})
@@ -107,7 +92,7 @@ async def test_the_adapter_listing_is_paginated(gw: Gateway, tmp_path: Path) -> 
             break
         after = page["last_id"]
     assert sorted(seen) == seen
-    assert set(seen) == {f"dev/a{n}" for n in range(5)} | set(test_api.ADAPTERS)
+    assert set(seen) == {f"dev/a{n}" for n in range(5)} | set(ADAPTERS)
     assert pages == 4  # 7 adapters, 2 a page
 
 

@@ -15,11 +15,7 @@ from gateway.app_keys import CATALOG, ROUTER
 from gateway.routing.auto import ROUTED_MODEL_HEADER
 from gateway.telemetry import spans
 from tests.fakes import FakeEncoder, publish_adapter
-from tests.unit import test_api
-from tests.unit.test_api import BASE, Gateway, StartGateway, assert_error, chat, completion
-
-start_gateway = test_api.start_gateway
-_no_ambient_settings = test_api._no_ambient_settings
+from tests.unit.harness import BASE, Gateway, StartGateway, assert_error, chat, completion
 
 ROUTES = {
     "alice/code": (["fix my python function", "debug this python code"], "private"),

@@ -13,12 +13,9 @@ from gateway.app_keys import SERVING
 from gateway.auth.keys import add_key
 from gateway.pool import AdapterPool
 from tests.fakes import FakeEngine, publish_adapter
-from tests.unit import test_api
-from tests.unit.test_api import BASE, MAX_MODEL_LEN, StartGateway, completion, until
+from tests.unit.harness import BASE, MAX_MODEL_LEN, Gateway, StartGateway, completion, until
 
 # test_api's fixtures: the app on a fake engine, without ambient LORA_GATEWAY_* settings.
-start_gateway = test_api.start_gateway
-_no_ambient_settings = test_api._no_ambient_settings
 
 HELD = "held"  # prompts starting with this wait for the test before their first token
 
@@ -49,7 +46,7 @@ class Stream:
     """One tenant's back-to-back requests for one adapter, overlapping: the next is in the gateway
     (generating, or queued for a slot) before the one generating is let go."""
 
-    def __init__(self, gw: test_api.Gateway, engine: SteppedEngine, key: str, model: str) -> None:
+    def __init__(self, gw: Gateway, engine: SteppedEngine, key: str, model: str) -> None:
         self.gw, self.engine, self.key, self.model = gw, engine, key, model
         self.sent: list[tuple[str, asyncio.Task[int]]] = []
 
@@ -79,7 +76,7 @@ class Stream:
         return list(await asyncio.gather(*(t for _, t in self.sent)))
 
 
-async def post(gw: test_api.Gateway, key: str, body: dict[str, Any]) -> int:
+async def post(gw: Gateway, key: str, body: dict[str, Any]) -> int:
     resp = await gw.client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
     await resp.read()
     return resp.status

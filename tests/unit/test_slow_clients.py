@@ -11,21 +11,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from adapters_manifest.local_store import LocalFolderStore
-from gateway.app import create_app
-from gateway.app_keys import CATALOG, SERVING
 from gateway.server import runner_options
-from gateway.settings import ServeSettings
-from tests.fakes import FakeEngine, publish_adapter, write_base_model
-from tests.unit import test_api
-from tests.waiting import ENGINE_START_TIMEOUT_S, until
+from tests.fakes import FakeEngine, publish_adapter
+from tests.unit.harness import BASE, gateway_app, gateway_settings, until, wait_ready
 
-_no_ambient_settings = test_api._no_ambient_settings
-
-BASE = "fake-base"
 WAIT_S = 10.0  # generous: the bounds under test are a fraction of a second
 
 
@@ -40,22 +34,16 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
     async def start(engine: FakeEngine, **settings: Any) -> int:
         store = LocalFolderStore(tmp_path / "store")
         await publish_adapter(store, tmp_path, "alice", "coding", base_model=BASE)
-        serve_settings = ServeSettings(
-            _env_file=None,
-            model=write_base_model(tmp_path / "base"),
-            store=str(store.root),
-            served_model_name=BASE,
-            insecure_no_auth=True,
-            **settings,
-        )
-        app = create_app(serve_settings, engine_factory=engine.started_with)
-        runner = web.AppRunner(app, **runner_options(serve_settings))
+        serve_settings = gateway_settings(tmp_path, store, **settings)
+        runner = web.AppRunner(gateway_app(serve_settings, engine), **runner_options(serve_settings))
         runners.append(runner)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        await until(lambda: app[SERVING].pool is not None and app[CATALOG].synced, ENGINE_START_TIMEOUT_S)
-        return int(runner.addresses[0][1])
+        port = int(runner.addresses[0][1])
+        async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as session:
+            await wait_ready(session)
+        return port
 
     yield start
     for runner in runners:

@@ -18,10 +18,9 @@ from adapters_manifest.record import WEIGHTS_FILE, AdapterRecord
 from adapters_manifest.s3_store import S3Store
 from adapters_manifest.store import AdapterStore
 from gateway_tools.dev.s3_server import S3Server
-from tests.unit import test_stores
-from tests.unit.test_stores import fresh_s3_url, make_adapter, use_aws_env
+from tests.unit.harness import fresh_s3_url, make_adapter, use_aws_env
 
-store = test_stores.store  # parametrized: local and s3
+# `store` (tests/unit/conftest.py): each store kind in turn, the local folder and S3 on moto's server.
 
 
 class CommitGate:

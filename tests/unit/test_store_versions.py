@@ -9,10 +9,9 @@ from pathlib import Path
 from adapters_manifest.publish import publish
 from adapters_manifest.store import AdapterStore
 from adapters_manifest.versions import collect_versions, kept_versions
-from tests.unit import test_stores
-from tests.unit.test_stores import make_adapter
+from tests.unit.harness import make_adapter
 
-store = test_stores.store  # parametrized: local and s3
+# `store` (tests/unit/conftest.py): each store kind in turn, the local folder and S3 on moto's server.
 
 
 async def publish_versions(store: AdapterStore, tmp_path: Path, count: int) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import json
 import os
 import socket
 import threading
@@ -16,48 +15,15 @@ from typing import Any
 
 import pytest
 
-from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.open_store import open_store
-from adapters_manifest.publish import publish, record_for
+from adapters_manifest.publish import publish
 from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterRecord
 from adapters_manifest.s3_store import S3Store
 from adapters_manifest.store import AdapterStore, ProgressCallback, StoreAccessError, StoreUnavailableError
 from gateway_tools.dev.s3_server import S3Server
+from tests.unit.harness import ACCESS_KEY, BUCKET, SECRET, fresh_s3_url, make_adapter, use_aws_env
 
-BUCKET = "lora-tests"
-SECRET = "s3cr3t-do-not-log-0x5eed"  # moto checks no signatures: any value works
-ACCESS_KEY = "AKIATESTSTORECONTRACT"
-
-
-def use_aws_env(monkeypatch: pytest.MonkeyPatch, server: S3Server | None = None) -> None:
-    """The standard AWS settings a gateway would get (pointing at `server`, if any), with a
-    secret we can look for in messages."""
-    env = {"AWS_DEFAULT_REGION": "us-east-1", **(server.client_env() if server else {})}
-    for key, value in {**env, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET}.items():
-        monkeypatch.setenv(key, value)
-    if server is not None:
-        server.create_bucket(BUCKET)
-
-
-def fresh_s3_url() -> str:
-    return f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:12]}"  # every test its own prefix
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AdapterStore:
-    if request.param == "local":
-        return LocalFolderStore(tmp_path / "store")
-    use_aws_env(monkeypatch, request.getfixturevalue("s3_server"))
-    return open_store(fresh_s3_url())  # endpoint from AWS_ENDPOINT_URL, as in a gateway
-
-
-def make_adapter(folder: Path, owner: str = "alice", name: str = "chat", payload: bytes = b"weights") -> AdapterRecord:
-    """A PEFT-shaped folder whose weights file is exactly `payload` (stores never parse it)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    (folder / CONFIG_FILE).write_text(json.dumps(config))
-    (folder / WEIGHTS_FILE).write_bytes(payload)
-    return record_for(folder, owner, name, base_model="tiny-base")
+# `store` (tests/unit/conftest.py): each store kind in turn, the local folder and S3 on moto's server.
 
 
 async def publish_new(store: AdapterStore, tmp_path: Path, owner: str, name: str, payload: bytes) -> AdapterRecord:

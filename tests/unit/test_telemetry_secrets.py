@@ -7,17 +7,13 @@ traces: cold and warm requests, a wrong key, an admin sync, a store outage durin
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
-import os
 import secrets
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -25,14 +21,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from adapters_manifest.open_store import open_store
-from gateway.app import create_app
+from gateway.app_keys import SETTINGS
 from gateway.auth.keys import add_key
-from gateway.settings import ServeSettings
 from gateway.telemetry.logs import json_handler
 from gateway_tools.dev.s3_server import S3Server
-from tests.fakes import FakeEngine, publish_adapter, write_base_model
+from tests.unit.harness import StartGateway
 
-BASE = "fake-base"
 ACCESS_KEY = "AKIAOBSERVABILITYTEST"
 SECRET = "s3cr3t-observability-0x5eed-do-not-leak"
 
@@ -53,9 +47,6 @@ def captured_logs() -> Iterator[io.StringIO]:
 
 @pytest.fixture
 def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith(("LORA_GATEWAY_", "OTEL_")):
-            monkeypatch.delenv(name)
     for key, value in {
         **s3_server.client_env(),
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
@@ -82,31 +73,25 @@ def span_texts(exporter: InMemorySpanExporter) -> list[str]:
 
 
 async def test_no_secret_in_logs_spans_or_metrics(
-    aws_env: None, s3_server: S3Server, captured_logs: io.StringIO, tmp_path: Path, aiohttp_client: Any
+    aws_env: None, s3_server: S3Server, captured_logs: io.StringIO, tmp_path: Path, start_gateway: StartGateway
 ) -> None:
     keys_file = tmp_path / "keys.yaml"
     alice_key, _ = add_key(keys_file, "alice")
     admin_key, _ = add_key(keys_file, "root", admin=True)
     guessed_key = "lgw-" + secrets.token_hex(16)
     store_url = f"s3://secrets/{uuid.uuid4().hex[:12]}"
-    store = open_store(store_url)
-    for name in ("coding", "poems"):
-        await publish_adapter(store, tmp_path, "alice", name, base_model=BASE)
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    engine = FakeEngine(max_model_len=256)
-
-    settings = ServeSettings(
-        _env_file=None, model=write_base_model(tmp_path / "base"), store=store_url, served_model_name=BASE,
-        keys_file=keys_file, sync_interval_s=3600,
-    )  # fmt: skip
-    client = await aiohttp_client(create_app(settings, engine_factory=engine.started_with, tracer_provider=provider))
-    deadline = time.monotonic() + 10
-    while (await client.get("/readyz")).status != 200:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    gw = await start_gateway(
+        store=open_store(store_url),
+        adapters=("alice/coding", "alice/poems"),
+        tracer_provider=provider,
+        keys_file=keys_file,
+        sync_interval_s=3600,
+    )
+    assert gw.app[SETTINGS].store == store_url
+    client = gw.client
 
     def as_user(key: str, trace_id: str | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {key}"}

@@ -8,35 +8,20 @@ import asyncio
 import json
 import logging
 import logging.config
-import os
 import secrets
-import time
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from adapters_manifest.local_store import LocalFolderStore
-from gateway.app import create_app
-from gateway.settings import ServeSettings
 from gateway.telemetry import spans
 from gateway.telemetry.logs import vllm_logging_config
 from gateway.telemetry.tracing import build_resource, build_tracer_provider, exporter_names, service_version
 from gateway_tools.otlp_receiver import TraceReceiver
-from tests.fakes import FakeEngine, publish_adapter, write_base_model
-
-BASE = "fake-base"
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith(("LORA_GATEWAY_", "OTEL_")):
-            monkeypatch.delenv(name)
+from tests.unit.harness import StartGateway
 
 
 def test_nothing_is_exported_unless_configured() -> None:
@@ -62,23 +47,8 @@ def test_resource_names_the_service_and_honours_the_environment(monkeypatch: pyt
     assert attributes["service.name"] == "gateway-eu"
 
 
-async def start_app(provider: TracerProvider, tmp_path: Path, aiohttp_client: Any) -> Any:
-    store = LocalFolderStore(tmp_path / "store")
-    await publish_adapter(store, tmp_path, "alice", "coding", base_model=BASE)
-    engine = FakeEngine(max_model_len=256)
-
-    settings = ServeSettings(
-        _env_file=None, model=write_base_model(tmp_path / "base"), store=str(store.root), served_model_name=BASE,
-        insecure_no_auth=True,
-    )  # fmt: skip
-    client = await aiohttp_client(create_app(settings, engine_factory=engine.started_with, tracer_provider=provider))
-    # The first engine of a test process builds vLLM's config and tokenizer: many seconds on a busy host.
-    deadline = time.monotonic() + 60
-    while (ready := await client.get("/readyz")).status != 200:
-        reason = (await ready.json())["reason"]
-        assert time.monotonic() < deadline and not reason.startswith("engine failed"), reason
-        await asyncio.sleep(0.005)
-    return client
+async def start_app(start_gateway: StartGateway, provider: TracerProvider) -> TestClient:
+    return (await start_gateway(adapters=["alice/coding"], tracer_provider=provider)).client
 
 
 @pytest.mark.parametrize(
@@ -96,8 +66,7 @@ async def test_the_sampler_is_set_by_the_standard_variables(
     client_sampled: bool,
     expect_spans: bool,
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    aiohttp_client: Any,
+    start_gateway: StartGateway,
 ) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
     if argument is not None:
@@ -105,7 +74,7 @@ async def test_the_sampler_is_set_by_the_standard_variables(
     provider = build_tracer_provider()
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    client = await start_app(provider, tmp_path, aiohttp_client)
+    client = await start_app(start_gateway, provider)
     exporter.clear()
     flags = "01" if client_sampled else "00"
     traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-{flags}"
@@ -120,14 +89,14 @@ async def test_the_sampler_is_set_by_the_standard_variables(
 
 
 async def test_a_request_trace_is_exported_over_otlp(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, aiohttp_client: Any
+    monkeypatch: pytest.MonkeyPatch, start_gateway: StartGateway
 ) -> None:
     with TraceReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
         monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=test")
         provider = build_tracer_provider()
-        client = await start_app(provider, tmp_path, aiohttp_client)
+        client = await start_app(start_gateway, provider)
         trace_id = secrets.token_hex(16)
         resp = await client.post(
             "/v1/completions",

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,18 +22,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from adapters_manifest.local_store import LocalFolderStore
 from adapters_manifest.open_store import open_store
 from adapters_manifest.publish import publish, record_for
 from adapters_manifest.record import AdapterRecord
 from adapters_manifest.store import AdapterStore
-from gateway.app import create_app
-from gateway.settings import ServeSettings
 from gateway.telemetry import spans
 from gateway_tools.dev.s3_server import S3Server
-from tests.fakes import FakeEngine, write_adapter_dir, write_base_model
+from tests.fakes import FakeEngine, write_adapter_dir
+from tests.unit.harness import BASE, StartGateway, until
 
-BASE = "fake-base"
 ADAPTERS = ("alice/coding", "alice/poems", "alice/notes")
 
 
@@ -75,13 +70,6 @@ class Traced:
         return record
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
 def one(found: list[ReadableSpan], name: str) -> ReadableSpan:
     named = [s for s in found if s.name == name]
     assert len(named) == 1, f"{len(named)} spans named {name}: {[s.name for s in found]}"
@@ -109,52 +97,21 @@ def identifies(span: ReadableSpan, record: AdapterRecord) -> bool:
     )
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith(("LORA_GATEWAY_", "OTEL_")):
-            monkeypatch.delenv(name)
-
-
 StartTraced = Callable[..., Any]
 
 
 @pytest.fixture
-async def start_traced(tmp_path: Path, aiohttp_client: Any) -> Any:
-    engines: list[FakeEngine] = []
+def start_traced(start_gateway: StartGateway) -> StartTraced:
+    """The app with ADAPTERS published (each adapter's ref is its payload), its spans in memory."""
 
     async def start(store: AdapterStore | None = None, **settings: Any) -> Traced:
-        engine = FakeEngine(max_model_len=256)
-        engines.append(engine)
-        store = store or LocalFolderStore(tmp_path / "store")
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-        traced = Traced(None, None, engine, exporter, store, {}, tmp_path)  # type: ignore[arg-type]
-        for ref in ADAPTERS:
-            await traced.publish(ref, ref.encode())
+        gw = await start_gateway(store=store, adapters=ADAPTERS, tracer_provider=provider, **settings)
+        return Traced(gw.client, gw.app, gw.engine, exporter, gw.store, gw.records, gw.scratch)
 
-        serve_settings = ServeSettings(
-            _env_file=None,
-            model=write_base_model(tmp_path / "base"),
-            store=store.url if not isinstance(store, LocalFolderStore) else str(store.root),
-            served_model_name=BASE,
-            insecure_no_auth=True,
-            **settings,
-        )
-        traced.app = create_app(serve_settings, engine_factory=engine.started_with, tracer_provider=provider)
-        traced.client = await aiohttp_client(traced.app)
-        # The first engine of a test process builds vLLM's config and tokenizer: many seconds on a busy host.
-        deadline = time.monotonic() + 60
-        while (ready := await traced.client.get("/readyz")).status != 200:
-            reason = (await ready.json())["reason"]
-            assert time.monotonic() < deadline and not reason.startswith("engine failed"), reason
-            await asyncio.sleep(0.005)
-        return traced
-
-    yield start
-    for engine in engines:
-        engine.check()
+    return start
 
 
 ENGINE_TRACES = "http://127.0.0.1:4317"  # vLLM's own tracing on (nothing is sent: the engine is a fake)

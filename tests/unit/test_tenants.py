@@ -9,66 +9,40 @@ import base64
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse, FormData
+from aiohttp import ClientResponse
 from multidict import CIMultiDict
 from pydantic import ValidationError
 
 import gateway.app
 from adapters_manifest.local_store import LocalFolderStore
-from adapters_manifest.record import ADAPTER_FILES, AdapterRecord
-from gateway.app_keys import STORE
+from adapters_manifest.record import AdapterRecord
 from gateway.auth.keys import add_key, remove_keys
 from gateway.auth.middleware import OPEN_PATHS
 from gateway.settings import ServeSettings
 from tests.fakes import expected_text, publish_adapter, write_adapter_dir, write_base_model
-from tests.unit import test_api
-from tests.unit.test_api import (
+from tests.unit.harness import (
+    ADMIN,
     BASE,
+    STORE_WRITES,
     Gateway,
     StartGateway,
+    StoreCalls,
+    adapter_form,
     assert_error,
     chat,
     completion,
+    publish_extra,
+    raw_http,
+    response,
+    watch_store,
 )
 
-# test_api's fixtures: the app on a fake engine, without ambient LORA_GATEWAY_* settings.
-start_gateway = test_api.start_gateway
-_no_ambient_settings = test_api._no_ambient_settings
-
-ADMIN = "root"
 USERS = ("alice", "bob", "carol")
-# Published before the gateway starts, besides test_api's alice/coding and bob/poems (private).
-EXTRA_ADAPTERS = {"alice/x": "private", "bob/chat": "private", "bob/pub": "public"}
-STORE_READS = ("list_stamps", "get_record", "list_records", "fetch_file", "has_version")
-STORE_WRITES = ("put_file", "put_record", "delete_adapter")
-
-
-@dataclass
-class StoreCalls:
-    """Every call the app makes to its adapter store, with its arguments."""
-
-    calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
-
-    def since(self, mark: int) -> list[tuple[str, tuple[Any, ...]]]:
-        return self.calls[mark:]
-
-
-def watch_store(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> StoreCalls:
-    store, log = gw.app[STORE], StoreCalls()
-    for method in STORE_READS + STORE_WRITES:
-        original = getattr(store, method)
-
-        def wrapper(*args: Any, _method: str = method, _original: Any = original, **kwargs: Any) -> Any:
-            log.calls.append((_method, args))
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(store, method, wrapper)
-    return log
 
 
 @dataclass
@@ -106,21 +80,7 @@ class Tenants:
         folder = write_adapter_dir(
             self.scratch / f"upload-{user}-{name}-{len(fields)}", payload=f"{user}{name}".encode()
         )
-        form = FormData()
-        for key, value in {"name": name, **fields}.items():
-            form.add_field(key, value)
-        for file_name in ADAPTER_FILES:
-            form.add_field(file_name, (folder / file_name).read_bytes(), filename=file_name)
-        return await self.request(user, "POST", "/v1/adapters", data=form)
-
-
-async def publish_extra(tmp_path: Path) -> dict[str, AdapterRecord]:
-    store = LocalFolderStore(tmp_path / "store")
-    records = {}
-    for ref, visibility in EXTRA_ADAPTERS.items():
-        owner, name = ref.split("/")
-        records[ref] = await publish_adapter(store, tmp_path, owner, name, base_model=BASE, visibility=visibility)
-    return records
+        return await self.request(user, "POST", "/v1/adapters", data=adapter_form(folder, name, **fields))
 
 
 @pytest.fixture
@@ -136,11 +96,6 @@ async def tenants(start_gateway: StartGateway, tmp_path: Path, monkeypatch: pyte
 
 def concrete(path: str, owner: str = "alice", name: str = "x") -> str:
     return path.replace("{owner}", owner).replace("{name}", name)
-
-
-def response(model: str, text: str = "Hello") -> dict[str, Any]:
-    """A Responses API request body."""
-    return {"model": model, "input": text, "max_output_tokens": 3}
 
 
 REQUEST_BODIES: dict[str, Callable[[], dict[str, Any]]] = {
@@ -239,22 +194,6 @@ async def test_open_endpoints_need_no_key(tenants: Tenants) -> None:
         for headers in ({}, {"Authorization": "Bearer wrong"}):  # a bad key does not break probes either
             resp = await tenants.gw.client.get(path, headers=headers)
             assert resp.status == 200, (path, await resp.text())
-
-
-async def raw_http(
-    gw: Gateway, request_line: bytes, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """Send a request exactly as written (clients normalise paths): (status, headers, body)."""
-    reader, writer = await asyncio.open_connection(gw.client.host, gw.client.port)
-    head = request_line + b"\r\nHost: test\r\nConnection: close\r\n"
-    head += b"".join(f"{k}: {v}\r\n".encode() for k, v in (headers or {}).items())
-    writer.write(head + b"\r\n")
-    data = await reader.read()
-    writer.close()
-    status_line, _, rest = data.partition(b"\r\n")
-    header_block, _, body = rest.partition(b"\r\n\r\n")
-    response_headers = dict(line.decode().split(": ", 1) for line in header_block.split(b"\r\n") if line)
-    return int(status_line.split()[1]), response_headers, body
 
 
 @pytest.mark.parametrize(
@@ -431,12 +370,7 @@ async def test_without_authentication_everyone_is_the_admin_dev_and_it_is_logged
         assert (await gw.client.get("/admin/resident", headers=headers)).status == 200
     assert (await gw.client.delete("/v1/adapters/bob/chat")).status == 200
     folder = write_adapter_dir(tmp_path / "dev-upload")
-    form = FormData()
-    form.add_field("name", "gift")
-    form.add_field("owner", "carol")
-    for file_name in ADAPTER_FILES:
-        form.add_field(file_name, (folder / file_name).read_bytes(), filename=file_name)
-    resp = await gw.client.post("/v1/adapters", data=form)
+    resp = await gw.client.post("/v1/adapters", data=adapter_form(folder, "gift", owner="carol"))
     assert resp.status == 201 and (await resp.json())["id"] == "carol/gift", await resp.text()
     # The bare name is dev's own namespace.
     await assert_not_found(await gw.client.post("/v1/completions", json=completion("x")))

@@ -11,32 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import FormData
 from safetensors.numpy import load_file, save_file
 
 from adapters_manifest import cli as adapters_cli
-from adapters_manifest.record import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
+from adapters_manifest.record import CONFIG_FILE, WEIGHTS_FILE
 from gateway.app_keys import STORE, UPLOADS
 from gateway.auth.keys import add_key
 from tests.fakes import FakeEngine, write_adapter_dir
-from tests.unit import test_api
-from tests.unit.test_api import Gateway, StartGateway, assert_error, until
-from tests.unit.test_hostile_input import read_response
-
-start_gateway = test_api.start_gateway
-gw = test_api.gw
-_no_ambient_settings = test_api._no_ambient_settings
+from tests.unit.harness import MAX_MODEL_LEN, Gateway, StartGateway, adapter_form, assert_error, read_response, until
 
 # Generous for 2 shared cores; the stalls this guards against were 2.8 s and 7.7 s.
 HEALTHZ_BOUND_S = 1.0
-
-
-def adapter_form(folder: Path, name: str = "hostile") -> FormData:
-    form = FormData()
-    form.add_field("name", name)
-    for file_name in ADAPTER_FILES:
-        form.add_field(file_name, (folder / file_name).read_bytes(), filename=file_name)
-    return form
 
 
 def long_shape_weights(folder: Path, header_bytes: int) -> Path:
@@ -68,7 +53,7 @@ async def test_a_tensor_shape_built_to_stall_validation_is_refused_and_healthz_s
 ) -> None:
     gw = await start_gateway(max_adapter_header_bytes=4 << 20)  # headers this long get to the shape check
     folder = long_shape_weights(write_adapter_dir(tmp_path / "hostile"), header_kib * 1000)
-    upload = asyncio.create_task(gw.client.post("/v1/adapters", data=adapter_form(folder)))
+    upload = asyncio.create_task(gw.client.post("/v1/adapters", data=adapter_form(folder, "hostile")))
     worst = await worst_healthz_while(gw, upload)
     print(f"\nheader {header_kib} KB: worst /healthz {worst:.3f} s")
     error = await assert_error(await upload, 400, param="files", code="invalid_adapter")
@@ -86,7 +71,10 @@ async def test_a_safetensors_header_over_its_limit_is_refused_before_it_is_parse
     raw = json.dumps(header).encode()
     (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw)
     error = await assert_error(
-        await gw.client.post("/v1/adapters", data=adapter_form(folder)), 400, param="files", code="invalid_adapter"
+        await gw.client.post("/v1/adapters", data=adapter_form(folder, "hostile")),
+        400,
+        param="files",
+        code="invalid_adapter",
     )
     assert f"exceeds the {64 << 10}-byte limit" in error["message"]
 
@@ -126,7 +114,7 @@ async def test_a_weights_part_over_its_limit_is_413_naming_the_file(
 ) -> None:
     gw = await start_gateway(max_adapter_bytes=4096)
     folder = write_adapter_dir(tmp_path / "big", rank=16, hidden=64)
-    error = await assert_error(await gw.client.post("/v1/adapters", data=adapter_form(folder)), 413)
+    error = await assert_error(await gw.client.post("/v1/adapters", data=adapter_form(folder, "hostile")), 413)
     assert WEIGHTS_FILE in error["message"] and "4096" in error["message"]
 
 
@@ -150,7 +138,10 @@ async def test_an_upload_whose_weights_hold_nan_or_inf_is_refused_naming_the_ten
     folder = write_adapter_dir(tmp_path / "poisoned")
     name = poison(folder, value)
     error = await assert_error(
-        await gw.client.post("/v1/adapters", data=adapter_form(folder)), 400, param="files", code="invalid_adapter"
+        await gw.client.post("/v1/adapters", data=adapter_form(folder, "hostile")),
+        400,
+        param="files",
+        code="invalid_adapter",
     )
     assert f"tensor {name} holds {said}" in error["message"]
     assert await gw.store.get_record("dev", "hostile") is None
@@ -218,7 +209,7 @@ async def test_a_version_published_again_while_the_engine_still_removes_it_is_se
     """v1 served, replaced by v2 (v1's removal from the engine takes a while), then v1's bytes
     published again: the request is served by v1, and the engine never saw it added twice (the
     fake engine's check, at the end of every test)."""
-    gw = await start_gateway(FakeEngine(max_model_len=test_api.MAX_MODEL_LEN, remove_delay_s=0.5))
+    gw = await start_gateway(FakeEngine(max_model_len=MAX_MODEL_LEN, remove_delay_s=0.5))
     v1 = write_adapter_dir(tmp_path / "v1", payload=b"one")
     v2 = write_adapter_dir(tmp_path / "v2", payload=b"two")
 
@@ -275,7 +266,7 @@ async def test_a_header_at_its_limit_of_many_tensors_keeps_healthz_responsive(gw
     raw = json.dumps(header).encode()
     assert len(raw) <= 1 << 20
     (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
-    upload = asyncio.create_task(gw.client.post("/v1/adapters", data=adapter_form(folder)))
+    upload = asyncio.create_task(gw.client.post("/v1/adapters", data=adapter_form(folder, "hostile")))
     worst = await worst_healthz_while(gw, upload)
     print(f"\n{n} tensors in a {len(raw)}-byte header: worst /healthz {worst:.3f} s")
     await assert_error(await upload, 400, param="files", code="invalid_adapter")
