@@ -343,6 +343,16 @@ class FakeFiles:
         return record.versioned_ref in self.pins  # pinned before: on disk since
 
 
+def hold_until(pool: AdapterPool, record: AdapterRecord, done: asyncio.Event) -> asyncio.Task[None]:
+    """A request holding `record`'s adapter until `done` is set (a long generation, say)."""
+
+    async def request() -> None:
+        async with pool.acquire(record):
+            await done.wait()
+
+    return asyncio.create_task(request())
+
+
 def holders(pool: AdapterPool) -> dict[str, int]:
     return {r.name: r.holders for r in pool.resident()}
 

@@ -19,7 +19,7 @@ from gateway.engine.vllm_engine import lora_request
 from gateway.errors import AdapterCapacityError, AdapterLoadFailedError, ServiceUnavailableError
 from gateway.pool import AdapterPool
 from tests.fakes import FakeEngine, expected_text, make_record
-from tests.unit.harness import FakeFiles, holders, until
+from tests.unit.harness import FakeFiles, hold_until, holders, until
 
 A, B, C, D = (make_record("alice", name) for name in ("a", "b", "c", "d"))
 
@@ -124,11 +124,7 @@ async def test_recency_counts_from_the_end_of_a_request(make_pool) -> None:
     pool, engine = make_pool(capacity=2)
     long_done = asyncio.Event()
 
-    async def long_request() -> None:
-        async with pool.acquire(A):
-            await long_done.wait()
-
-    task = asyncio.create_task(long_request())
+    task = hold_until(pool, A, long_done)
     await until(lambda: holders(pool).get(A.versioned_ref) == 1)
     await use(pool, B)  # starts after A's request, ends before it
     long_done.set()
@@ -143,11 +139,7 @@ async def test_an_adapter_held_by_a_request_is_never_evicted(make_pool) -> None:
     pool, engine = make_pool(capacity=2)
     done = asyncio.Event()
 
-    async def long_request() -> None:
-        async with pool.acquire(A):
-            await done.wait()
-
-    task = asyncio.create_task(long_request())
+    task = hold_until(pool, A, done)
     await until(lambda: holders(pool).get(A.versioned_ref) == 1)
     for record in (B, C, D, B, C, D):
         await use(pool, record)
@@ -248,11 +240,7 @@ async def test_request_cancelled_while_waiting_for_a_slot_holds_nothing(make_poo
     pool, _ = make_pool(capacity=1)
     done = asyncio.Event()
 
-    async def long_request() -> None:
-        async with pool.acquire(A):
-            await done.wait()
-
-    holder = asyncio.create_task(long_request())
+    holder = hold_until(pool, A, done)
     await until(lambda: holders(pool).get(A.versioned_ref) == 1)
     waiter = asyncio.create_task(use(pool, B))
     await asyncio.sleep(0.02)
@@ -272,11 +260,7 @@ async def test_waiting_request_proceeds_as_soon_as_a_slot_is_released(make_pool)
     pool, engine = make_pool(capacity=1, wait_timeout_s=5.0)
     release = asyncio.Event()
 
-    async def long_request() -> None:
-        async with pool.acquire(A):
-            await release.wait()
-
-    holder = asyncio.create_task(long_request())
+    holder = hold_until(pool, A, release)
     await until(lambda: holders(pool).get(A.versioned_ref) == 1)
     waiter = asyncio.create_task(use(pool, B))
     await asyncio.sleep(0.1)
@@ -299,11 +283,7 @@ async def test_waiting_request_gets_capacity_error_after_the_timeout(make_pool) 
     pool, engine = make_pool(capacity=1, wait_timeout_s=0.2)
     release = asyncio.Event()
 
-    async def long_request() -> None:
-        async with pool.acquire(A):
-            await release.wait()
-
-    holder = asyncio.create_task(long_request())
+    holder = hold_until(pool, A, release)
     await until(lambda: holders(pool).get(A.versioned_ref) == 1)
     started = time.monotonic()
     with pytest.raises(AdapterCapacityError) as caught:
@@ -322,11 +302,7 @@ async def test_requests_for_a_resident_adapter_do_not_wait_when_others_are_busy(
     pool, _ = make_pool(capacity=1, wait_timeout_s=0.2)
     release = asyncio.Event()
 
-    async def long_request() -> None:
-        async with pool.acquire(A):
-            await release.wait()
-
-    holder = asyncio.create_task(long_request())
+    holder = hold_until(pool, A, release)
     await until(lambda: holders(pool).get(A.versioned_ref) == 1)
     assert await asyncio.wait_for(use(pool, A), 0.1) is not None
     release.set()
@@ -524,11 +500,7 @@ async def test_the_retired_version_gives_its_slot_to_a_waiting_request(make_pool
     old, new = make_record("alice", "a", b"v1"), make_record("alice", "a", b"v2")
     finish = asyncio.Event()
 
-    async def long_request() -> None:
-        async with pool.acquire(old):
-            await finish.wait()
-
-    task = asyncio.create_task(long_request())
+    task = hold_until(pool, old, finish)
     await until(lambda: holders(pool).get(old.versioned_ref) == 1)
     pool.retire(old)
     waiter = asyncio.create_task(use(pool, new))
