@@ -24,14 +24,14 @@ from gateway_tools.bench.harness import (
     base_model,
     bench_work_dir,
     gateway_server,
-    median,
     progress,
     publish_synthetic,
     running,
+    stream_stats,
     tree_rss_bytes,
     write_report,
 )
-from gateway_tools.bench.report import config_of, markdown_table
+from gateway_tools.bench.report import RequestStats, config_of, flat_json, markdown_table
 from gateway_tools.bench.scale import run_stream
 from gateway_tools.dev.models import BASES
 
@@ -57,9 +57,8 @@ class ModelCost:
     first_s: float  # the first request, load included for an adapter
     warm_s: float  # the same request again, the adapter resident
     rss_added_bytes: int  # host memory (gateway + engine) the first request added
-    tokens_per_s: float
-    p50_s: float
-    errors: int
+    stream: RequestStats  # a stream naming only this model
+    errors: int  # the stream's, the first and the warm request's that failed
     dtype: str = ""
 
     @property
@@ -103,12 +102,12 @@ def render(completions: Sequence[Completion], base_name: str) -> str:
 
 
 def render_costs(costs: Sequence[ModelCost]) -> str:
-    base = {c.dtype: c for c in costs if c.model == costs[0].model}
+    base = {c.dtype: c.stream for c in costs if c.model == costs[0].model}
     rows = [
         [c.model, c.dtype, f"{c.first_s * 1000:.0f}", f"{c.warm_s * 1000:.0f}",
          "" if c.model == costs[0].model else f"{c.load_s * 1000:.0f}", f"{c.rss_added_bytes / 2**20:+.1f}",
-         f"{c.tokens_per_s:.1f}", f"{c.tokens_per_s / base[c.dtype].tokens_per_s:.2f}x",
-         f"{c.tokens_per_s / costs[0].tokens_per_s:.2f}x", f"{c.p50_s:.2f}", str(c.errors)]
+         f"{c.stream.tokens_per_s:.1f}", f"{c.stream.tokens_per_s / base[c.dtype].tokens_per_s:.2f}x",
+         f"{c.stream.tokens_per_s / costs[0].stream.tokens_per_s:.2f}x", f"{c.stream.p50_s:.2f}", str(c.errors)]
         for c in costs
     ]  # fmt: skip
     return markdown_table(["model", "dtype", "first request (ms)", "warm (ms)", "load (ms)", "host RSS added (MiB)",
@@ -155,12 +154,12 @@ async def _costs(
             rss_after = tree_rss_bytes(pid)
             warm = await client.complete(model, opts.prompt_list[0], 1, stream=False)
             done, duration = await run_stream(client, [model], opts.requests, opts.concurrency, opts.max_tokens, 1)
-            ok = [d for d in done if d.ok]
-            costs.append(ModelCost(model, first.latency_s, warm.latency_s, rss_after - rss_before,
-                                   sum(d.tokens for d in ok) / duration, median([d.latency_s for d in ok]),
-                                   len(done) - len(ok) + (not first.ok) + (not warm.ok), dtype))  # fmt: skip
-            speed = costs[-1].tokens_per_s
-            progress(f"{model} ({dtype}): first request {first.latency_s * 1000:.0f} ms, {speed:.1f} tokens/s")
+            stream = stream_stats(done, duration)
+            costs.append(ModelCost(model, first.latency_s, warm.latency_s, rss_after - rss_before, stream,
+                                   stream.errors + (not first.ok) + (not warm.ok), dtype))  # fmt: skip
+            progress(
+                f"{model} ({dtype}): first request {first.latency_s * 1000:.0f} ms, {stream.tokens_per_s:.1f} tokens/s"
+            )
     return costs
 
 
@@ -228,7 +227,7 @@ def main(argv: list[str]) -> int:
                                                          opts.max_tokens, dtype))  # fmt: skip
     completions.sort(key=lambda c: (opts.prompt_list.index(c.prompt), models.index(c.model), dtypes.index(c.dtype)))
     report = {"config": config_of(opts), "model": str(model.path),
-              "costs": [asdict(c) | {"load_s": c.load_s} for c in costs],
+              "costs": [flat_json(c, "tokens_per_s", "p50_s") | {"load_s": c.load_s} for c in costs],
               "completions": [asdict(c) for c in completions]}  # fmt: skip
     table = render_costs(costs) + "\n\n" + render(completions, model.served_name)
     write_report(opts.out, "compare", report, table, lambda path: plot(completions, model.served_name, path))

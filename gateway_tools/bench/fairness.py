@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -43,7 +43,15 @@ from typing import Any
 import aiohttp
 
 from gateway.auth.keys import add_key
-from gateway_tools.bench.report import config_of, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway_tools.bench.report import (
+    RequestStats,
+    config_of,
+    per_second,
+    raise_on_sigterm,
+    ratio_of,
+    request_stats,
+    write_json,
+)
 from gateway_tools.bench.report import markdown_table as table
 from gateway_tools.bench.serve import ENGINE_ENV, KV_CACHE_GIB, running
 from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
@@ -99,13 +107,17 @@ class FloodWindow:
 
 @dataclass(frozen=True)
 class BobSummary:
-    requested: int
-    ok: int
-    errors: int
-    p50_s: float
-    p99_s: float
-    ttft_p50_s: float
-    ttft_p99_s: float
+    """A user's requests of one or more phases pooled (bob's, or carol's to cold adapters)."""
+
+    requested: int  # what the phases were to send: each must succeed
+    latency: RequestStats  # end to end
+    ttft: RequestStats  # the same requests, to their first token
+
+    def as_json(self) -> dict[str, Any]:
+        """The report's figures, under the keys of docs/bench/fairness-*.json."""
+        e2e, ttft = self.latency, self.ttft
+        return {"requested": self.requested, "ok": e2e.ok, "errors": e2e.errors, "p50_s": e2e.p50_s,
+                "p99_s": e2e.p99_s, "ttft_p50_s": ttft.p50_s, "ttft_p99_s": ttft.p99_s}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -122,16 +134,11 @@ class AliceSummary:
 
 def summarize_bob(runs: Sequence[BobRun]) -> BobSummary:
     """Pool several phases: percentiles over all of bob's successful requests."""
-    latencies = [x for r in runs for x in r.latencies_s]
-    ttfts = [x for r in runs for x in r.ttft_s]
+    errors = sum(r.errors for r in runs)
     return BobSummary(
         requested=sum(r.requested for r in runs),
-        ok=len(latencies),
-        errors=sum(r.errors for r in runs),
-        p50_s=percentile(latencies, 50),
-        p99_s=percentile(latencies, 99),
-        ttft_p50_s=percentile(ttfts, 50),
-        ttft_p99_s=percentile(ttfts, 99),
+        latency=request_stats([x for r in runs for x in r.latencies_s], errors),
+        ttft=request_stats([x for r in runs for x in r.ttft_s], errors),
     )
 
 
@@ -141,8 +148,8 @@ def summarize_alice(windows: Sequence[FloodWindow]) -> AliceSummary:
     completed = sum(w.completed for w in windows)
     return AliceSummary(
         completed=completed,
-        requests_per_s=completed / duration if duration > 0 else 0.0,
-        tokens_per_s=sum(w.tokens for w in windows) / duration if duration > 0 else 0.0,
+        requests_per_s=per_second(completed, duration),
+        tokens_per_s=per_second(sum(w.tokens for w in windows), duration),
         rejected_429=sum(w.rejected_429 for w in windows),
         errors=sum(w.errors for w in windows),
     )
@@ -157,10 +164,10 @@ def flood_window(before: Sequence[int], after: Sequence[int], duration_s: float)
 def fairness_ratios(idle: BobSummary, flood: BobSummary) -> dict[str, float]:
     """Bob's numbers under flood over idle: 1 is a perfect shield, large is starvation."""
     return {
-        "p50": ratio_of(flood.p50_s, idle.p50_s),
-        "p99": ratio_of(flood.p99_s, idle.p99_s),
-        "ttft_p50": ratio_of(flood.ttft_p50_s, idle.ttft_p50_s),
-        "ttft_p99": ratio_of(flood.ttft_p99_s, idle.ttft_p99_s),
+        "p50": ratio_of(flood.latency.p50_s, idle.latency.p50_s),
+        "p99": ratio_of(flood.latency.p99_s, idle.latency.p99_s),
+        "ttft_p50": ratio_of(flood.ttft.p50_s, idle.ttft.p50_s),
+        "ttft_p99": ratio_of(flood.ttft.p99_s, idle.ttft.p99_s),
     }
 
 
@@ -169,20 +176,21 @@ def meets_targets(
 ) -> dict[str, bool]:
     """NaN ratios (no successes) fail, as they should. With `cold` (carol's): her requests all succeed
     and her p99 wait is within the bound (`ratio["cold_p99_wait"]`)."""
+    ok = flood.latency.ok
     met = {
-        "bob_all_ok": flood.requested > 0 and flood.ok / flood.requested >= targets["bob_success_fraction_min"],
+        "bob_all_ok": flood.requested > 0 and ok / flood.requested >= targets["bob_success_fraction_min"],
         "p50": ratio["p50"] <= targets["p50_ratio_max"],
         "p99": ratio["p99"] <= targets["p99_ratio_max"],
     }
     if cold is not None:
-        met["cold_all_ok"] = cold.requested > 0 and cold.ok == cold.requested
+        met["cold_all_ok"] = cold.requested > 0 and cold.latency.ok == cold.requested
         met["cold_wait"] = ratio["cold_p99_wait"] <= targets["cold_p99_wait_vs_service_max"]
     return met
 
 
 def cold_wait_ratio(idle: BobSummary, cold: BobSummary) -> float:
     """A cold adapter's p99 wait (time to first token) over one request's service time (bob idle p50)."""
-    return ratio_of(cold.ttft_p99_s, idle.p50_s)
+    return ratio_of(cold.ttft.p99_s, idle.latency.p50_s)
 
 
 def result_of(
@@ -221,15 +229,13 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         idle, flood, alice, ratio = r["bob_idle"], r["bob_flood"], r["alice"], r["ratios"]
         for phase, s in (("idle", idle), ("flood", flood)):
-            rows.append([f"{name}: bob {phase}", f"{s.ok}/{s.requested}", f"{s.p50_s:.3f}", f"{s.p99_s:.3f}",
-                         f"{s.ttft_p50_s:.3f}", f"{s.ttft_p99_s:.3f}", "", ""])  # fmt: skip
+            rows.append([f"{name}: bob {phase}", *_user_cells(s), "", ""])
         rows.append([f"{name}: flood / idle", "", f"{ratio['p50']:.2f}x", f"{ratio['p99']:.2f}x",
                      f"{ratio['ttft_p50']:.2f}x", f"{ratio['ttft_p99']:.2f}x",
                      f"{alice.requests_per_s:.1f} req/s, {alice.tokens_per_s:.0f} tok/s",
                      str(alice.rejected_429)])  # fmt: skip
         if (cold := r.get("carol_cold")) is not None:
-            rows.append([f"{name}: carol, cold adapters", f"{cold.ok}/{cold.requested}", f"{cold.p50_s:.3f}",
-                         f"{cold.p99_s:.3f}", f"{cold.ttft_p50_s:.3f}", f"{cold.ttft_p99_s:.3f}",
+            rows.append([f"{name}: carol, cold adapters", *_user_cells(cold),
                          f"wait p99 {ratio['cold_p99_wait']:.2f}x bob's idle p50", ""])  # fmt: skip
     header = ["gateway: user phase", "bob ok", "p50 (s)", "p99 (s)", "TTFT p50 (s)", "TTFT p99 (s)",
               "alice throughput", "alice 429s"]  # fmt: skip
@@ -244,6 +250,12 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
                      f"{targets['cold_p99_wait_vs_service_max']:.1f}x: {met['cold_wait']}")  # fmt: skip
         lines.append(line)
     return "\n".join(lines)
+
+
+def _user_cells(s: BobSummary) -> list[str]:
+    """ok / requested, p50, p99, TTFT p50, TTFT p99."""
+    return [f"{s.latency.ok}/{s.requested}", f"{s.latency.p50_s:.3f}", f"{s.latency.p99_s:.3f}",
+            f"{s.ttft.p50_s:.3f}", f"{s.ttft.p99_s:.3f}"]  # fmt: skip
 
 
 # -- load -------------------------------------------------------------------------------
@@ -554,8 +566,9 @@ def main(argv: list[str]) -> int:
                 flood = _flood_phase(opts, config, keys, round_no)
                 config.bob_flood.append(flood)
                 i, f, a = summarize_bob([idle]), summarize_bob([flood]), summarize_alice(config.alice[-1:])
-                print(f"round {round_no}: {config.name}: bob idle p50 {i.p50_s:.3f} s p99 {i.p99_s:.3f} s; "
-                      f"flood p50 {f.p50_s:.3f} s p99 {f.p99_s:.3f} s ok {f.ok}/{f.requested} "
+                print(f"round {round_no}: {config.name}: bob idle p50 {i.latency.p50_s:.3f} s "
+                      f"p99 {i.latency.p99_s:.3f} s; flood p50 {f.latency.p50_s:.3f} s p99 {f.latency.p99_s:.3f} s "
+                      f"ok {f.latency.ok}/{f.requested} "
                       f"{(idle.first_errors + flood.first_errors)[:1]}; alice {a.requests_per_s:.1f} req/s, "
                       f"429s {a.rejected_429}, errors {a.errors}", file=sys.stderr, flush=True)  # fmt: skip
 
@@ -574,14 +587,17 @@ def main(argv: list[str]) -> int:
     report = {
         "config": config_of(opts),
         "results": {
-            name: {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in r.items()}
+            name: {
+                k: v.as_json() if isinstance(v, BobSummary) else asdict(v) if is_dataclass(v) else v
+                for k, v in r.items()
+            }
             for name, r in results.items()
         },
         "rounds": {
             c.name: {
-                "bob_idle": [asdict(summarize_bob([r])) for r in c.bob_idle],
-                "bob_flood": [asdict(summarize_bob([r])) for r in c.bob_flood],
-                "carol_cold": [asdict(summarize_bob([r])) for r in c.carol_cold],
+                "bob_idle": [summarize_bob([r]).as_json() for r in c.bob_idle],
+                "bob_flood": [summarize_bob([r]).as_json() for r in c.bob_flood],
+                "carol_cold": [summarize_bob([r]).as_json() for r in c.carol_cold],
                 "alice": [asdict(w) for w in c.alice],
                 "alice_whole_phases": [
                     dict(zip(("completed", "tokens", "rejected_429", "errors"), t)) for t in c.alice_totals

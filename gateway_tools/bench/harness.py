@@ -27,7 +27,7 @@ import aiohttp
 import numpy as np
 
 from adapters_manifest.record import AdapterRecord
-from gateway_tools.bench.report import percentile, raise_on_sigterm, write_json
+from gateway_tools.bench.report import RequestStats, raise_on_sigterm, request_stats, write_json
 from gateway_tools.dev.process import ServerProcess, free_port, gateway_command
 
 KV_CACHE_GIB = 1.0
@@ -206,6 +206,13 @@ class Timed:
     retry_after: str | None = None
 
 
+def stream_stats(results: Sequence[Timed], duration_s: float) -> RequestStats:
+    """The figures of completions that took `duration_s` together: the successes' latencies and tokens,
+    the others counted as errors."""
+    ok = [r for r in results if r.ok]
+    return request_stats([r.latency_s for r in ok], len(results) - len(ok), duration_s, sum(r.tokens for r in ok))
+
+
 def sse_payloads(raw: bytes) -> list[dict[str, Any]]:
     """The JSON payloads of a whole server-sent-events body, without `[DONE]`."""
     out = []
@@ -342,11 +349,7 @@ def gpu_memory_bytes() -> int | None:
         return None
 
 
-# -- statistics and report files --------------------------------------------------------
-
-
-def median(values: Sequence[float]) -> float:
-    return percentile([v for v in values if v == v], 50)
+# -- report files ----------------------------------------------------------------------
 
 
 def ms(seconds: float) -> str:

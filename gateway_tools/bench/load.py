@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,15 @@ import uvloop
 from adapters_manifest.record import AdapterRecord
 from gateway_tools.bench.load_sync import SyncSamples
 from gateway_tools.bench.load_tiers import MOVES, BenchAdapter, TierSamples
-from gateway_tools.bench.report import config_of, markdown_table, percentile, raise_on_sigterm, ratio_of, write_json
+from gateway_tools.bench.report import (
+    config_of,
+    markdown_table,
+    percentile,
+    raise_on_sigterm,
+    ratio_of,
+    request_stats,
+    write_json,
+)
 from gateway_tools.dev.process import free_port
 
 BUCKET = "bench-load"
@@ -37,18 +45,7 @@ LABELS = {"store_to_disk": "store -> disk", "disk_to_engine": "disk -> engine", 
           "raw_get": "plain GET", "file_read": "file read"}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Stat:
-    n: int
-    p50_s: float
-    p99_s: float
-
-
 # -- pure helpers (unit-tested) ---------------------------------------------------------
-
-
-def stat(samples: list[float]) -> Stat:
-    return Stat(n=len(samples), p50_s=percentile(samples, 50), p99_s=percentile(samples, 99))
 
 
 def tier_summary(tiers: list[TierSamples]) -> list[dict[str, Any]]:
@@ -56,10 +53,11 @@ def tier_summary(tiers: list[TierSamples]) -> list[dict[str, Any]]:
     rows = []
     for t in tiers:
         for move, baseline in MOVES.items():
-            s = stat(t.samples.get(move, []))
-            row: dict[str, Any] = {"rank": t.rank, "bytes": t.bytes, "move": move, **asdict(s)}
+            s = request_stats(t.samples.get(move, []))
+            row: dict[str, Any] = {"rank": t.rank, "bytes": t.bytes, "move": move, "n": s.requests,
+                                   "p50_s": s.p50_s, "p99_s": s.p99_s}  # fmt: skip
             if baseline is not None:
-                b = stat(t.samples.get(baseline, []))
+                b = request_stats(t.samples.get(baseline, []))
                 row |= {"baseline": baseline, "baseline_p50_s": b.p50_s, "baseline_p99_s": b.p99_s,
                         "ratio_p50": ratio_of(s.p50_s, b.p50_s), "ratio_p99": ratio_of(s.p99_s, b.p99_s)}  # fmt: skip
             rows.append(row)

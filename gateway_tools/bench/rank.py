@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.settings import MAX_LORA_RANKS
@@ -29,15 +29,23 @@ from gateway_tools.bench.harness import (
     bench_work_dir,
     gateway_server,
     gpu_memory_bytes,
-    median,
     progress,
     publish_copies,
     publish_synthetic,
     running,
+    stream_stats,
     tree_rss_bytes,
     write_report,
 )
-from gateway_tools.bench.report import config_of, markdown_table, ratio_of
+from gateway_tools.bench.report import (
+    RequestStats,
+    config_of,
+    flat_json,
+    markdown_table,
+    median,
+    median_of_rounds,
+    ratio_of,
+)
 from gateway_tools.bench.scale import run_stream
 
 SETTLE_S = 1.0  # after loads, before reading memory: the allocator and the engine settle
@@ -64,9 +72,8 @@ class RankResult:
     loaded: int  # adapters of this rank loaded into the engine
     rss_added_bytes: int
     gpu_added_bytes: int | None
-    tokens_per_s: float
-    p50_s: float
-    errors: int
+    stream: RequestStats  # the speed stream over --max-loras of them (the base model's: the median of its rounds)
+    errors: int  # the stream's and the loading requests' (one per adapter) that failed
     base_tokens_per_s: float = float("nan")  # the base model's, measured just before: the speed's yardstick
     quality: Quality | None = None  # with --train
 
@@ -87,15 +94,14 @@ def render(results: Sequence[RankResult]) -> str:
     rows = []
     for r in results:
         quality = _quality_cells(r.quality) if trained else []
+        tokens_s, p50 = f"{r.stream.tokens_per_s:.0f}", f"{r.stream.p50_s:.3f}"
         if r.rank == 0:
-            rows.append(["base", *quality, "", "", f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", "1.00x", "", "",
-                         str(r.errors)])  # fmt: skip
+            rows.append(["base", *quality, "", "", tokens_s, p50, "1.00x", "", "", str(r.errors)])
             continue
-        speed = f"{ratio_of(r.tokens_per_s, r.base_tokens_per_s):.2f}x"
+        speed = f"{ratio_of(r.stream.tokens_per_s, r.base_tokens_per_s):.2f}x"
         gpu = "n/a (no GPU)" if r.gpu_per_adapter is None else f"{r.gpu_per_adapter / 1024:.0f}"
-        rows.append([str(r.rank), *quality, f"{r.adapter_bytes / 1024:.0f}", str(r.loaded),
-                     f"{r.tokens_per_s:.0f}", f"{r.p50_s:.3f}", speed, f"{r.rss_per_adapter / 1024:.0f}", gpu,
-                     str(r.errors)])  # fmt: skip
+        rows.append([str(r.rank), *quality, f"{r.adapter_bytes / 1024:.0f}", str(r.loaded), tokens_s, p50, speed,
+                     f"{r.rss_per_adapter / 1024:.0f}", gpu, str(r.errors)])  # fmt: skip
     quality_columns = ["held-out loss", "held-out tokens right", "training loss"] if trained else []
     return markdown_table(["rank", *quality_columns, "file (KiB)", "adapters loaded", "tokens/s", "p50 (s)",
                            "vs base (paired)", "host RSS per adapter (KiB)", "GPU per adapter (KiB)", "errors"],
@@ -125,9 +131,9 @@ def plot(results: Sequence[RankResult], path: Path) -> None:
             quality.axhline(base.quality.held_out_loss, color="grey", linestyle="--", label="base model, held out")
         quality.set(xlabel="adapter rank", ylabel="loss per target token", title="Quality", yscale="log")
         quality.legend()
-    speed.bar(labels, [r.tokens_per_s for r in ranked])
+    speed.bar(labels, [r.stream.tokens_per_s for r in ranked])
     if base is not None:
-        speed.axhline(base.tokens_per_s, color="grey", linestyle="--", label="base model")
+        speed.axhline(base.stream.tokens_per_s, color="grey", linestyle="--", label="base model")
         speed.legend()
     speed.set(xlabel="adapter rank", ylabel="tokens/s", title="Speed")
     memory.bar(labels, [r.rss_per_adapter / 1024 for r in ranked], label="host RSS")
@@ -161,11 +167,10 @@ async def _measure(
     results = []
     async with Client(url, api_key, connections=opts.concurrency) as client:
 
-        async def speed(models: list[str]) -> tuple[float, float, int]:
+        async def speed(models: list[str]) -> RequestStats:
             await run_stream(client, models, opts.concurrency, opts.concurrency, opts.max_tokens, seed=0)  # warm
             done, duration = await run_stream(client, models, opts.requests, opts.concurrency, opts.max_tokens, 1)
-            ok = [d for d in done if d.ok]
-            return sum(d.tokens for d in ok) / duration, median([d.latency_s for d in ok]), len(done) - len(ok)
+            return stream_stats(done, duration)
 
         # One adapter of each rank first, unmeasured: the first load's one-time allocations (code paths,
         # buffers) would otherwise count against the first rank's adapters.
@@ -179,14 +184,15 @@ async def _measure(
                 failed += 0 if (await client.complete(ref, "x", 1, stream=False)).ok else 1
             rss_after, gpu_after = await _memory(pid)
             bases.append(await speed([served]))  # just before the rank's own: the host's load drifts
-            tokens_s, p50, errors = await speed(refs[rank][: opts.max_loras])
+            stream = await speed(refs[rank][: opts.max_loras])
             gpu = None if gpu_before is None or gpu_after is None else gpu_after - gpu_before
             results.append(RankResult(rank, sizes[rank], len(refs[rank]) - failed, rss_after - rss_before, gpu,
-                                      tokens_s, p50, errors + failed, bases[-1][0], quality.get(rank)))  # fmt: skip
-            progress(f"rank {rank}: {tokens_s:.0f} tokens/s (base {bases[-1][0]:.0f}), host RSS "
-                     f"+{(rss_after - rss_before) / 1024:.0f} KiB for {len(refs[rank]) - failed} adapters")  # fmt: skip
-    base = RankResult(0, 0, 0, 0, None, median([b[0] for b in bases]), median([b[1] for b in bases]),
-                      sum(b[2] for b in bases), quality=quality.get(0))  # fmt: skip
+                                      stream, stream.errors + failed, bases[-1].tokens_per_s,
+                                      quality.get(rank)))  # fmt: skip
+            progress(f"rank {rank}: {stream.tokens_per_s:.0f} tokens/s (base {bases[-1].tokens_per_s:.0f}), "
+                     f"host RSS +{(rss_after - rss_before) / 1024:.0f} KiB for {len(refs[rank]) - failed} "
+                     "adapters")  # fmt: skip
+    base = RankResult(0, 0, 0, 0, None, median_of_rounds(bases), sum(b.errors for b in bases), quality=quality.get(0))
     return [base, *results]
 
 
@@ -263,7 +269,7 @@ def main(argv: list[str]) -> int:
             results = asyncio.run(_measure(opts, server.base_url, api_key, server.process.pid, model.served_name,
                                            refs, sizes, quality))  # fmt: skip
     report = {"config": config_of(opts), "model": str(model.path), "duration_s": time.monotonic() - started,
-              "results": [asdict(r) | {"rss_per_adapter_bytes": r.rss_per_adapter,
-                                       "gpu_per_adapter_bytes": r.gpu_per_adapter} for r in results]}  # fmt: skip
+              "results": [flat_json(r, "tokens_per_s", "p50_s") | {"rss_per_adapter_bytes": r.rss_per_adapter,
+                          "gpu_per_adapter_bytes": r.gpu_per_adapter} for r in results]}  # fmt: skip
     write_report(opts.out, "rank", report, render(results), lambda path: plot(results, path))
     return 1 if any(r.errors for r in results) else 0

@@ -1,4 +1,5 @@
-"""Helpers every benchmark shares: percentiles, ratios, Markdown tables, the JSON report."""
+"""Helpers every benchmark shares: percentiles, ratios, the figures of a set of requests, Markdown
+tables, the JSON report."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,73 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
+def median(values: Sequence[float]) -> float:
+    """The median of the values that are not NaN; NaN for none."""
+    return percentile([v for v in values if v == v], 50)
+
+
 def ratio_of(a: float, b: float) -> float:
     """a / b, NaN when b is 0: a missing baseline must not read as a result."""
     return a / b if b else float("nan")
+
+
+def per_second(total: float, seconds: float) -> float:
+    """A rate over a measured time: 0 when none passed, NaN when none was measured (`seconds` NaN)."""
+    return 0.0 if seconds <= 0 else total / seconds
+
+
+# -- the figures of a set of requests ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """A set of requests (a stream, a phase, repetitions of one move) as their client saw them: how
+    many, how many failed, the successes' latency and, over the time the set took, their rates."""
+
+    requests: int  # sent: successes and errors
+    errors: int
+    duration_s: float  # NaN: not timed as a whole (no rates)
+    requests_per_s: float  # successes per second
+    tokens_per_s: float  # tokens the successes generated, per second
+    p50_s: float  # NaN: no successes
+    p99_s: float
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.errors
+
+
+def request_stats(
+    latencies_s: Sequence[float], errors: int = 0, duration_s: float = nan, tokens: float = 0
+) -> RequestStats:
+    """The figures of the successes' `latencies_s` (`tokens` generated in all) and `errors` failures,
+    rates over `duration_s`."""
+    ok = len(latencies_s)
+    return RequestStats(requests=ok + errors, errors=errors, duration_s=duration_s,
+                        requests_per_s=per_second(ok, duration_s), tokens_per_s=per_second(tokens, duration_s),
+                        p50_s=percentile(latencies_s, 50), p99_s=percentile(latencies_s, 99))  # fmt: skip
+
+
+def median_of_rounds(rounds: Sequence[RequestStats]) -> RequestStats:
+    """Rounds of one stream as one: counts and time summed, rates and latencies the rounds' median (a
+    stall of the engine that hits one round moves one round, not the result)."""
+    return RequestStats(requests=sum(r.requests for r in rounds), errors=sum(r.errors for r in rounds),
+                        duration_s=sum(r.duration_s for r in rounds),
+                        requests_per_s=median([r.requests_per_s for r in rounds]),
+                        tokens_per_s=median([r.tokens_per_s for r in rounds]),
+                        p50_s=median([r.p50_s for r in rounds]), p99_s=median([r.p99_s for r in rounds]))  # fmt: skip
+
+
+def flat_json(result: Any, *figures: str) -> dict[str, Any]:
+    """A result dataclass as a report's JSON object: `asdict`, with the figures of a RequestStats field
+    (those named, or all) inlined where the field stands: the reports' keys are `p50_s`, `tokens_per_s`."""
+    out: dict[str, Any] = {}
+    for name, value in asdict(result).items():
+        if isinstance(getattr(result, name), RequestStats):
+            out |= {k: v for k, v in value.items() if not figures or k in figures}
+        else:
+            out[name] = value
+    return out
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:

@@ -21,7 +21,7 @@ import itertools
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,22 @@ from gateway_tools.bench.harness import (
     base_model,
     bench_work_dir,
     gateway_server,
-    median,
     progress,
     publish_synthetic,
     running,
+    stream_stats,
     write_report,
 )
-from gateway_tools.bench.report import config_of, cpu_seconds, markdown_table, percentile, ratio_of
+from gateway_tools.bench.report import (
+    RequestStats,
+    config_of,
+    cpu_seconds,
+    flat_json,
+    markdown_table,
+    median,
+    median_of_rounds,
+    ratio_of,
+)
 
 TARGET = {"adapters": 64, "min_max_loras": 8, "throughput_vs_base_min": 0.7}
 BASE = 0  # "0 adapters": the base model only
@@ -49,16 +58,12 @@ BASE = 0  # "0 adapters": the base model only
 
 @dataclass(frozen=True)
 class Point:
+    """One stream on one engine configuration (or its rounds, aggregated)."""
+
     max_loras: int
     max_cpu_loras: int
     adapters: int  # 0: base only
-    requests: int
-    errors: int
-    duration_s: float
-    requests_per_s: float
-    tokens_per_s: float
-    p50_s: float
-    p99_s: float
+    stream: RequestStats
     first_errors: tuple[str, ...] = ()
     other_cores: float = 0.0  # CPU the rest of the host used meanwhile: a busy neighbour skews a result
 
@@ -79,16 +84,8 @@ def parse_grid(text: str) -> list[tuple[int, int]]:
 
 
 def point_of(max_loras: int, max_cpu_loras: int, adapters: int, results: Sequence[Timed], duration_s: float) -> Point:
-    ok = [r for r in results if r.ok]
-    latencies = [r.latency_s for r in ok]
-    errors = [f"{r.status} {r.error}" for r in results if not r.ok]
-    return Point(
-        max_loras=max_loras, max_cpu_loras=max_cpu_loras, adapters=adapters, requests=len(results),
-        errors=len(errors), duration_s=duration_s,
-        requests_per_s=len(ok) / duration_s if duration_s > 0 else 0.0,
-        tokens_per_s=sum(r.tokens for r in ok) / duration_s if duration_s > 0 else 0.0,
-        p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99), first_errors=tuple(errors[:3]),
-    )  # fmt: skip
+    errors = tuple(f"{r.status} {r.error}" for r in results if not r.ok)
+    return Point(max_loras, max_cpu_loras, adapters, stream_stats(results, duration_s), errors[:3])
 
 
 def paired_ratios(points: Sequence[Point]) -> dict[tuple[int, int, int], list[float]]:
@@ -99,10 +96,10 @@ def paired_ratios(points: Sequence[Point]) -> dict[tuple[int, int, int], list[fl
     for p in points:
         config = (p.max_loras, p.max_cpu_loras)
         if p.adapters == BASE:
-            last_base[config] = p.requests_per_s
+            last_base[config] = p.stream.requests_per_s
             ratios[(*config, BASE)].append(1.0)
         else:
-            ratios[(*config, p.adapters)].append(ratio_of(p.requests_per_s, last_base.get(config, 0.0)))
+            ratios[(*config, p.adapters)].append(ratio_of(p.stream.requests_per_s, last_base.get(config, 0.0)))
     return ratios
 
 
@@ -118,10 +115,7 @@ def aggregate(points: Sequence[Point]) -> list[Point]:
     for p in points:
         groups[(p.max_loras, p.max_cpu_loras, p.adapters)].append(p)
     return [
-        Point(*key, requests=sum(p.requests for p in g), errors=sum(p.errors for p in g),
-              duration_s=sum(p.duration_s for p in g), requests_per_s=median([p.requests_per_s for p in g]),
-              tokens_per_s=median([p.tokens_per_s for p in g]), p50_s=median([p.p50_s for p in g]),
-              p99_s=median([p.p99_s for p in g]), first_errors=tuple(e for p in g for e in p.first_errors)[:3],
+        Point(*key, median_of_rounds([p.stream for p in g]), tuple(e for p in g for e in p.first_errors)[:3],
               other_cores=sum(p.other_cores for p in g) / len(g))
         for key, g in groups.items()
     ]  # fmt: skip
@@ -135,17 +129,20 @@ def target_met(points: Sequence[Point]) -> bool | None:
     if not judged:
         return None
     return all(
-        ratio[(p.max_loras, p.max_cpu_loras, p.adapters)] >= TARGET["throughput_vs_base_min"] and not p.errors
+        ratio[(p.max_loras, p.max_cpu_loras, p.adapters)] >= TARGET["throughput_vs_base_min"] and not p.stream.errors
         for p in judged
     )
 
 
 def render(points: Sequence[Point]) -> str:
     ratio = vs_base(points)
-    rows = [[f"{p.max_loras}:{p.max_cpu_loras}", "base only" if p.adapters == BASE else str(p.adapters),
-             f"{p.requests_per_s:.1f}", f"{p.tokens_per_s:.0f}", f"{p.p50_s:.3f}", f"{p.p99_s:.3f}", str(p.errors),
-             f"{ratio[(p.max_loras, p.max_cpu_loras, p.adapters)]:.2f}x", f"{p.other_cores:.2f}"]
-            for p in aggregate(points)]  # fmt: skip
+    rows = []
+    for p in aggregate(points):
+        s = p.stream
+        rows.append([f"{p.max_loras}:{p.max_cpu_loras}", "base only" if p.adapters == BASE else str(p.adapters),
+                     f"{s.requests_per_s:.1f}", f"{s.tokens_per_s:.0f}", f"{s.p50_s:.3f}", f"{s.p99_s:.3f}",
+                     str(s.errors), f"{ratio[(p.max_loras, p.max_cpu_loras, p.adapters)]:.2f}x",
+                     f"{p.other_cores:.2f}"])  # fmt: skip
     table = markdown_table(["max_loras:max_cpu_loras", "adapters", "requests/s", "tokens/s", "p50 (s)", "p99 (s)",
                             "errors", "vs base (paired, p50 of rounds)", "other load (cores)"], rows)  # fmt: skip
     met = target_met(points)
@@ -163,7 +160,7 @@ def plot(points: Sequence[Point], path: Path) -> None:
         pts = [p for p in group if p.adapters != BASE]
         label = f"max_loras {loras}, max_cpu_loras {cpu}"
         left.plot([p.adapters for p in pts], [ratio[(loras, cpu, p.adapters)] for p in pts], marker="o", label=label)
-        right.plot([p.adapters for p in pts], [p.p99_s for p in pts], marker="o", label=label)
+        right.plot([p.adapters for p in pts], [p.stream.p99_s for p in pts], marker="o", label=label)
     left.axhline(TARGET["throughput_vs_base_min"], color="grey", linestyle="--", label="target (64 adapters)")
     left.set(xscale="log", xlabel="distinct adapters in the stream", ylabel="throughput / base-only", ylim=(0, None))
     right.set(xscale="log", xlabel="distinct adapters in the stream", ylabel="p99 latency (s)")
@@ -213,10 +210,10 @@ async def _measure_config(
             host_after, ours_after = cpu_seconds({pid})
             other = max(0.0, (host_after - host_before) - (ours_after - ours_before)) / duration
             points.append(dataclasses.replace(point_of(*grid, n, results, duration), other_cores=other))
-            p = points[-1]
+            p, s = points[-1], points[-1].stream
             what = "base" if n == BASE else f"{n} adapters"
-            progress(f"round {round_no + 1}: {grid[0]}:{grid[1]} {what}: {p.requests_per_s:.1f} req/s, "
-                     f"p50 {p.p50_s:.3f} s, p99 {p.p99_s:.3f} s, errors {p.errors} {list(p.first_errors[:1])}, "
+            progress(f"round {round_no + 1}: {grid[0]}:{grid[1]} {what}: {s.requests_per_s:.1f} req/s, "
+                     f"p50 {s.p50_s:.3f} s, p99 {s.p99_s:.3f} s, errors {s.errors} {list(p.first_errors[:1])}, "
                      f"other load {p.other_cores:.2f} cores")  # fmt: skip
     return points
 
@@ -267,11 +264,11 @@ def main(argv: list[str]) -> int:
                                                       grid))  # fmt: skip
     report: dict[str, Any] = {
         "config": config_of(opts), "model": str(model.path), "duration_s": time.monotonic() - started,
-        "points": [asdict(p) for p in points],
-        "summary": [asdict(p) for p in aggregate(points)],
+        "points": [flat_json(p) for p in points],
+        "summary": [flat_json(p) for p in aggregate(points)],
         "vs_base": [{"max_loras": k[0], "max_cpu_loras": k[1], "adapters": k[2], "ratio": median(v), "rounds": v}
                     for k, v in paired_ratios(points).items()],
         "target": TARGET, "target_met": target_met(points),
     }  # fmt: skip
     write_report(opts.out, "scale", report, render(points), lambda path: plot(points, path))
-    return 1 if target_met(points) is False or any(p.errors for p in points) else 0
+    return 1 if target_met(points) is False or any(p.stream.errors for p in points) else 0

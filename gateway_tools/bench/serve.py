@@ -38,6 +38,7 @@ from gateway.auth.keys import add_key
 from gateway_tools.bench.report import (
     config_of,
     cpu_seconds,
+    per_second,
     percentile,
     process_cpu_seconds,
     raise_on_sigterm,
@@ -176,19 +177,15 @@ def summarize(runs: Sequence[Run]) -> Summary:
     completed = sum(r.figures["completed"] for r in runs)
     failed = sum(r.figures["failed"] for r in runs)
     probes = [x for r in runs for x in r.probe_latencies_s]
-
-    def rate(total: float) -> float:
-        return total / duration if duration > 0 else 0.0
-
     return Summary(
         requests=completed + failed,
         failed=failed,
         duration_s=duration,
-        requests_per_s=rate(completed),
-        output_tokens_per_s=rate(sum(r.figures["total_output_tokens"] for r in runs)),
+        requests_per_s=per_second(completed, duration),
+        output_tokens_per_s=per_second(sum(r.figures["total_output_tokens"] for r in runs), duration),
         # Summary's `ttft_median_ms` from vLLM's `median_ttft_ms`, ...
         **{f"{m}_{s}_ms": _median_of(runs, f"{s}_{m}_ms") for m in LATENCIES for s in STATS},
-        other_cores=rate(sum(r.other_cpu_s for r in runs)),
+        other_cores=per_second(sum(r.other_cpu_s for r in runs), duration),
         probe_p99_s=percentile(probes, 99),
         probe_max_s=max(probes, default=nan),
         front_cpu_ms_per_request=1000 * sum(r.front_cpu_s for r in runs) / completed if completed else nan,

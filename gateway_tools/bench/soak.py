@@ -50,7 +50,7 @@ from gateway_tools.bench.harness import (
     tree_rss_bytes,
     write_report,
 )
-from gateway_tools.bench.report import config_of, markdown_table
+from gateway_tools.bench.report import config_of, markdown_table, per_second
 from gateway_tools.bench.s3_process import S3Process
 
 BUCKET = "bench-soak"
@@ -147,7 +147,7 @@ def summarize(
     warm_rss, max_rss, growth = rss
     figures = {
         "requests": len(outcomes), "ok": ok, "duration_s": duration_s,
-        "requests_per_s": ok / duration_s if duration_s else 0.0,
+        "requests_per_s": per_second(ok, duration_s),
         "errors_by_type": {k: n for k, n in sorted(kinds.items()) if k != "ok"},
         "lost": lost, "unexpected_errors": unexpected, "checked": checked, "wrong": len(wrong),
         "rss_after_warmup_bytes": warm_rss, "rss_max_bytes": max_rss, "rss_growth": growth,

@@ -36,14 +36,13 @@ from gateway_tools.bench.harness import (
     base_model,
     bench_work_dir,
     gateway_server,
-    median,
     ms,
     progress,
     publish_synthetic,
     running,
     write_report,
 )
-from gateway_tools.bench.report import config_of, markdown_table, ratio_of
+from gateway_tools.bench.report import config_of, markdown_table, median, ratio_of
 from gateway_tools.bench.s3_process import S3Process
 
 TIERS = ("running", "cpu cache", "disk", "store", "base")

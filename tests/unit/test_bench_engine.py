@@ -13,6 +13,7 @@ import pytest
 from adapters_manifest.validation import BaseModelSpec, validate_adapter_dir
 from gateway_tools.bench import compare, rank, scale, soak, swap
 from gateway_tools.bench.harness import ALL_LINEAR, Timed, sse_payloads, token_ids_of, write_synthetic_adapter
+from gateway_tools.bench.report import RequestStats, flat_json, request_stats
 from gateway_tools.dev.tiny_model import build_base_model, build_tokenizer
 
 # -- swap ---------------------------------------------------------------------------------
@@ -84,7 +85,10 @@ def test_scale_points_ratios_and_target(tmp_path: Path) -> None:
     many = scale.point_of(8, 64, 64, [timed(0.2)] * 75 + [timed(0.3)] * 5, 1.0)
     few_slots = scale.point_of(2, 64, 64, [timed(0.5)] * 10, 1.0)
     few_slots_base = scale.point_of(2, 64, scale.BASE, [timed(0.1)] * 100, 1.0)
-    assert many.requests_per_s == 80 and many.tokens_per_s == 80 * 16 and many.errors == 0
+    assert many.stream.requests_per_s == 80 and many.stream.tokens_per_s == 80 * 16 and many.stream.errors == 0
+    assert list(flat_json(many)) == ["max_loras", "max_cpu_loras", "adapters", "requests", "errors", "duration_s",
+                                     "requests_per_s", "tokens_per_s", "p50_s", "p99_s", "first_errors",
+                                     "other_cores"]  # the report's keys, as in docs/bench/*scale.json  # fmt: skip
     ratio = scale.vs_base([base, many, few_slots_base, few_slots])
     assert ratio[(8, 64, 64)] == pytest.approx(0.8)
     assert ratio[(2, 64, 64)] == pytest.approx(0.1)
@@ -93,7 +97,7 @@ def test_scale_points_ratios_and_target(tmp_path: Path) -> None:
     slow = scale.point_of(8, 64, 64, [timed(0.2)] * 60, 1.0)
     assert scale.target_met([base, slow]) is False
     failing = scale.point_of(8, 64, 64, [timed(0.2)] * 90 + [timed(0, ok=False)], 1.0)
-    assert failing.errors == 1 and failing.first_errors == ("503 adapter_capacity_exhausted",)
+    assert failing.stream.errors == 1 and failing.first_errors == ("503 adapter_capacity_exhausted",)
     assert scale.target_met([base, failing]) is False
     assert scale.target_met([few_slots_base, few_slots]) is None
     table = scale.render([base, many])
@@ -123,17 +127,25 @@ def test_scale_takes_the_median_of_rounds_so_one_stalled_stream_does_not_decide(
     assert scale.vs_base(points)[(8, 64, 64)] == pytest.approx(0.8)
     assert scale.target_met(points) is True
     rows = scale.aggregate(points)
-    assert [(p.adapters, p.requests_per_s, p.requests) for p in rows] == [(0, 100.0, 240), (64, 80.0, 200)]
+    assert [(p.adapters, p.stream.requests_per_s, p.stream.requests) for p in rows] == [
+        (0, 100.0, 240),
+        (64, 80.0, 200),
+    ]
 
 
 # -- rank ---------------------------------------------------------------------------------
 
 
+def stream(tokens_per_s: int, p50_s: float) -> RequestStats:
+    """A one-second stream of one request."""
+    return request_stats([p50_s], duration_s=1.0, tokens=tokens_per_s)
+
+
 def test_rank_table_per_adapter_memory_and_speed(tmp_path: Path) -> None:
     results = [
-        rank.RankResult(0, 0, 0, 0, None, 1000.0, 0.3, 0),
-        rank.RankResult(8, 48 * 1024, 32, 32 * 100 * 1024, None, 950.0, 0.31, 0, 1000.0),
-        rank.RankResult(64, 355 * 1024, 32, 32 * 700 * 1024, 32 * 400 * 1024, 800.0, 0.4, 0, 1100.0),
+        rank.RankResult(0, 0, 0, 0, None, stream(1000, 0.3), 0),
+        rank.RankResult(8, 48 * 1024, 32, 32 * 100 * 1024, None, stream(950, 0.31), 0, 1000.0),
+        rank.RankResult(64, 355 * 1024, 32, 32 * 700 * 1024, 32 * 400 * 1024, stream(800, 0.4), 0, 1100.0),
     ]
     assert results[1].rss_per_adapter == 100 * 1024
     assert results[1].gpu_per_adapter is None and results[2].gpu_per_adapter == 400 * 1024
@@ -148,8 +160,8 @@ def test_rank_table_per_adapter_memory_and_speed(tmp_path: Path) -> None:
 def test_rank_table_with_trained_adapters_leads_with_their_quality(tmp_path: Path) -> None:
     quality = {0: rank.Quality(2.5, 2.6, 0.4, 0.0), 8: rank.Quality(0.2, 0.31, 0.91, 60.0)}
     results = [
-        rank.RankResult(0, 0, 0, 0, None, 50.0, 0.3, 0, quality=quality[0]),
-        rank.RankResult(8, 9800 * 1024, 32, 32 * 10000 * 1024, None, 40.0, 0.31, 0, 50.0, quality[8]),
+        rank.RankResult(0, 0, 0, 0, None, stream(50, 0.3), 0, quality=quality[0]),
+        rank.RankResult(8, 9800 * 1024, 32, 32 * 10000 * 1024, None, stream(40, 0.31), 0, 50.0, quality[8]),
     ]
     table = rank.render(results)
     assert table.splitlines()[0].startswith(
@@ -218,10 +230,10 @@ def test_compare_with_two_dtypes_sets_each_beside_the_first(tmp_path: Path) -> N
     assert "| Hi | alice/chat | bfloat16 |  x z | 25% | 50% |" in table  # vs the bfloat16 base: 1 of 4
     compare.plot(completions, "base", tmp_path / "compare.png")
     costs = [
-        compare.ModelCost("base", 0.5, 0.4, 0, 40.0, 1.0, 0, "float32"),
-        compare.ModelCost("alice/chat", 0.7, 0.45, 10 << 20, 30.0, 1.2, 0, "float32"),
-        compare.ModelCost("base", 0.3, 0.2, 0, 80.0, 0.5, 0, "bfloat16"),
-        compare.ModelCost("alice/chat", 0.4, 0.25, 5 << 20, 60.0, 0.6, 0, "bfloat16"),
+        compare.ModelCost("base", 0.5, 0.4, 0, stream(40, 1.0), 0, "float32"),
+        compare.ModelCost("alice/chat", 0.7, 0.45, 10 << 20, stream(30, 1.2), 0, "float32"),
+        compare.ModelCost("base", 0.3, 0.2, 0, stream(80, 0.5), 0, "bfloat16"),
+        compare.ModelCost("alice/chat", 0.4, 0.25, 5 << 20, stream(60, 0.6), 0, "bfloat16"),
     ]
     rows = compare.render_costs(costs).splitlines()
     assert rows[0].startswith("| model | dtype | first request (ms) | warm (ms) | load (ms) | host RSS added (MiB) |")

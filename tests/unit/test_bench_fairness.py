@@ -27,10 +27,13 @@ def test_summarize_bob_pools_phases() -> None:
     first = BobRun(requested=4, latencies_s=[0.1, 0.2, 0.3], ttft_s=[0.01, 0.02, 0.03], errors=1)
     second = BobRun(requested=2, latencies_s=[0.4, 0.5], ttft_s=[0.04, 0.05])
     s = summarize_bob([first, second])
-    assert (s.requested, s.ok, s.errors) == (6, 5, 1)
-    assert s.p50_s == pytest.approx(0.3)
-    assert s.p99_s == pytest.approx(0.496)  # linear interpolation between 0.4 and 0.5
-    assert s.ttft_p50_s == pytest.approx(0.03)
+    assert (s.requested, s.latency.ok, s.latency.errors) == (6, 5, 1)
+    assert s.latency.p50_s == pytest.approx(0.3)
+    assert s.latency.p99_s == pytest.approx(0.496)  # linear interpolation between 0.4 and 0.5
+    assert s.ttft.p50_s == pytest.approx(0.03)
+    # The report's keys, as in docs/bench/fairness-*.json
+    assert s.as_json() == pytest.approx({"requested": 6, "ok": 5, "errors": 1, "p50_s": 0.3, "p99_s": 0.496,
+                                         "ttft_p50_s": 0.03, "ttft_p99_s": 0.0496})  # fmt: skip
 
 
 def test_flood_window_and_alice_rates() -> None:

@@ -7,10 +7,10 @@ import math
 import pytest
 
 from adapters_manifest.record import AdapterFile, AdapterRecord
-from gateway_tools.bench.load import render, stat, sync_summary, targets_met, tier_summary
+from gateway_tools.bench.load import render, sync_summary, targets_met, tier_summary
 from gateway_tools.bench.load_sync import SyncSamples, record_objects
 from gateway_tools.bench.load_tiers import TierSamples, object_key
-from gateway_tools.bench.report import markdown_table, percentile, ratio_of
+from gateway_tools.bench.report import markdown_table, percentile, ratio_of, request_stats
 
 TEMPLATE = AdapterRecord(
     owner="bench",
@@ -87,6 +87,6 @@ def test_render_names_moves_raw_costs_and_targets() -> None:
     assert text.endswith("Plot: skipped")
 
 
-def test_stat_of_nothing_is_nan() -> None:
-    s = stat([])
-    assert s.n == 0 and math.isnan(s.p50_s)
+def test_request_stats_of_nothing_is_nan() -> None:
+    s = request_stats([])
+    assert s.requests == 0 and math.isnan(s.p50_s)
