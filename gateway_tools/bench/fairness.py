@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 
 from gateway.auth.keys import add_key
+from gateway_tools.bench.harness import UNSCHEDULED
 from gateway_tools.bench.report import (
     RequestStats,
     config_of,
@@ -74,8 +75,6 @@ TARGETS = {"bob_success_fraction_min": 1.0, "p50_ratio_max": 3.5, "p99_ratio_max
 # p99 bound is the flood's: a request of bob's that finds his adapter gone waits for a slot.
 SLOT_HOG_TARGETS = {**TARGETS, "p50_ratio_max": 1.5, "cold_p99_wait_vs_service_max": 3.0}
 COLD_ADAPTER = "cold"  # carol/cold-<i>: each of carol's requests names one not used before
-# The scheduler's aids off, for --compare-unscheduled
-UNSCHEDULED = {"engine_seats": 0, "adapter_slot_aging_s": 1e9}
 
 # alice's counters, shared with her flood process
 COMPLETED, TOKENS, REJECTED, ERRORS, IN_FLIGHT = range(5)

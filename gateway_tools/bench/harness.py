@@ -160,6 +160,10 @@ async def publish_copies(store_url: str, model: BaseModel, folder: Path, refs: S
 # -- the gateway ------------------------------------------------------------------------
 
 
+# A gateway with the admission scheduler's aids off (no engine seats, no aging), for --compare-unscheduled.
+UNSCHEDULED = {"engine_seats": 0, "adapter_slot_aging_s": 1e9}
+
+
 def gateway_server(
     model: BaseModel, store: str, keys_file: Path, log_path: Path, env: dict[str, str] | None = None, **flags: Any
 ) -> ServerProcess:
