@@ -4,7 +4,8 @@
    waiting, first come, first served within the user; beyond that a 429. It comes first, before
    the request costs anything (the adapter look-up, routing).
 2. Engine seats (`EngineSeats`): the sequences in the engine, fair across callers: a freed seat goes
-   to the waiting caller holding fewest, and one caller never holds them all.
+   to the waiting caller holding fewest, and one caller never holds them all; grouped by adapter, so
+   the engine holds requests of no more adapters than a step runs (max_loras), with bounded aging.
 3. The adapter's slot (`AdapterPool`): the adapter is resident, or loaded into a slot handed over in
    arrival order, with aging and per-caller shares.
 Stages 2 and 3 refuse (503 + Retry-After) only when their queue is past what they can serve before
@@ -22,7 +23,7 @@ from typing import Any
 from adapters_manifest.record import AdapterRecord
 from gateway.engine_seats import EngineSeats
 from gateway.fair_share import UserLimiter
-from gateway.pool import AdapterPool, SlotGrant
+from gateway.pool import AdapterPool, LoraActivity, SlotGrant
 
 
 class Admission:
@@ -42,8 +43,16 @@ class Admission:
         where it came from."""
         async with contextlib.AsyncExitStack() as held:
             if self.seats is not None:
-                await held.enter_async_context(self.seats.take(user, sequences))
+                adapter = record.versioned_ref if record is not None else None
+                await held.enter_async_context(self.seats.take(user, sequences, adapter))
             yield await held.enter_async_context(self.pool.take_slot(record, user))
+
+    def lora_activity(self) -> LoraActivity:
+        """Adapters with requests running or waiting, in the pool or for seats."""
+        activity = self.pool.lora_activity()
+        if self.seats is None:
+            return activity
+        return LoraActivity(running=activity.running, waiting=activity.waiting | self.seats.waiting_adapters())
 
 
 def sequences_of(body: Any) -> int:

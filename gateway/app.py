@@ -303,7 +303,14 @@ def _engine_seats(settings: ServeSettings, engine: Engine, metrics: GatewayMetri
         seats = engine.client.vllm_config.scheduler_config.max_num_seqs
     if not seats:
         return None
-    return EngineSeats(seats, settings.adapter_wait_timeout_s, settings.max_seqs_per_user, metrics)
+    return EngineSeats(
+        seats,
+        settings.adapter_wait_timeout_s,
+        settings.max_seqs_per_user,
+        metrics,
+        adapters_per_step=min(settings.max_loras, settings.max_cpu_loras),  # what vLLM batches a step
+        max_passes=settings.adapter_grouping_passes,
+    )
 
 
 def _engine_lifetime(engine_factory: EngineFactory) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -26,7 +26,7 @@ from gateway.auth.middleware import ApiKeyAuthenticator, Authenticator
 if TYPE_CHECKING:  # the objects measured import the instruments
     from gateway.catalog import AdapterCatalog
     from gateway.disk_cache import DiskCache
-    from gateway.pool import AdapterPool
+    from gateway.pool import AdapterPool, LoraActivity
 
 LORA_REQUESTS_INFO = "lora_gateway:lora_requests_info"
 
@@ -186,6 +186,7 @@ def state_families(
     catalog: AdapterCatalog,
     disk_cache: DiskCache | None,
     pool: AdapterPool | None,
+    activity: LoraActivity | None,
     max_loras: int,
     authenticator: Authenticator,
 ) -> Iterator[Metric]:
@@ -213,7 +214,7 @@ def state_families(
         "User adapters registered in the engine.",
         value=0 if pool is None else len(pool.resident()),
     )
-    yield lora_requests_info(pool, max_loras)
+    yield lora_requests_info(activity, max_loras)
     if isinstance(authenticator, ApiKeyAuthenticator):
         status = authenticator.keys.status
         yield GaugeMetricFamily(
@@ -228,11 +229,10 @@ def state_families(
         )
 
 
-def lora_requests_info(pool: AdapterPool | None, max_lora: int) -> GaugeMetricFamily:
+def lora_requests_info(activity: LoraActivity | None, max_lora: int) -> GaugeMetricFamily:
     """vLLM's `vllm:lora_requests_info` format (labels `max_lora`, `running_lora_adapters`,
     `waiting_lora_adapters`, comma-joined; value: the current unix time), with `owner/name` refs.
     Made afresh at each scrape, so there is one series at a time: the picker takes the newest anyway."""
-    activity = None if pool is None else pool.lora_activity()
     family = GaugeMetricFamily(
         LORA_REQUESTS_INFO,
         "Adapters (owner/name) with requests running or waiting, in vLLM's lora_requests_info format "

@@ -164,8 +164,16 @@ class ServeSettings(BaseSettings):
     engine_seats: int | None = Field(
         default=None,
         ge=0,
-        description="Sequences the gateway lets into the engine at once, fairly across users (the rest wait in "
-        "the gateway, not in vLLM's first-come queue). Default: the engine's max_num_seqs; 0: no limit.",
+        description="Sequences the gateway lets into the engine at once, fairly across users and grouped by "
+        "adapter (the rest wait in the gateway, not in vLLM's first-come queue). Default: the engine's "
+        "max_num_seqs; 0: no limit, no grouping.",
+    )
+    adapter_grouping_passes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Later requests that may enter the engine ahead of one whose adapter waits for a place in "
+        "vLLM's step (max_loras adapters) before the adapter inside holding fewest seats takes no more, so that "
+        "it drains for the waiting one (default: max_loras; 0: at once).",
     )
     max_seqs_per_user: int | None = Field(
         default=None,

@@ -42,8 +42,10 @@ class GatewayStateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         app = self._app
+        serving = app[SERVING]
+        activity = None if serving.admission is None else serving.admission.lora_activity()
         yield from state_families(
-            app[CATALOG], app.get(DISK_CACHE), app[SERVING].pool, app[SETTINGS].max_loras, app[AUTHENTICATOR]
+            app[CATALOG], app.get(DISK_CACHE), serving.pool, activity, app[SETTINGS].max_loras, app[AUTHENTICATOR]
         )
 
 

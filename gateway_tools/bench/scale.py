@@ -246,10 +246,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=256, help="measured requests per stream")
     p.add_argument("--rounds", type=int, default=3, help="rounds of (base, adapters) stream pairs: medians over them")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="the engine's sequences a step (default: vLLM's); below --concurrency, a backlog forms",
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--compare-unscheduled", action="store_true",
-                   help="each configuration again with the admission scheduler's aids off: " + str(UNSCHEDULED))
+    p.add_argument(
+        "--compare-unscheduled",
+        action="store_true",
+        help="each configuration again with the admission scheduler's aids off: " + str(UNSCHEDULED),
+    )
     p.add_argument("--quick", action="store_true", help="1 and 4 adapters, grid 2:4, 32 requests (for tests)")
     opts = p.parse_args(argv)
     if opts.quick:
@@ -276,7 +285,10 @@ def main(argv: list[str]) -> int:
                 log_path.unlink(missing_ok=True)
                 server = gateway_server(model, store, keys_file, log_path, kv_cache_gib=opts.kv_cache_gib,
                                         max_loras=grid[0], max_cpu_loras=grid[1],
-                                        max_lora_rank=max(8, opts.rank), **flags)  # fmt: skip
+                                        max_lora_rank=max(8, opts.rank), max_num_seqs=opts.max_num_seqs,
+                                        # one client, the bench's: it may fill the engine and queue in the gateway
+                                        max_seqs_per_user=opts.max_num_seqs,
+                                        max_running_per_user=max(64, opts.concurrency), **flags)  # fmt: skip
                 progress(f"max_loras {grid[0]}, max_cpu_loras {grid[1]}, {name}: gateway starting (log: {log_path})")
                 with running(server, opts.startup_timeout):
                     assert server.process is not None  # it leads its process group: the engine processes too

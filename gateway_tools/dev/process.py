@@ -21,11 +21,14 @@ def free_port() -> int:
 
 
 def gateway_command(model: Path, store: str | Path, port: int, **flags: object) -> list[str]:
-    """`python -m gateway serve` with `--flag value` for each keyword (underscores become dashes)."""
+    """`python -m gateway serve` with `--flag value` for each keyword (underscores become dashes; None:
+    the gateway's default)."""
     command = [sys.executable, "-m", "gateway", "serve", "--model", str(model), "--store", str(store)]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
         if isinstance(value, bool):
             command.append(flag if value else "--no-" + name.replace("_", "-"))
         else:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from gateway import service_rate
 from gateway.admission import sequences_of
 from gateway.engine_seats import EngineSeats, default_seats_per_user
-from gateway.errors import EngineCapacityError
+from gateway.errors import AdapterCapacityError, EngineCapacityError
 from gateway.metrics import GatewayMetrics
 from gateway.service_rate import ServiceRate
 from tests.unit.harness import FakeClock, until
@@ -23,13 +23,20 @@ PATIENT = 3600.0
 class Request:
     """A request that takes its seats, notes when it got them, and holds them until `end()`."""
 
-    def __init__(self, seats: EngineSeats, user: str, sequences: int = 1, log: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        seats: EngineSeats,
+        user: str,
+        sequences: int = 1,
+        log: list[str] | None = None,
+        adapter: str | None = None,
+    ) -> None:
         self.user, self.log = user, log
         self._inside, self._end = asyncio.Event(), asyncio.Event()
-        self.task = asyncio.create_task(self._run(seats, sequences))
+        self.task = asyncio.create_task(self._run(seats, sequences, adapter))
 
-    async def _run(self, seats: EngineSeats, sequences: int) -> None:
-        async with seats.take(self.user, sequences):
+    async def _run(self, seats: EngineSeats, sequences: int, adapter: str | None) -> None:
+        async with seats.take(self.user, sequences, adapter):
             self._inside.set()
             if self.log is not None:
                 self.log.append(self.user)
@@ -50,8 +57,10 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def arrive(seats: EngineSeats, user: str, sequences: int = 1, log: list[str] | None = None) -> Request:
-    request = Request(seats, user, sequences, log)
+async def arrive(
+    seats: EngineSeats, user: str, sequences: int = 1, log: list[str] | None = None, adapter: str | None = None
+) -> Request:
+    request = Request(seats, user, sequences, log, adapter)
     await settle()
     return request
 
@@ -123,6 +132,106 @@ async def test_sequences_count_and_a_large_request_is_not_passed_by_smaller_ones
     await settle()
     assert huge.inside and seats.in_use == 4
     await huge.end()
+
+
+async def test_while_a_step_s_adapters_are_inside_seats_go_to_their_requests_and_a_new_one_enters_as_one_drains() -> (
+    None
+):
+    seats = EngineSeats(8, PATIENT, max_per_user=8, adapters_per_step=2, max_passes=100)
+    a1, b1 = await arrive(seats, "alice", adapter="a"), await arrive(seats, "alice", adapter="b")
+    c1 = await arrive(seats, "alice", adapter="c")
+    assert a1.inside and b1.inside and not c1.inside, "vLLM would leave c's request idle in its queue, holding a seat"
+    a2 = await arrive(seats, "alice", adapter="a")
+    base = await arrive(seats, "alice")
+    bob_b = await arrive(seats, "bob", adapter="b")
+    assert a2.inside and base.inside and bob_b.inside, "a request vLLM runs at once waited behind one it would not"
+    assert seats.adapters_inside() == {"a", "b"} and seats.in_use == 5
+    await b1.end()
+    await settle()
+    assert not c1.inside, "b still has bob's request inside"
+    await bob_b.end()
+    await settle()
+    assert c1.inside and seats.adapters_inside() == {"a", "c"}
+    for request in (a1, a2, base, c1):
+        await request.end()
+
+
+async def test_a_request_passed_by_enough_later_ones_makes_the_adapter_holding_fewest_seats_drain_for_it() -> None:
+    seats = EngineSeats(8, PATIENT, max_per_user=8, adapters_per_step=2, max_passes=2)
+    a1, b1 = await arrive(seats, "alice", adapter="a"), await arrive(seats, "alice", adapter="b")
+    c1 = await arrive(seats, "alice", adapter="c")
+    a2, a3 = await arrive(seats, "alice", adapter="a"), await arrive(seats, "alice", adapter="a")
+    assert a2.inside and a3.inside and not c1.inside  # c1 passed twice: aged
+    b2 = await arrive(seats, "alice", adapter="b")
+    assert not b2.inside, "b (one seat, against a's three) kept taking requests past the aged one"
+    a4 = await arrive(seats, "alice", adapter="a")
+    assert a4.inside, "only the adapter draining stops taking requests"
+    await b1.end()
+    await settle()
+    assert c1.inside and not b2.inside and seats.adapters_inside() == {"a", "c"}
+    for request in (a1, a2, a3, a4, c1):
+        await request.end()
+    await settle()
+    assert b2.inside
+    await b2.end()
+
+
+async def test_a_caller_with_no_adapter_inside_is_not_held_back_by_another_s() -> None:
+    """Alice's adapters fill a step; bob's first goes in (the adapter pool's per-caller shares decide
+    then, as for one request of each caller), alice's next new adapter waits for one of hers to drain."""
+    seats = EngineSeats(8, PATIENT, max_per_user=8, adapters_per_step=2, max_passes=100)
+    alice = [await arrive(seats, "alice", adapter=name) for name in "ab"]
+    bob = await arrive(seats, "bob", adapter="c")
+    assert bob.inside, "alice's adapters shut bob's out"
+    alice_e = await arrive(seats, "alice", adapter="e")
+    assert not alice_e.inside
+    await alice[1].end()
+    await settle()
+    assert not alice_e.inside, "a, b and c were inside for a step of two: one more must drain"
+    await bob.end()
+    await settle()
+    assert alice_e.inside and seats.adapters_inside() == {"a", "e"}
+    for request in (alice[0], alice_e):
+        await request.end()
+
+
+async def test_another_caller_s_requests_passing_a_cold_one_count_too() -> None:
+    seats = EngineSeats(8, PATIENT, max_per_user=8, adapters_per_step=2, max_passes=3)
+    hot = [await arrive(seats, "alice", adapter="a") for _ in range(2)]
+    bob_b = await arrive(seats, "bob", adapter="b")
+    cold = await arrive(seats, "bob", adapter="c")  # bob holds a place: his cold request waits its passes
+    passing = [await arrive(seats, "alice", adapter="a") for _ in range(3)]
+    assert all(r.inside for r in passing) and not cold.inside
+    alice_b = await arrive(seats, "alice", adapter="b")
+    assert not alice_b.inside, "bob's request was passed three times by alice's: b (fewest seats) should drain"
+    await bob_b.end()
+    await settle()
+    assert cold.inside and not alice_b.inside
+    for request in (*hot, *passing, cold):
+        await request.end()
+    await settle()
+    assert alice_b.inside
+    await alice_b.end()
+
+
+async def test_a_request_held_back_for_its_adapter_past_its_deadline_gets_the_adapter_capacity_503() -> None:
+    seats = EngineSeats(8, 0.05, max_per_user=8, adapters_per_step=1)
+    hot = await arrive(seats, "alice", adapter="alice/hot@0123456789abcdef")
+    with pytest.raises(AdapterCapacityError) as refused:
+        async with seats.take("alice", 1, "alice/cold@0123456789abcdef"):
+            pass
+    assert refused.value.status == 503 and refused.value.retry_after_s is not None
+    assert "'alice/cold'" in str(refused.value) and "@" not in str(refused.value)
+    assert seats.queued() == 0
+    await hot.end()
+
+
+async def test_without_a_step_limit_adapters_do_not_group() -> None:
+    seats = EngineSeats(8, PATIENT, max_per_user=8)
+    held = [await arrive(seats, "alice", adapter=name) for name in "abcdefgh"]
+    assert all(r.inside for r in held)
+    for request in held:
+        await request.end()
 
 
 async def test_a_waiter_past_its_deadline_gets_503_with_retry_after_and_leaves_the_queue() -> None:

@@ -11,7 +11,6 @@ from typing import Any
 
 from gateway.app_keys import SERVING
 from gateway.auth.keys import add_key
-from gateway.pool import AdapterPool
 from tests.fakes import FakeEngine, publish_adapter
 from tests.unit.harness import BASE, MAX_MODEL_LEN, Gateway, StartGateway, completion, until
 
@@ -44,22 +43,23 @@ class SteppedEngine(FakeEngine):
 
 class Stream:
     """One tenant's back-to-back requests for one adapter, overlapping: the next is in the gateway
-    (generating, or queued for a slot) before the one generating is let go."""
+    (generating, or queued for engine seats or a slot) before the one generating is let go."""
 
     def __init__(self, gw: Gateway, engine: SteppedEngine, key: str, model: str) -> None:
         self.gw, self.engine, self.key, self.model = gw, engine, key, model
         self.sent: list[tuple[str, asyncio.Task[int]]] = []
 
-    def _pool(self) -> AdapterPool:
-        return self.gw.app[SERVING].pool_or_raise()
+    def _queued(self) -> int:
+        admission = self.gw.app[SERVING].running_or_raise().admission
+        return len(admission.pool.queued()) + (admission.seats.queued() if admission.seats is not None else 0)
 
     async def send(self) -> None:
         prompt = f"{HELD} {self.model} {len(self.sent)}"
         self.engine.hold(prompt)
-        before = len(self._pool().queued())
+        before = self._queued()
         task = asyncio.create_task(post(self.gw, self.key, completion(self.model, prompt)))
         self.sent.append((prompt, task))
-        await until(lambda: prompt in self.engine.generating or len(self._pool().queued()) > before, timeout_s=30)
+        await until(lambda: prompt in self.engine.generating or self._queued() > before, timeout_s=30)
 
     async def step(self) -> None:
         await self.send()
