@@ -75,6 +75,7 @@ class EngineSeats:
         self._metrics = metrics or detached_metrics()
         self._held: Counter[str] = Counter()  # seats per caller (no zero counts)
         self._inside: dict[str, Counter[str]] = {}  # per adapter inside (not the base), its seats per caller
+        self._places: Counter[str] = Counter()  # adapters inside per caller (no zero counts)
         self._in_use = 0  # their sum
         self._waiting: dict[str, deque[_SeatWaiter]] = {}  # per caller, in arrival order
         self._queued = 0  # waiters in all
@@ -126,7 +127,7 @@ class EngineSeats:
             or self.adapters_per_step is None
             or (adapter in self._inside and adapter != draining)
             or len(self._inside) < self.adapters_per_step
-            or not any(user in callers for callers in self._inside.values())
+            or not self._places[user]
         )
 
     def _room_for(self, seats: int) -> bool:
@@ -246,8 +247,9 @@ class EngineSeats:
             for q in self._waiting.values()
         ):
             return None
-        places = Counter(user for callers in self._inside.values() for user in callers)
-        return min(self._inside, key=lambda a: (-max(places[u] for u in self._inside[a]), self._inside[a].total()))
+        return min(
+            self._inside, key=lambda a: (-max(map(self._places.__getitem__, self._inside[a])), self._inside[a].total())
+        )
 
     def _remove(self, waiter: _SeatWaiter) -> None:
         queue = self._waiting[waiter.user]
@@ -264,7 +266,10 @@ class EngineSeats:
         self._held[user] += seats
         self._in_use += seats
         if adapter is not None:
-            self._inside.setdefault(adapter, Counter())[user] += seats
+            callers = self._inside.setdefault(adapter, Counter())
+            if not callers[user]:
+                self._places[user] += 1
+            callers[user] += seats
 
     def _release(self, user: str, seats: int, adapter: str | None) -> None:
         self._held[user] -= seats
@@ -276,6 +281,9 @@ class EngineSeats:
             callers[user] -= seats
             if callers[user] <= 0:
                 del callers[user]
+                self._places[user] -= 1
+                if not self._places[user]:
+                    del self._places[user]
             if not callers:
                 del self._inside[adapter]
         self._dispatch()
