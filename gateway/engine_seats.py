@@ -16,7 +16,8 @@ engine's sequences within its seats and queues the rest itself:
   caller's adapters never shut another out: the adapter pool's per-caller slot shares decide then).
   Bounded aging: once a caller's first request has been passed by `max_passes` later requests
   (default: `adapters_per_step`), the adapter inside holding fewest seats among those of the callers
-  holding most adapters takes no more, and it enters when that one has drained;
+  holding most adapters takes no more, and it enters when that one has drained, or at once where more
+  adapters than a step runs are inside already (callers with none inside went in: vLLM orders them);
 - a request waits up to `wait_timeout_s`, and is refused at once (503 + Retry-After) when the queue
   ahead of it is longer than the seats can serve in that time, measured as they serve it.
 """
@@ -221,7 +222,10 @@ class EngineSeats:
             first.granted.set_result(None)
 
     def _turn_of(self, queue: deque[_SeatWaiter], draining: str | None) -> tuple[_SeatWaiter, int] | None:
-        """A caller's first request that vLLM would run now, and its place in the caller's queue."""
+        """A caller's request next in turn, and its place in the caller's queue: its first, if aged while more
+        adapters than a step runs are inside, else its first that vLLM would run now (None: none)."""
+        if queue[0].passes >= self.max_passes and len(self._inside) > (self.adapters_per_step or 0):
+            return queue[0], 0
         return next(((w, i) for i, w in enumerate(queue) if self._runs_now(w.user, w.adapter, draining)), None)
 
     def _count_passes(self, entering: _SeatWaiter, position: int, draining: str | None) -> None:

@@ -195,6 +195,19 @@ async def test_a_caller_with_no_adapter_inside_is_not_held_back_by_another_s() -
         await request.end()
 
 
+async def test_many_callers_each_on_one_adapter_do_not_starve_a_caller_s_second_one() -> None:
+    """Callers with no adapter inside always go in, so more adapters than a step runs can be inside, and
+    none of them may ever drain; a caller's request for a second adapter still enters after its passes."""
+    seats = EngineSeats(16, PATIENT, max_per_user=16, adapters_per_step=2, max_passes=2)
+    held = [await arrive(seats, user, adapter=user) for user in ("alice", "u1", "u2")]
+    second = await arrive(seats, "alice", adapter="alice-2")
+    assert all(r.inside for r in held) and not second.inside
+    held += [await arrive(seats, user, adapter=user) for user in ("u1", "u2")]
+    assert second.inside, "passed by two requests, alice's second adapter waited on"
+    for request in (*held, second):
+        await request.end()
+
+
 async def test_another_caller_s_requests_passing_a_cold_one_count_too() -> None:
     seats = EngineSeats(8, PATIENT, max_per_user=8, adapters_per_step=2, max_passes=3)
     hot = [await arrive(seats, "alice", adapter="a") for _ in range(2)]
