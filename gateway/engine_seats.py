@@ -224,9 +224,12 @@ class EngineSeats:
     def _turn_of(self, queue: deque[_SeatWaiter], draining: str | None) -> tuple[_SeatWaiter, int] | None:
         """A caller's request next in turn, and its place in the caller's queue: its first, if aged while more
         adapters than a step runs are inside, else its first that vLLM would run now (None: none)."""
-        if queue[0].passes >= self.max_passes and len(self._inside) > (self.adapters_per_step or 0):
+        if self._aged(queue[0]) and len(self._inside) > (self.adapters_per_step or 0):
             return queue[0], 0
         return next(((w, i) for i, w in enumerate(queue) if self._runs_now(w.user, w.adapter, draining)), None)
+
+    def _aged(self, waiter: _SeatWaiter) -> bool:
+        return waiter.passes >= self.max_passes
 
     def _count_passes(self, entering: _SeatWaiter, position: int, draining: str | None) -> None:
         """`entering` passes its caller's requests ahead of it, and other callers' first requests that
@@ -246,10 +249,7 @@ class EngineSeats:
         """The adapter inside that takes no more requests, so that an aged request's adapter can enter
         (None: none has aged): the one holding fewest seats among those of the callers holding most
         adapters inside."""
-        if not any(
-            q[0].passes >= self.max_passes and not self._runs_now(q[0].user, q[0].adapter)
-            for q in self._waiting.values()
-        ):
+        if not any(self._aged(q[0]) and not self._runs_now(q[0].user, q[0].adapter) for q in self._waiting.values()):
             return None
         return min(
             self._inside, key=lambda a: (-max(map(self._places.__getitem__, self._inside[a])), self._inside[a].total())
