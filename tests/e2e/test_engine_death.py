@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway_tools.dev.models import DevModel
 from gateway_tools.dev.process import ServerProcess
@@ -39,6 +40,13 @@ def engine_core(server: ServerProcess) -> psutil.Process:
     cores = [c for c in children if "EngineCore" in c.name() or "EngineCore" in " ".join(c.cmdline())]
     assert len(cores) == 1, [(c.pid, c.name(), c.cmdline()) for c in children]
     return cores[0]
+
+
+def requests_in_engine(url: str) -> float:
+    """vLLM's own count of the requests it holds, running or queued, from the gateway's /metrics page."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    names = {"vllm:num_requests_running", "vllm:num_requests_waiting"}
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names)
 
 
 def sse_events(body: str) -> list[Any]:
@@ -66,10 +74,21 @@ def test_engine_core_killed_mid_load(tiny: DevModel, keys: Keys, tmp_path) -> No
                 received += list(lines)
                 return r.status_code, "\n".join(received)
 
+        for model in models:  # the adapters in the engine already, so that every request below enters at once
+            body = {"model": model, "prompt": "hi", "max_tokens": 1}
+            assert requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120).ok
+
         with ThreadPoolExecutor(WHOLE + STREAMS) as pool:
-            wholes = [pool.submit(whole, i) for i in range(WHOLE)]
             streams = [pool.submit(stream, i) for i in range(STREAMS)]
-            started_streams.wait()  # every stream is generating, and the whole requests went in before them
+            wholes = [pool.submit(whole, i) for i in range(WHOLE)]
+            started_streams.wait()  # every stream is generating
+            # Kill once vLLM holds every request (running, or queued where the KV cache is full): they went in
+            # together, a fraction of a second ago, so none can have made its tokens yet.
+            deadline = time.monotonic() + 120
+            while requests_in_engine(url) < STREAMS + WHOLE:
+                assert time.monotonic() < deadline, "the requests never were all in the engine at once"
+                assert not any(f.done() for f in wholes + streams), "a request finished before the kill"
+                time.sleep(0.02)
             core = engine_core(server)
             readyz: list[tuple[int, dict[str, Any]]] = []
             core.send_signal(signal.SIGKILL)
