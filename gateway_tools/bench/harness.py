@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_manifest.record import AdapterRecord
 from gateway_tools.bench.report import RequestStats, raise_on_sigterm, request_stats, write_json
@@ -295,6 +296,13 @@ class Client:
         """The version of `owner/name` the gateway resolves requests to now (None: unknown to it)."""
         async with self._session.get(f"{self.url}/v1/adapters/{ref}") as response:
             return str((await response.json())["version"]) if response.status == 200 else None
+
+    async def metric_sum(self, name: str) -> float:
+        """The sum over labels of one sample on the gateway's /metrics page (vLLM's gauges are there too)."""
+        async with self._session.get(f"{self.url}/metrics") as response:
+            response.raise_for_status()
+            text = await response.text()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
     async def resident(self) -> list[str]:
         """Versioned names (`owner/name@version`) of the adapters the gateway holds in the engine."""

@@ -5,11 +5,10 @@ For each engine configuration of the grid (`--max-loras`:`--max-cpu-loras`) one 
 4, 16, 64 and 256 distinct adapters, each next to a stream of base-model requests only (the
 denominator: same server, same minute). Each stream is warmed up unmeasured (files on disk,
 adapters resident where they fit), so beyond max_cpu_loras it measures the steady churn of
-engine loads. Reported:
-requests/s, tokens/s, p50/p99 latency and errors, and throughput as a ratio to a base-only stream
-measured just before it (the host's load drifts; a pair shares it). --compare-unscheduled runs each
-configuration again on a gateway with the admission scheduler's aids off, right after: before and
-after in one run.
+engine loads. Reported: requests/s, tokens/s, p50/p99 latency and errors, the requests vLLM ran at once
+(mean), and throughput as a ratio to a base-only stream measured just before it (the host's load drifts;
+a pair shares it). --compare-unscheduled runs each configuration again on a gateway with the
+admission scheduler's aids off, right after: before and after in one run.
 Targets: 64 adapters keep >= 0.8x base throughput with max_loras >= 8, 256 adapters >= 0.6x.
 """
 
@@ -18,14 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway_tools.bench.harness import (
     PROMPTS,
@@ -59,6 +59,8 @@ from gateway_tools.bench.report import (
 TARGET_RATIOS = {64: 0.8, 256: 0.6}
 TARGET_MAX_LORAS = 8
 BASE = 0  # "0 adapters": the base model only
+ENGINE_RUNNING = "vllm:num_requests_running"
+T = TypeVar("T")
 SCHEDULED, UNSCHEDULED_GATEWAY = "scheduled", "unscheduled"
 
 
@@ -72,6 +74,9 @@ class Point:
     stream: RequestStats
     first_errors: tuple[str, ...] = ()
     other_cores: float = 0.0  # CPU the rest of the host used meanwhile: a busy neighbour skews a result
+    # vLLM's requests running (its gauge, sampled through the stream): the sequences a step carried.
+    # With a backlog, what bounds it is max_loras: a step runs the requests of so many adapters.
+    engine_running: float = 0.0
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------
@@ -122,7 +127,7 @@ def aggregate(points: Sequence[Point]) -> list[Point]:
         groups[(p.max_loras, p.max_cpu_loras, p.adapters)].append(p)
     return [
         Point(*key, median_of_rounds([p.stream for p in g]), tuple(e for p in g for e in p.first_errors)[:3],
-              other_cores=sum(p.other_cores for p in g) / len(g))
+              other_cores=sum(p.other_cores for p in g) / len(g), engine_running=median([p.engine_running for p in g]))
         for key, g in groups.items()
     ]  # fmt: skip
 
@@ -153,9 +158,10 @@ def render(points: Sequence[Point]) -> str:
         rows.append([f"{p.max_loras}:{p.max_cpu_loras}", "base only" if p.adapters == BASE else str(p.adapters),
                      f"{s.requests_per_s:.1f}", f"{s.tokens_per_s:.0f}", f"{s.p50_s:.3f}", f"{s.p99_s:.3f}",
                      str(s.errors), f"{ratio[(p.max_loras, p.max_cpu_loras, p.adapters)]:.2f}x",
-                     f"{p.other_cores:.2f}"])  # fmt: skip
+                     f"{p.engine_running:.1f}", f"{p.other_cores:.2f}"])  # fmt: skip
     table = markdown_table(["max_loras:max_cpu_loras", "adapters", "requests/s", "tokens/s", "p50 (s)", "p99 (s)",
-                            "errors", "vs base (paired, p50 of rounds)", "other load (cores)"], rows)  # fmt: skip
+                            "errors", "vs base (paired, p50 of rounds)", "running in the engine (mean)",
+                            "other load (cores)"], rows)  # fmt: skip
     met = target_met(points)
     verdict = "met" if met else "not measured (no max_loras >= 8 with 64 or 256 adapters)" if met is None else "MISSED"
     return table + f"\n\nTargets: {target_text()}: {verdict}. Rows: medians over rounds."
@@ -204,12 +210,32 @@ async def run_stream(
     return results, time.perf_counter() - started
 
 
+async def engine_running_meanwhile(client: Client, measured: Awaitable[T], every_s: float = 0.5) -> tuple[T, float]:
+    """`measured`'s result, and the mean of vLLM's requests running, sampled every `every_s` while it ran
+    (two scrapes a second: they cost the gateway little beside the stream)."""
+    samples: list[float] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append(await client.metric_sum(ENGINE_RUNNING))
+            await asyncio.sleep(every_s)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        result = await measured
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    return result, sum(samples) / len(samples) if samples else 0.0
+
+
 async def _measure_config(
     opts: argparse.Namespace, url: str, api_key: str, pid: int, model: BaseModel, refs: list[str],
     grid: tuple[int, int],
 ) -> list[Point]:  # fmt: skip
     points = []
-    async with Client(url, api_key, connections=opts.concurrency) as client:
+    async with Client(url, api_key, connections=opts.concurrency + 1) as client:  # one for the sampler
         streams = [(r, m) for r in range(opts.rounds) for adapters in opts.adapters for m in (BASE, adapters)]
         for round_no, n in streams:  # each adapter stream next to a base stream, in rounds
             models = [model.served_name] if n == BASE else refs[:n]
@@ -217,16 +243,18 @@ async def _measure_config(
             await run_stream(client, models, max(2 * opts.concurrency, n), opts.concurrency, opts.max_tokens,
                              seed=n + 10_000 * round_no)  # fmt: skip
             host_before, ours_before = cpu_seconds({pid})
-            results, duration = await run_stream(client, models, opts.requests, opts.concurrency, opts.max_tokens,
-                                                 seed=1000 + n + 10_000 * round_no)  # fmt: skip
+            (results, duration), running_mean = await engine_running_meanwhile(
+                client, run_stream(client, models, opts.requests, opts.concurrency, opts.max_tokens,
+                                   seed=1000 + n + 10_000 * round_no))  # fmt: skip
             host_after, ours_after = cpu_seconds({pid})
             other = max(0.0, (host_after - host_before) - (ours_after - ours_before)) / duration
-            points.append(dataclasses.replace(point_of(*grid, n, results, duration), other_cores=other))
+            points.append(dataclasses.replace(point_of(*grid, n, results, duration), other_cores=other,
+                                              engine_running=running_mean))  # fmt: skip
             p, s = points[-1], points[-1].stream
             what = "base" if n == BASE else f"{n} adapters"
             progress(f"round {round_no + 1}: {grid[0]}:{grid[1]} {what}: {s.requests_per_s:.1f} req/s, "
                      f"p50 {s.p50_s:.3f} s, p99 {s.p99_s:.3f} s, errors {s.errors} {list(p.first_errors[:1])}, "
-                     f"other load {p.other_cores:.2f} cores")  # fmt: skip
+                     f"{p.engine_running:.1f} running in the engine, other load {p.other_cores:.2f} cores")  # fmt: skip
     return points
 
 

@@ -4,6 +4,8 @@ tables, plots, the synthetic adapters they run on, and the soak's verdicts."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -88,7 +90,7 @@ def test_scale_points_ratios_and_target(tmp_path: Path) -> None:
     assert many.stream.requests_per_s == 80 and many.stream.tokens_per_s == 80 * 16 and many.stream.errors == 0
     assert list(flat_json(many)) == ["max_loras", "max_cpu_loras", "adapters", "requests", "errors", "duration_s",
                                      "requests_per_s", "tokens_per_s", "p50_s", "p99_s", "first_errors",
-                                     "other_cores"]  # the report's keys, as in docs/bench/*scale.json  # fmt: skip
+                                     "other_cores", "engine_running"]  # as in docs/bench/*scale.json  # fmt: skip
     ratio = scale.vs_base([base, many, few_slots_base, few_slots])
     assert ratio[(8, 64, 64)] == pytest.approx(0.8)
     assert ratio[(2, 64, 64)] == pytest.approx(0.1)
@@ -100,13 +102,40 @@ def test_scale_points_ratios_and_target(tmp_path: Path) -> None:
     assert failing.stream.errors == 1 and failing.first_errors == ("503 adapter_capacity_exhausted",)
     assert scale.target_met([base, failing]) is False
     assert scale.target_met([few_slots_base, few_slots]) is None
-    table = scale.render([base, many])
-    assert "| 8:64 | base only | 100.0 | 1600 | 0.100 | 0.100 | 0 | 1.00x |" in table
-    assert "| 8:64 | 64 | 80.0 |" in table and "0.80x |" in table
+    table = scale.render([base, dataclasses.replace(many, engine_running=10.5)])
+    assert "| 8:64 | base only | 100.0 | 1600 | 0.100 | 0.100 | 0 | 1.00x | 0.0 |" in table
+    assert "| 8:64 | 64 | 80.0 |" in table and "0.80x | 10.5 |" in table
     assert table.endswith("Targets: 64 adapters >= 0.8x, 256 adapters >= 0.6x base with max_loras >= 8: met. "
                           "Rows: medians over rounds.")  # fmt: skip
     scale.plot([base, many, few_slots_base, few_slots], tmp_path / "scale.png")
     assert (tmp_path / "scale.png").stat().st_size > 1000
+
+
+async def test_scale_samples_the_engines_running_requests_while_the_stream_runs() -> None:
+    class Gauges:  # the gateway's /metrics page: vLLM's gauge rises as the stream fills the engine
+        def __init__(self) -> None:
+            self.scrapes: list[str] = []
+
+        async def metric_sum(self, name: str) -> float:
+            self.scrapes.append(name)
+            return float(min(len(self.scrapes), 3) * 10)
+
+    async def stream() -> str:
+        await asyncio.sleep(0.2)
+        return "results"
+
+    gauges = Gauges()
+    result, mean = await scale.engine_running_meanwhile(gauges, stream(), every_s=0.01)  # type: ignore[arg-type]
+    assert result == "results"
+    assert set(gauges.scrapes) == {"vllm:num_requests_running"} and len(gauges.scrapes) >= 5
+    assert 20 < mean <= 30  # 10, 20, then 30 for every later scrape
+    scrapes = len(gauges.scrapes)
+    await asyncio.sleep(0.05)
+    assert len(gauges.scrapes) == scrapes  # the sampler stopped with the stream
+    rounds = [
+        dataclasses.replace(scale.point_of(8, 64, 64, [timed(0.1)] * 10, 1.0), engine_running=r) for r in (4, 9, 5)
+    ]
+    assert scale.aggregate(rounds)[0].engine_running == 5  # the median of rounds, as the other figures
 
 
 def test_scale_ratios_pair_each_stream_with_the_base_stream_before_it() -> None:
