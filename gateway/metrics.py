@@ -26,6 +26,7 @@ from gateway.auth.middleware import ApiKeyAuthenticator, Authenticator
 if TYPE_CHECKING:  # the objects measured import the instruments
     from gateway.catalog import AdapterCatalog
     from gateway.disk_cache import DiskCache
+    from gateway.engine_seats import EngineSeats
     from gateway.pool import AdapterPool, LoraActivity
 
 LORA_REQUESTS_INFO = "lora_gateway:lora_requests_info"
@@ -189,6 +190,7 @@ def state_families(
     activity: LoraActivity | None,
     max_loras: int,
     authenticator: Authenticator,
+    seats: EngineSeats | None = None,
 ) -> Iterator[Metric]:
     """The gauges read from the live objects at scrape time."""
     since = catalog.seconds_since_sync()
@@ -215,6 +217,15 @@ def state_families(
         value=0 if pool is None else len(pool.resident()),
     )
     yield lora_requests_info(activity, max_loras)
+    if seats is not None:
+        yield GaugeMetricFamily(
+            "lora_gateway_engine_seats", "The engine's sequences the gateway admits at once.", value=seats.seats
+        )
+        yield GaugeMetricFamily(
+            "lora_gateway_engine_seats_in_use",
+            "Of those, the sequences of requests admitted into the engine and not yet ended.",
+            value=seats.in_use,
+        )
     if isinstance(authenticator, ApiKeyAuthenticator):
         status = authenticator.keys.status
         yield GaugeMetricFamily(

@@ -43,9 +43,15 @@ class GatewayStateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         app = self._app
         serving = app[SERVING]
-        activity = None if serving.admission is None else serving.admission.lora_activity()
+        admission = serving.admission
         yield from state_families(
-            app[CATALOG], app.get(DISK_CACHE), serving.pool, activity, app[SETTINGS].max_loras, app[AUTHENTICATOR]
+            app[CATALOG],
+            app.get(DISK_CACHE),
+            serving.pool,
+            None if admission is None else admission.lora_activity(),
+            app[SETTINGS].max_loras,
+            app[AUTHENTICATOR],
+            None if admission is None else admission.seats,
         )
 
 

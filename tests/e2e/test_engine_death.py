@@ -42,11 +42,11 @@ def engine_core(server: ServerProcess) -> psutil.Process:
     return cores[0]
 
 
-def requests_in_engine(url: str) -> float:
-    """vLLM's own count of the requests it holds, running or queued, from the gateway's /metrics page."""
+def seats_in_use(url: str) -> float:
+    """The sequences the gateway has admitted into the engine and not yet ended, from its /metrics page."""
     text = requests.get(f"{url}/metrics", timeout=10).text
-    names = {"vllm:num_requests_running", "vllm:num_requests_waiting"}
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names)
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "lora_gateway_engine_seats_in_use")  # fmt: skip
 
 
 def sse_events(body: str) -> list[Any]:
@@ -58,8 +58,11 @@ def test_engine_core_killed_mid_load(tiny: DevModel, keys: Keys, tmp_path) -> No
     headers = {"Authorization": f"Bearer {keys.by_user[ADMIN]}"}
     url = server.base_url
     models = [BASE_MODEL_NAME, "alice/chat", "bob/chat"]
+    core = engine_core(server)
     try:
-        started_streams = threading.Barrier(STREAMS + 1, timeout=120)
+        # Once every stream has begun, the engine core is stopped (SIGSTOP), so no request can make its tokens
+        # and finish, however slowly this host then gets the whole requests in; SIGKILL comes after.
+        started_streams = threading.Barrier(STREAMS + 1, action=lambda: core.send_signal(signal.SIGSTOP), timeout=120)
 
         def whole(i: int) -> requests.Response:
             body = {"model": models[i % 3], "prompt": "def f(x):", "max_tokens": LONG, "temperature": 0}
@@ -81,15 +84,12 @@ def test_engine_core_killed_mid_load(tiny: DevModel, keys: Keys, tmp_path) -> No
         with ThreadPoolExecutor(WHOLE + STREAMS) as pool:
             streams = [pool.submit(stream, i) for i in range(STREAMS)]
             wholes = [pool.submit(whole, i) for i in range(WHOLE)]
-            started_streams.wait()  # every stream is generating
-            # Kill once vLLM holds every request (running, or queued where the KV cache is full): they went in
-            # together, a fraction of a second ago, so none can have made its tokens yet.
+            started_streams.wait()  # every stream has begun, and the engine core is stopped
             deadline = time.monotonic() + 120
-            while requests_in_engine(url) < STREAMS + WHOLE:
+            while seats_in_use(url) < STREAMS + WHOLE:  # the whole requests are in the engine too
                 assert time.monotonic() < deadline, "the requests never were all in the engine at once"
-                assert not any(f.done() for f in wholes + streams), "a request finished before the kill"
-                time.sleep(0.02)
-            core = engine_core(server)
+                time.sleep(0.05)
+            assert not any(f.done() for f in wholes + streams), "a request finished before the kill"
             readyz: list[tuple[int, dict[str, Any]]] = []
             core.send_signal(signal.SIGKILL)
             deadline = time.monotonic() + 30
@@ -122,4 +122,6 @@ def test_engine_core_killed_mid_load(tiny: DevModel, keys: Keys, tmp_path) -> No
         assert server.process.wait(30) == 1, server.log_tail()
         assert "exiting so the process is restarted" in server.log_tail(200)
     finally:
+        if core.is_running():
+            core.send_signal(signal.SIGCONT)  # a failed assertion left it stopped: let it shut down
         server.stop()

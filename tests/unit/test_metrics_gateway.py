@@ -171,6 +171,23 @@ async def test_requests_waiting_for_an_engine_slot_are_counted(start: Any) -> No
     assert value(await scrape(client), queued, waiting_for="adapter_slot") == 0
 
 
+async def test_the_engine_seats_in_use_are_the_sequences_admitted_and_not_yet_ended(start: Any) -> None:
+    engine = FakeEngine(max_model_len=256, token_delay_s=0.05)
+    client, _, _ = await start(engine=engine, engine_seats=6)
+    in_use = "lora_gateway_engine_seats_in_use"
+    metrics = await scrape(client)
+    assert value(metrics, "lora_gateway_engine_seats") == 6 and value(metrics, in_use) == 0
+
+    running = [
+        asyncio.create_task(complete(client, "user0/adapter0", max_tokens=20, n=2)),
+        asyncio.create_task(complete(client, BASE, max_tokens=20)),
+    ]
+    await until(lambda: engine.active_generations == 2)
+    assert value(await scrape(client), in_use) == 3  # n=2 takes two seats, the base request one
+    assert await asyncio.gather(*running) == [200, 200]
+    assert value(await scrape(client), in_use) == 0
+
+
 async def test_the_engines_default_registry_is_served_alongside(start: Any) -> None:
     # vLLM's in-process engine records its metrics (vllm:*) in prometheus_client's default registry.
     client, _, _ = await start(adapters=0)
